@@ -1,0 +1,34 @@
+"""Pype: named queues between the processes of a Ray program, spread over shard actors."""
+
+import logging
+
+from pype.client import Server, connect, pull_wait, push_wait
+from pype.errors import (
+    ConfigError,
+    PypeError,
+    QueueExistsError,
+    QueueFullError,
+    QueueNotFoundError,
+    QueueTimeoutError,
+    ServerExistsError,
+    ServerNotFoundError,
+)
+
+logging.getLogger("pype").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "PypeError",
+    "QueueExistsError",
+    "QueueFullError",
+    "QueueNotFoundError",
+    "QueueTimeoutError",
+    "Server",
+    "ServerExistsError",
+    "ServerNotFoundError",
+    "connect",
+    "pull_wait",
+    "push_wait",
+]

@@ -1,0 +1,351 @@
+"""The Server handle: the seed's API in front of the router and its shards.
+
+A Server is a plain picklable object, not an actor. Its methods have the shape of
+actor methods (server.push.remote(...) returns a ray.ObjectRef), so code written
+for the original single-actor Pype keeps working: pass `server` into tasks,
+ray.get what its calls return. Each handle routes by itself: it hashes the queue
+name (pype.hashing.shard_for) and calls the owning shard directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pype.config import load_config
+from pype.errors import ServerExistsError, ServerNotFoundError
+from pype.hashing import shard_for
+from pype.router import Router, Topology
+from pype.shards.queues import (
+    QueueOptions,
+    as_items,
+    as_names,
+    check_batch_size,
+    check_name,
+    check_priority,
+    check_timeout,
+    resolve_capacity,
+)
+
+logger = logging.getLogger("pype")
+
+DEFAULT_NAMESPACE = "pype"
+
+# Read-your-writes (see pype.shards.store): this process numbers the calls it sends
+# to each shard's main thread. The lock keeps the numbers in the order Ray sends.
+_sequence_lock = threading.Lock()
+_sent: dict[tuple[str, int], int] = {}
+_caller = {"pid": -1, "id": ""}
+
+
+def _caller_id() -> str:
+    if _caller["pid"] != os.getpid():
+        _caller.update(pid=os.getpid(), id=uuid.uuid4().hex)
+    return _caller["id"]
+
+
+@ray.remote(num_cpus=0)
+def _total(*counts: int) -> int:
+    return sum(counts)
+
+
+class _RemoteMethod:
+    """Gives a handle method the shape of an actor method: handle.method.remote(...)."""
+
+    def __init__(self, function):
+        self._function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, handle, owner=None):
+        if handle is None:
+            return self
+        return _BoundRemoteMethod(self._function, handle)
+
+
+class _BoundRemoteMethod:
+    __slots__ = ("_function", "_handle")
+
+    def __init__(self, function, handle):
+        self._function = function
+        self._handle = handle
+
+    def remote(self, *args, **kwargs) -> Any:
+        return self._function(self._handle, *args, **kwargs)
+
+
+
+class Server:
+    """Handle to a Pype server: a router and the shard actors that hold its queues.
+
+    Make one with Server.remote(...) or connect(name). Argument errors (TypeError,
+    ValueError) are raised by .remote() itself; errors of the operation (a full
+    queue, a timeout, ...) by ray.get of the reference it returns.
+    """
+
+    def __init__(self, router: ray.actor.ActorHandle, topology: Topology, name: str | None = None):
+        self._router = router
+        self._topology = topology
+        self._shards = topology.shards
+        self._seed = topology.config.hash_seed
+        self.name = name
+        self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
+
+    # -- making and finding servers ----------------------------------------------------
+
+    @classmethod
+    def remote(cls, config: str | Path | None = None, *, name: str | None = None,
+               namespace: str | None = None, **overrides: Any) -> Server:
+        """Start a server: a router and its shards (the seed's pype.Server.remote()).
+
+        config: a YAML file (default: configs/default.yaml); keyword arguments such as
+        shards=8 override it. Without `name` the server is anonymous and lives as
+        long as this handle's process; with `name` its router is registered in
+        `namespace` (default "pype") so connect(name) finds it from any process.
+        """
+        resolved = load_config(config, **overrides)
+        if not ray.is_initialized():
+            ray.init()
+        options: dict[str, Any] = {}
+        if name is not None:
+            namespace = namespace or DEFAULT_NAMESPACE
+            if _find_router(name, namespace) is not None:
+                raise ServerExistsError(
+                    f"a Pype server named {name!r} already runs in namespace {namespace!r}; "
+                    f"use pype.connect({name!r}) to reach it")
+            options.update(name=name, namespace=namespace)
+        try:
+            router = Router.options(**options).remote(resolved)
+        except ValueError as error:  # lost a race for the name
+            raise ServerExistsError(str(error)) from None
+        return cls(router, ray.get(router.topology.remote()), name)
+
+    def shutdown(self) -> None:
+        """Stop the server's shards and router; its queues and their items are gone."""
+        for shard in self._shards:
+            ray.kill(shard)
+        ray.kill(self._router)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_kinds"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        label = f"name={self.name!r}, " if self.name else ""
+        return f"pype.Server({label}shards={len(self._shards)})"
+
+    # -- routing --------------------------------------------------------------------------
+
+    def shard_of(self, queue: str) -> int:
+        """Index of the shard that owns `queue`."""
+        return shard_for(queue, len(self._shards), self._seed)
+
+    def _call(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
+        """Call a main-thread method of shard `index`, numbering the call."""
+        key = (self._topology.server_id, index)
+        with _sequence_lock:
+            sequence = _sent.get(key, 0) + 1
+            ref = getattr(self._shards[index], method).remote((_caller_id(), sequence), *args)
+            _sent[key] = sequence  # only once sent: a number never sent would never be run
+            return ref
+
+    def _wait_call(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
+        """Call a waiting method of shard `index`, after this process's earlier calls."""
+        after = (_caller_id(), _sent.get((self._topology.server_id, index), 0))
+        return getattr(self._shards[index], method).remote(after, *args)
+
+    def _call_each(self, method: str) -> list:
+        return ray.get([self._call(index, method) for index in range(len(self._shards))])
+
+    # -- data -------------------------------------------------------------------------------
+
+    @_RemoteMethod
+    def push(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
+             block: bool = False, timeout: float | None = None,
+             priority: float | None = None) -> ray.ObjectRef:
+        """Push `data` (or with expand=True, each element of a list) to one or more queues.
+
+        The reference resolves to the number of items accepted (items x queues).
+        Each queue takes all the items or none. A full queue raises QueueFullError,
+        unless block=True (wait for room, QueueTimeoutError after `timeout` s) or its
+        overflow policy is drop_oldest. Missing queues are created.
+        """
+        names = as_names(queues)
+        items = as_items(data, expand)
+        timeout = check_timeout(timeout)
+        priority = check_priority(priority)
+        block = bool(block)
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for name in names:
+            by_shard[self.shard_of(name)].append(name)
+        refs = []
+        for index, group in by_shard.items():
+            ref = self._call(index, "push", tuple(group), items, priority, block, timeout)
+            if block:  # second half: waits in the shard's wait group for parked items
+                ref = self._shards[index].await_push.remote(ref)
+            refs.append(ref)
+        return refs[0] if len(refs) == 1 else _total.remote(*refs)
+
+    @_RemoteMethod
+    def pull(self, queue: str, batch_size: int | None = None, block: bool | None = None,
+             timeout: float | None = None, remove: bool = True) -> ray.ObjectRef:
+        """Pull up to batch_size items (-1: all) from `queue`; resolves to a list.
+
+        [] when nothing is there. batch_size None means 1 (a batch queue's batch_size
+        for batch queues). block=True waits in the shard until a full batch (one item
+        for -1) is there or `timeout` passes, then returns what is there. block None
+        means False, except for batch queues, which wait up to their batch_timeout.
+        remove=False peeks.
+        """
+        check_name(queue)
+        batch_size = check_batch_size(batch_size)
+        timeout = check_timeout(timeout)
+        index = self.shard_of(queue)
+        if block or (block is None and self._kind(index, queue) == "batch"):
+            return self._wait_call(index, "pull_waiting", queue, batch_size, block, timeout, remove)
+        return self._call(index, "pull", queue, batch_size, False, timeout, remove)
+
+    def _kind(self, index: int, queue: str) -> str | None:
+        """The kind of `queue`, asked of its shard once (None while it does not exist)."""
+        kind = self._kinds.get(queue)
+        if kind is None:
+            options = ray.get(self._call(index, "describe", queue))
+            if options is not None:
+                kind = self._kinds[queue] = options["kind"]
+        return kind
+
+    @_RemoteMethod
+    def can_pull(self, queue: str, batch_size: int | None = None) -> ray.ObjectRef:
+        """Resolves to True if a pull of batch_size items would be full.
+
+        Waits in the shard up to shard.poll_wait seconds for that before answering
+        False, so polling loops do not spin; sees this process's earlier calls.
+        """
+        return self._wait_until("can_pull", queue, check_batch_size(batch_size))
+
+    @_RemoteMethod
+    def can_push(self, queue: str) -> ray.ObjectRef:
+        """Resolves to True if a push of one item would be accepted (waits like can_pull)."""
+        return self._wait_until("can_push", queue)
+
+    # -- queues -----------------------------------------------------------------------------
+
+    @_RemoteMethod
+    def add(self, queue: str, kind: str | None = None, maxsize: int | None = None,
+            use_locking: bool = False, semaphore: int | None = None, batch_lock: int | None = None,
+            overflow: str | None = None, batch_size: int | None = None,
+            batch_timeout: float | None = None, exist_ok: bool = False) -> ray.ObjectRef:
+        """Create `queue`. Options left None come from the config's queue_defaults.
+
+        Flow control: maxsize bounds the queue; use_locking=True means maxsize 1,
+        semaphore=N and batch_lock=N mean maxsize N. batch_size and batch_timeout
+        belong to kind="batch". The queue exists once this returns, for every
+        process; the reference raises QueueExistsError if it existed (unless exist_ok).
+        """
+        check_name(queue)
+        defaults = self._topology.config.queue_defaults
+        kind = defaults.kind if kind is None else kind
+        if kind != "batch" and (batch_size is not None or batch_timeout is not None):
+            raise ValueError(f"batch_size and batch_timeout apply to kind='batch', not {kind!r}")
+        capacity = resolve_capacity(maxsize, use_locking, semaphore, batch_lock)
+        options = QueueOptions(
+            kind=kind,
+            maxsize=defaults.maxsize if capacity is None else capacity,
+            overflow=defaults.overflow if overflow is None else overflow,
+            batch_size=defaults.batch_size if batch_size is None else batch_size,
+            batch_timeout=defaults.batch_timeout if batch_timeout is None else batch_timeout)
+        self._kinds.pop(queue, None)
+        return self._settled(self._call(self.shard_of(queue), "add", queue, options, bool(exist_ok)))
+
+    @_RemoteMethod
+    def remove(self, queue: str) -> ray.ObjectRef:
+        """Delete `queue` and its items; resolves to how many items it held."""
+        check_name(queue)
+        self._kinds.pop(queue, None)
+        return self._settled(self._call(self.shard_of(queue), "remove", queue))
+
+    @staticmethod
+    def _settled(ref: ray.ObjectRef) -> ray.ObjectRef:
+        """Wait until the call has run, so that calls of any other process see its effect."""
+        ray.wait([ref], fetch_local=False)
+        return ref
+
+    @_RemoteMethod
+    def queue_len(self, queue: str) -> ray.ObjectRef:
+        """Resolves to the number of items in `queue` (0 if it does not exist)."""
+        check_name(queue)
+        return self._call(self.shard_of(queue), "queue_len", queue)
+
+    @_RemoteMethod
+    def print_queue(self, queue: str) -> ray.ObjectRef:
+        """Print `queue` and its items from its shard (Ray shows it in the driver's output)."""
+        check_name(queue)
+        return self._call(self.shard_of(queue), "print_queue", queue)
+
+    @_RemoteMethod
+    def queues(self) -> ray.ObjectRef:
+        """Resolves to the sorted names of all queues of the server."""
+        return ray.put(sorted(name for names in self._call_each("queues") for name in names))
+
+    @_RemoteMethod
+    def stats(self) -> ray.ObjectRef:
+        """Resolves to counters: totals, one entry per shard, one per queue."""
+        shards = self._call_each("stats")
+        queues = {}
+        for shard in shards:
+            for name, counters in shard.pop("per_queue").items():
+                queues[name] = {"shard": shard["shard"], **counters}
+        totals = {key: sum(shard[key] for shard in shards)
+                  for key in ("queues", "depth", "pushed", "pulled", "dropped")}
+        return ray.put({"server": self.name, "shards": shards, "queues": queues, **totals})
+
+    # -- waiting for conditions -----------------------------------------------------------
+
+    def _wait_until(self, method: str, queue: str, *args: Any) -> ray.ObjectRef:
+        check_name(queue)
+        return self._wait_call(self.shard_of(queue), method, queue, *args)
+
+
+def connect(name: str = "pype", namespace: str | None = None, address: str | None = None) -> Server:
+    """Return a handle to the running server `name` (see Server.remote(name=...)).
+
+    Starts Ray's connection first if this process has none (address "auto" by
+    default: the cluster this machine belongs to). Raises ServerNotFoundError.
+    """
+    if not ray.is_initialized():
+        ray.init(address=address or "auto")
+    namespace = namespace or DEFAULT_NAMESPACE
+    router = _find_router(name, namespace)
+    if router is None:
+        raise ServerNotFoundError(f"no Pype server named {name!r} in namespace {namespace!r}")
+    return Server(router, ray.get(router.topology.remote()), name)
+
+
+def _find_router(name: str, namespace: str) -> ray.actor.ActorHandle | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def pull_wait(server: Server, queue: str, batch_size: int | None = None,
+              timeout: float | None = 300) -> bool:
+    """Block until `queue` holds a full pull of batch_size items; False after `timeout` s.
+
+    The wait happens in the shard: no polling. It sees this process's earlier pushes.
+    """
+    return ray.get(server._wait_until(
+        "can_pull", queue, check_batch_size(batch_size), check_timeout(timeout)))
+
+
+def push_wait(server: Server, queue: str, timeout: float | None = 300) -> bool:
+    """Block until a push of one item to `queue` would be accepted; False after `timeout` s."""
+    return ray.get(server._wait_until("can_push", queue, check_timeout(timeout)))

@@ -1,0 +1,128 @@
+"""YAML configuration -> a validated Config.
+
+configs/default.yaml holds every key with
+its default. A user's file needs only the keys it changes, and keyword arguments
+(Server.remote(shards=4), or shard={"waiter_threads": 8}) override both. Bad values
+raise ConfigError naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pype.errors import ConfigError
+from pype.shards.queues import QueueOptions
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Options of each shard actor."""
+
+    num_cpus: float
+    max_restarts: int
+    waiter_threads: int
+    poll_wait: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """A server's whole configuration."""
+
+    shards: int
+    hash_seed: int
+    shard: ShardConfig
+    queue_defaults: QueueOptions
+    source: str  # the files and arguments it was read from, for messages
+
+
+def default_config_path() -> Path:
+    """Where the shipped default configuration lies.
+
+    In a checkout (pip install -e) it is configs/default.yaml beside the package;
+    a regular install puts it under <prefix>/share/pype/configs/.
+    """
+    checkout = Path(__file__).resolve().parent.parent / "configs" / DEFAULT_CONFIG
+    if checkout.is_file():
+        return checkout
+    return Path(sysconfig.get_path("data")) / "share" / "pype" / "configs" / DEFAULT_CONFIG
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read the default config, then `path` over it, then `overrides` over both.
+
+    Raises FileNotFoundError for a missing file and ConfigError for a bad value.
+    """
+    default_path = default_config_path()
+    raw = _read(default_path)
+    sources = [str(default_path)]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Pype config file not found: {path}")
+        _merge(raw, _read(path), str(path))
+        sources.append(str(path))
+    if overrides:
+        _merge(raw, overrides, "keyword arguments")
+        sources.append("keyword arguments")
+    return _build(raw, " + ".join(sources))
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
+    """Copy `update` into `base` key by key; unknown keys are an error."""
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; known: {', '.join(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{key} must be a mapping, got {value!r}")
+            _merge(base[key], value, source, f"{prefix}{key}.")
+        else:
+            base[key] = value
+
+
+def _build(raw: dict, source: str) -> Config:
+    def number(key: str, value: Any, kind: type, minimum: float) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ConfigError(f"{source}: {key} must be {'a number' if kind is float else 'an integer'}"
+                              f", got {value!r}")
+        if (isinstance(value, float) and math.isnan(value)) or value < minimum:
+            raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value!r}")
+        return value
+
+    shard = raw["shard"]
+    try:
+        queue_defaults = QueueOptions(**raw["queue_defaults"])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: queue_defaults: {error}") from None
+    return Config(
+        shards=number("shards", raw["shards"], int, 1),
+        hash_seed=number("hash_seed", raw["hash_seed"], int, 0),
+        shard=ShardConfig(
+            num_cpus=number("shard.num_cpus", shard["num_cpus"], float, 0),
+            max_restarts=number("shard.max_restarts", shard["max_restarts"], int, -1),
+            waiter_threads=number("shard.waiter_threads", shard["waiter_threads"], int, 1),
+            poll_wait=number("shard.poll_wait", shard["poll_wait"], float, 0),
+        ),
+        queue_defaults=queue_defaults,
+        source=source,
+    )

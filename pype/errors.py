@@ -1,0 +1,39 @@
+"""Exceptions Pype raises.
+
+Every class derives from PypeError and survives Ray: ``ray.get`` of a remote call
+re-raises an instance of the original class, so ``except pype.QueueFullError`` works
+around ``ray.get(server.push.remote(...))``. Each class also derives from the
+built-in exception a caller would naturally catch (TimeoutError, ValueError, ...).
+"""
+
+
+class PypeError(Exception):
+    """Base class of every error Pype raises on purpose."""
+
+
+class QueueExistsError(PypeError):
+    """add() named a queue that already exists (pass exist_ok=True to accept it)."""
+
+
+class QueueNotFoundError(PypeError, LookupError):
+    """The operation needs a queue that does not exist."""
+
+
+class QueueFullError(PypeError):
+    """A non-blocking push met a full queue whose overflow policy is 'reject'."""
+
+
+class QueueTimeoutError(PypeError, TimeoutError):
+    """A blocking push found no room before its timeout; nothing was accepted."""
+
+
+class ConfigError(PypeError, ValueError):
+    """A configuration value is invalid; the message names the key and the file."""
+
+
+class ServerExistsError(PypeError, ValueError):
+    """Server.remote(name=...) named a server that already runs: connect() to it."""
+
+
+class ServerNotFoundError(PypeError, LookupError):
+    """connect() found no server of that name in that namespace."""

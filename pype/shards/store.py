@@ -1,0 +1,324 @@
+"""The queues of one shard, safe to call from many threads: plain Python, no Ray.
+
+The shard actor runs two kinds of calls on different threads: calls that never
+wait (push, pull, add, ...) on its single main thread, in the order each caller
+sent them, and calls that may wait (blocking pulls, can_pull, the second half of a
+blocking push) on a pool of waiter threads. One lock guards all state; a waiting
+call sleeps on the condition of the queue it waits for and is woken by the push
+or pull that may satisfy it.
+
+Read-your-writes across the two kinds: Ray orders one caller's calls only within
+a thread pool, so a waiting call could overtake that caller's earlier push. Every
+main-thread call therefore carries the caller's (id, sequence number) and
+record() notes it; a waiting call carries the sequence number of the caller's
+last main-thread call and catch_up() waits until that call has run.
+"""
+
+from __future__ import annotations
+
+import reprlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pype.errors import (
+    QueueExistsError,
+    QueueFullError,
+    QueueNotFoundError,
+    QueueTimeoutError,
+)
+from pype.shards.queues import ParkedPush, Queue, QueueOptions, make_queue
+
+Caller = tuple[str, int]  # (caller id, sequence number of one of its calls)
+
+
+@dataclass
+class PendingPush:
+    """What a blocking push returns when some of its items had to wait for room.
+
+    Its second half, QueueStore.await_push, waits for the tickets.
+    """
+
+    accepted: int
+    tickets: dict[str, int] = field(default_factory=dict)  # queue name -> ticket id
+
+
+class _Waiters(threading.Condition):
+    """A condition on the store's lock, with a count of the threads waiting on it."""
+
+    def __init__(self, lock: threading.Lock):
+        super().__init__(lock)
+        self.count = 0
+
+
+class QueueStore:
+    """Named queues with blocking operations; all public methods are thread-safe."""
+
+    def __init__(self, queue_defaults: QueueOptions):
+        self.queue_defaults = queue_defaults
+        self._lock = threading.Lock()
+        self._queues: dict[str, Queue] = {}
+        # queue name, or ("caller", id) -> condition, only while anyone waits on it
+        self._waiters: dict[Hashable, _Waiters] = {}
+        self._tickets: dict[int, ParkedPush] = {}
+        self._ticket_ids = iter(range(1, 1 << 62))
+        self._done: dict[str, int] = {}            # caller id -> last sequence number run
+        self._retired: Counter = Counter()         # counters of removed queues
+        self._repr = reprlib.Repr()
+        self._repr.maxlist, self._repr.maxother = 50, 80
+
+    # -- read-your-writes -------------------------------------------------------------
+
+    def record(self, caller: Caller | None) -> None:
+        """Note that the main-thread call `caller` has run."""
+        if caller is None:
+            return
+        caller_id, sequence = caller
+        with self._lock:
+            if sequence > self._done.get(caller_id, 0):
+                self._done[caller_id] = sequence
+            self._notify(("caller", caller_id))
+
+    def catch_up(self, after: Caller | None) -> None:
+        """Wait until the caller's main-thread call numbered `after` has run."""
+        if after is None or after[1] == 0:
+            return
+        caller_id, sequence = after
+        with self._lock:
+            self._wait_for(("caller", caller_id),
+                           lambda: self._done.get(caller_id, 0) >= sequence, None)
+
+    # -- admin ------------------------------------------------------------------------
+
+    def add(self, name: str, options: QueueOptions, exist_ok: bool = False) -> bool:
+        """Create queue `name`; return False if it existed and exist_ok is set."""
+        with self._lock:
+            if name in self._queues:
+                if exist_ok:
+                    return False
+                raise QueueExistsError(f"queue {name!r} already exists")
+            self._queues[name] = make_queue(options)
+            return True
+
+    def remove(self, name: str) -> int:
+        """Delete queue `name` and return how many items it still held.
+
+        Producers parked on it get QueueNotFoundError; waiting pulls go on waiting
+        for a queue of that name to have items.
+        """
+        with self._lock:
+            queue = self._queues.pop(name, None)
+            if queue is None:
+                raise QueueNotFoundError(f"queue {name!r} does not exist")
+            self._retired.update(pushed=queue.pushed, pulled=queue.pulled, dropped=queue.dropped)
+            discarded = queue.clear()
+            self._retired.update(discarded=discarded)
+            self._notify(name)
+            return discarded
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    def length(self, name: str) -> int:
+        """Items in queue `name` (0 for a queue that does not exist)."""
+        with self._lock:
+            queue = self._queues.get(name)
+            return len(queue) if queue is not None else 0
+
+    def describe(self, name: str) -> dict | None:
+        """The options of queue `name` as a dict, or None if it does not exist."""
+        with self._lock:
+            queue = self._queues.get(name)
+            return None if queue is None else dict(vars(queue.options))
+
+    def render(self, name: str) -> str:
+        """A one-line picture of queue `name` and its items in pull order."""
+        with self._lock:
+            queue = self._queues.get(name)
+            if queue is None:
+                raise QueueNotFoundError(f"queue {name!r} does not exist")
+            bound = f" of {queue.options.maxsize}" if queue.options.maxsize else ""
+            items = self._repr.repr(queue.peek(-1))
+            return f"queue {name!r} ({queue.kind}, {len(queue)}{bound} items): {items}"
+
+    def stats(self) -> dict:
+        """Counters of the whole store and of each queue."""
+        with self._lock:
+            queues = {
+                name: {"kind": q.kind, "depth": len(q), "maxsize": q.options.maxsize,
+                       "pushed": q.pushed, "pulled": q.pulled, "dropped": q.dropped,
+                       "waiting_producers": len(q.parked)}
+                for name, q in self._queues.items()}
+            totals = {key: sum(q[key] for q in queues.values()) + self._retired[key]
+                      for key in ("pushed", "pulled", "dropped")}
+            return {"queues": len(queues), "depth": sum(q["depth"] for q in queues.values()),
+                    **totals, "discarded": self._retired["discarded"],
+                    "waiting_calls": sum(w.count for w in self._waiters.values()),
+                    "per_queue": queues}
+
+    # -- push ---------------------------------------------------------------------
+
+    def push(self, names: tuple[str, ...], items: list, priority: Any = None,
+             block: bool = False, timeout: float | None = None) -> int | PendingPush:
+        """Push `items` to each queue in `names`, creating missing queues.
+
+        Each queue takes all the items or none. Non-blocking: a queue without room
+        refuses them (QueueFullError, naming it and how many queues took them).
+        Blocking: items that do not fit are parked in the queue's line and a
+        PendingPush is returned for await_push(); nothing ever waits here.
+        Returns the number of items accepted (items x queues).
+        """
+        with self._lock:
+            queues = [self._queue_for_push(name, items, priority) for name in names]
+            if block:
+                return self._offer(names, queues, items, priority, timeout)
+            full = []
+            for name, queue in zip(names, queues, strict=True):
+                try:
+                    queue.put(items, priority)
+                except QueueFullError as error:
+                    full.append(f"{name!r} {error}")
+                else:
+                    self._notify(name)
+            if full:
+                others = len(names) - len(full)
+                took = f"; the other {others} queues of this push took it" if len(names) > 1 else ""
+                raise QueueFullError(f"queue {'; queue '.join(full)}{took}")
+            return len(items) * len(names)
+
+    def _queue_for_push(self, name: str, items: list, priority: Any) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = make_queue(self.queue_defaults)
+        if priority is not None and queue.kind != "priority":
+            raise ValueError(f"priority applies to priority queues; {name!r} is a {queue.kind} queue")
+        try:
+            queue.check_fits(len(items))
+        except ValueError as error:
+            raise ValueError(f"queue {name!r}: {error}") from None
+        return queue
+
+    def _offer(self, names, queues, items, priority, timeout) -> int | PendingPush:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = PendingPush(accepted=0)
+        for name, queue in zip(names, queues, strict=True):
+            ticket = queue.offer(items, priority, deadline)
+            if ticket.state == "admitted":
+                pending.accepted += len(items)
+                self._notify(name)
+            else:
+                ticket_id = next(self._ticket_ids)
+                self._tickets[ticket_id] = ticket
+                pending.tickets[name] = ticket_id
+        return pending if pending.tickets else pending.accepted
+
+    def await_push(self, pending: int | PendingPush) -> int:
+        """Wait until every parked part of a blocking push is admitted or late.
+
+        Returns the number of items accepted. Raises QueueTimeoutError if a part
+        found no room before its deadline (that part was not accepted), or
+        QueueNotFoundError if its queue was removed meanwhile.
+        """
+        if not isinstance(pending, PendingPush):
+            return pending
+        accepted, failures = pending.accepted, []
+        with self._lock:
+            for name, ticket_id in pending.tickets.items():
+                ticket = self._tickets.pop(ticket_id)
+                if ticket.state == "waiting":
+                    remaining = None if ticket.deadline is None else ticket.deadline - time.monotonic()
+                    self._wait_for(name, lambda t=ticket: t.state != "waiting", remaining)
+                    if ticket.state == "waiting":
+                        self._queues[name].withdraw(ticket)
+                if ticket.state == "admitted":
+                    accepted += len(ticket.items)
+                else:
+                    failures.append((name, ticket.state))
+        if not failures:
+            return accepted
+        names = ", ".join(repr(name) for name, _ in failures)
+        summary = f"{accepted} items were accepted by the other queues of this push"
+        if any(state == "removed" for _, state in failures):
+            raise QueueNotFoundError(f"queue {names} was removed while the push waited; {summary}")
+        raise QueueTimeoutError(f"no room in queue {names} before the timeout; {summary}")
+
+    # -- pull ---------------------------------------------------------------------
+
+    def pull(self, name: str, batch_size: int | None = None, block: bool | None = None,
+             timeout: float | None = None, remove: bool = True, may_wait: bool = False) -> list:
+        """Take (or with remove=False, peek at) up to batch_size items of queue `name`.
+
+        batch_size None is the queue's pull size (1, or batch_size of a batch
+        queue); -1 is everything. block None is the queue's default (True for batch
+        queues, whose timeout None means their batch_timeout). A blocking pull
+        waits until the queue holds batch_size items (at least one for -1) or the
+        timeout passes, then returns what is there. Only with may_wait does a pull
+        wait at all: calls on the shard's main thread pass False.
+        """
+        with self._lock:
+            queue = self._queues.get(name)
+            options = queue.options if queue is not None else self.queue_defaults
+            is_batch = options.kind == "batch"
+            size = options.pull_size if batch_size is None else batch_size
+            if block is None:
+                block = is_batch
+            if is_batch and timeout is None:
+                timeout = options.batch_timeout
+            if may_wait and block and (queue is None or not queue.can_pull(size)):
+                self._wait_for(name, lambda: self._can_pull(name, size), timeout)
+                queue = self._queues.get(name)
+            if queue is None:
+                return []
+            if not remove:
+                return queue.peek(size)
+            items = queue.take(size)
+            if items and queue.parked and queue.admit_parked(time.monotonic()):
+                self._notify(name)
+            elif items and queue.options.maxsize:
+                self._notify(name)  # wakes can_push waiters
+            return items
+
+    # -- conditions -------------------------------------------------------------------
+
+    def can_pull(self, name: str, batch_size: int | None = None, wait: float | None = 0.0) -> bool:
+        """True if queue `name` holds a full pull; waits up to `wait` s (None: forever)."""
+        with self._lock:
+            return self._holds(name, lambda: self._can_pull(name, batch_size), wait)
+
+    def can_push(self, name: str, wait: float | None = 0.0) -> bool:
+        """True if a push of one item to `name` would be accepted; waits up to `wait` s."""
+        with self._lock:
+            return self._holds(name, lambda: self._can_push(name), wait)
+
+    def _holds(self, name: str, predicate, wait: float | None) -> bool:
+        return predicate() or (wait != 0 and self._wait_for(name, predicate, wait))
+
+    def _can_pull(self, name: str, batch_size: int | None) -> bool:
+        queue = self._queues.get(name)
+        return queue is not None and queue.can_pull(batch_size)
+
+    def _can_push(self, name: str) -> bool:
+        queue = self._queues.get(name)
+        return queue is None or queue.can_push()
+
+    def _wait_for(self, key: Hashable, predicate, timeout: float | None) -> bool:
+        """Wait (lock held) on the condition of `key` until predicate() or timeout."""
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            waiters = self._waiters[key] = _Waiters(self._lock)
+        waiters.count += 1
+        try:
+            return waiters.wait_for(predicate, timeout)
+        finally:
+            waiters.count -= 1
+            if not waiters.count:
+                del self._waiters[key]
+
+    def _notify(self, key: Hashable) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.notify_all()
