@@ -246,8 +246,10 @@ class Server:
         """Create `queue`. Options left None come from the config's queue_defaults.
 
         Flow control: maxsize bounds the queue; use_locking=True means maxsize 1,
-        semaphore=N and batch_lock=N mean maxsize N. batch_size and batch_timeout
-        belong to kind="batch". The queue exists once this returns, for every
+        semaphore=N and batch_lock=N mean maxsize N, with overflow "block" unless
+        given (the seed's producers push to locked queues without checking, so a
+        push that does not fit waits in line instead of failing). batch_size and
+        batch_timeout belong to kind="batch". The queue exists once this returns, for every
         process; the reference raises QueueExistsError if it existed (unless exist_ok).
         """
         check_name(queue)
@@ -256,6 +258,8 @@ class Server:
         if kind != "batch" and (batch_size is not None or batch_timeout is not None):
             raise ValueError(f"batch_size and batch_timeout apply to kind='batch', not {kind!r}")
         capacity = resolve_capacity(maxsize, use_locking, semaphore, batch_lock)
+        if overflow is None and (use_locking or semaphore or batch_lock):
+            overflow = "block"
         options = QueueOptions(
             kind=kind,
             maxsize=defaults.maxsize if capacity is None else capacity,
@@ -297,7 +301,11 @@ class Server:
 
     @_RemoteMethod
     def stats(self) -> ray.ObjectRef:
-        """Resolves to counters: totals, one entry per shard, one per queue."""
+        """Resolves to counters: {"totals": ..., "shards": [one per shard], "queues": {name: ...}}.
+
+        Counters: queues, depth (items held), pushed, pulled, dropped (evicted by
+        drop_oldest); per queue also kind, maxsize, waiting_producers and shard.
+        """
         shards = self._call_each("stats")
         queues = {}
         for shard in shards:
@@ -305,7 +313,9 @@ class Server:
                 queues[name] = {"shard": shard["shard"], **counters}
         totals = {key: sum(shard[key] for shard in shards)
                   for key in ("queues", "depth", "pushed", "pulled", "dropped")}
-        return ray.put({"server": self.name, "shards": shards, "queues": queues, **totals})
+        router = ray.get(self._router.stats.remote())
+        return ray.put({"server": self.name, "router": router, "totals": totals, "shards": shards,
+                        "queues": queues})
 
     # -- waiting for conditions -----------------------------------------------------------
 

@@ -91,7 +91,7 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
     """Copy `update` into `base` key by key; unknown keys are an error."""
     for key, value in update.items():
         if key not in base:
-            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; known: {', '.join(base)}")
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known: {', '.join(base)}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {prefix}{key} must be a mapping, got {value!r}")

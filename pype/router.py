@@ -35,10 +35,19 @@ class Router:
     def __init__(self, config: Config):
         shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
                                   max_restarts=config.shard.max_restarts)
-        shards = tuple(shard_class.remote(index, config.queue_defaults, config.shard.poll_wait)
-                       for index in range(config.shards))
+        shards = tuple(
+            shard_class.remote(index, config.queue_defaults, config.shard.poll_wait,
+                               config.shard.waiter_threads)
+            for index in range(config.shards))
         self._topology = Topology(server_id=uuid.uuid4().hex, shards=shards, config=config)
+        self._topology_requests = 0
         logger.info("pype router started %d shards (%s)", config.shards, config.source)
 
     def topology(self) -> Topology:
+        """The topology; each client asks once, when it is made or connects."""
+        self._topology_requests += 1
         return self._topology
+
+    def stats(self) -> dict:
+        """How often the router was asked for the topology: it is on no data path."""
+        return {"topology_requests": self._topology_requests}

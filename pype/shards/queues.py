@@ -2,8 +2,16 @@
 
 A queue holds items in the order pulls take them. Every kind shares the same
 flow control: an optional bound (maxsize), an overflow policy for pushes that do
-not fit, and a line of parked pushes (producers that chose to wait for room),
-admitted strictly in the order they parked. Time is passed in by the caller, so
+not fit, and a line of parked pushes (items waiting for room), admitted strictly
+in the order they parked. Overflow policies:
+
+- reject: a push that does not fit raises QueueFullError and changes nothing.
+- block: it waits in line and enters as room appears; nothing is refused or lost.
+- drop_oldest: it enters at once; the items that waited longest are evicted and
+  counted in `dropped`.
+
+Independently of the policy, a producer may push with a deadline (block=True on
+the API): its push waits in line and is withdrawn, unaccepted, at the deadline. Time is passed in by the caller, so
 everything here is deterministic and can be tested against a model.
 """
 
@@ -20,7 +28,7 @@ from typing import Any
 from pype.errors import QueueFullError
 
 KINDS = ("fifo", "lifo", "priority", "batch")
-OVERFLOW_POLICIES = ("reject", "drop_oldest")
+OVERFLOW_POLICIES = ("reject", "block", "drop_oldest")
 MAX_NAME_LENGTH = 255
 
 
@@ -184,20 +192,23 @@ class Queue:
     def check_fits(self, count: int) -> None:
         """Raise ValueError if `count` items can never fit, even in the empty queue."""
         maxsize = self.options.maxsize
-        if maxsize and count > maxsize and self.options.overflow == "reject":
+        if maxsize and count > maxsize and self.options.overflow != "drop_oldest":
             raise ValueError(f"{count} items can never fit in a queue of maxsize {maxsize}")
 
     def put(self, items: list, priority: Any = None) -> None:
-        """Add all of `items` or none of them.
+        """Push all of `items` or none of them, as the queue's overflow policy says.
 
-        overflow='reject': QueueFullError if they do not all fit, or if producers
-        are parked (nobody jumps their line). overflow='drop_oldest': evict the
-        items that have waited longest to make room, counting them in `dropped`.
+        reject: QueueFullError if they do not all fit, or if pushes are parked
+        (nobody jumps their line). block: park them, without deadline, if they do
+        not fit. drop_oldest: evict the items that have waited longest.
         """
+        if self.options.overflow == "block":
+            self.offer(items, priority, deadline=None)
+            return
         if self.options.overflow == "reject":
             self.check_fits(len(items))
             if self.parked or len(items) > self.room():
-                waiting = ", producers waiting" if self.parked else ""
+                waiting = ", pushes waiting" if self.parked else ""
                 raise QueueFullError(
                     f"is full ({len(self)} of {self.options.maxsize} items{waiting})")
         self._insert(items, priority)

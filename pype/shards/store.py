@@ -166,11 +166,11 @@ class QueueStore:
              block: bool = False, timeout: float | None = None) -> int | PendingPush:
         """Push `items` to each queue in `names`, creating missing queues.
 
-        Each queue takes all the items or none. Non-blocking: a queue without room
-        refuses them (QueueFullError, naming it and how many queues took them).
-        Blocking: items that do not fit are parked in the queue's line and a
-        PendingPush is returned for await_push(); nothing ever waits here.
-        Returns the number of items accepted (items x queues).
+        Each queue takes all the items or none, by its overflow policy; a queue that
+        refuses them raises QueueFullError, naming it and how many queues took them.
+        With block=True, items that do not fit wait in the queue's line until
+        `timeout`, and a PendingPush is returned for await_push(); nothing ever
+        waits here. Returns the number of items accepted (items x queues).
         """
         with self._lock:
             queues = [self._queue_for_push(name, items, priority) for name in names]
@@ -255,8 +255,9 @@ class QueueStore:
         batch_size None is the queue's pull size (1, or batch_size of a batch
         queue); -1 is everything. block None is the queue's default (True for batch
         queues, whose timeout None means their batch_timeout). A blocking pull
-        waits until the queue holds batch_size items (at least one for -1) or the
-        timeout passes, then returns what is there. Only with may_wait does a pull
+        waits until the queue holds batch_size items (at least one for -1), or is
+        full (more can never come), or the timeout passes; then it returns what is
+        there. Only with may_wait does a pull
         wait at all: calls on the shard's main thread pass False.
         """
         with self._lock:
@@ -268,8 +269,8 @@ class QueueStore:
                 block = is_batch
             if is_batch and timeout is None:
                 timeout = options.batch_timeout
-            if may_wait and block and (queue is None or not queue.can_pull(size)):
-                self._wait_for(name, lambda: self._can_pull(name, size), timeout)
+            if may_wait and block and not self._pull_ready(name, size):
+                self._wait_for(name, lambda: self._pull_ready(name, size), timeout)
                 queue = self._queues.get(name)
             if queue is None:
                 return []
@@ -300,6 +301,10 @@ class QueueStore:
     def _can_pull(self, name: str, batch_size: int | None) -> bool:
         queue = self._queues.get(name)
         return queue is not None and queue.can_pull(batch_size)
+
+    def _pull_ready(self, name: str, batch_size: int) -> bool:
+        queue = self._queues.get(name)
+        return queue is not None and (queue.can_pull(batch_size) or queue.room() == 0)
 
     def _can_push(self, name: str) -> bool:
         queue = self._queues.get(name)

@@ -1,0 +1,62 @@
+"""The original README's examples, unchanged, against the new server.
+
+The two long examples call ray.init() and ray.shutdown() themselves, so each runs
+as its own script (tests/seed_examples/) with its own Ray.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import ray
+
+import pype
+from tests.conftest import run_script
+
+EXAMPLES = Path(__file__).parent / "seed_examples"
+SEED_README = Path(__file__).resolve().parents[2] / "shared" / "SEED-README.md"
+
+
+def test_start_push_pull(ray_session):
+    server = pype.Server.remote()
+    server.push.remote(42, 'meaning_of_life')
+    answer = server.pull.remote('meaning_of_life')
+    assert ray.get(answer) == [42]
+    server.shutdown()
+
+
+def test_locking_mechanisms_example():
+    code, output = run_script(EXAMPLES / "locking_mechanisms.py", timeout=180)
+    assert code == 0, output
+    assert "Error" not in output, output  # a refused fire-and-forget push shows as "Unhandled error"
+    # print_queue after each push shows the item just pushed, or nothing if f took it already
+    shown = [ast.literal_eval(m) for m in re.findall(r"queue 'data' \(fifo, \d of 1 items\): (\[.*\])",
+                                                     output)]
+    assert len(shown) == 20, output
+    pushed = [items[0] for items in shown if items]
+    assert pushed == sorted(set(pushed)) and set(pushed) <= set(range(20))
+
+
+def test_data_communication_chains_example():
+    code, output = run_script(EXAMPLES / "data_communication_chains.py", timeout=240)
+    assert code == 0, output
+    assert "Error" not in output, output
+    received = [ast.literal_eval(m) for m in re.findall(r"^Received  (.*)$", output, re.MULTILINE)]
+    assert len(received) == 100, output
+    for i, data in enumerate(received):
+        for _ in range(7):  # each of the 6 stages and the driver's pull wrap the item in a list
+            assert isinstance(data, list) and len(data) == 1
+            data = data[0]
+        assert data == i
+
+
+@pytest.mark.skipif(not SEED_README.is_file(), reason="the seed README lies outside the repository")
+@pytest.mark.parametrize("heading, script", [("Locking Mechanisms", "locking_mechanisms.py"),
+                                             ("Data Communication Chains", "data_communication_chains.py")])
+def test_example_scripts_are_the_seed_readme_code(heading, script):
+    section = SEED_README.read_text().split(f"#### {heading}")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    ours = "\n".join(line for line in (EXAMPLES / script).read_text().splitlines()
+                     if not line.startswith("# "))  # our header comments
+    assert ours.strip() == code.strip()
