@@ -56,15 +56,15 @@ def names():
     return lambda base="q": f"{base}-{tag}"
 
 
-def run_script(path, timeout: float, env: dict | None = None) -> tuple[int, str]:
-    """Run a Python script in its own session; return (exit code, output).
+def run_script(*args, timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """Run `python *args` in its own session; return (exit code, output).
 
     The script may start its own Ray. Whatever it leaves running (Ray's workers
     start sessions of their own) is found through the process tree and killed by
     pid, also when the script fails or times out.
     """
     process = subprocess.Popen(
-        [sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, env={**os.environ, **(env or {})})
     descendants: dict[int, psutil.Process] = {}
 

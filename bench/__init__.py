@@ -1,0 +1,1 @@
+"""Benchmarks of Pype against its peers (see the README)."""

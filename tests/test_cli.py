@@ -1,0 +1,27 @@
+"""The `pype` command: the demo as a new user runs it, and its errors."""
+
+import re
+
+from tests.conftest import run_script
+
+
+def test_demo_runs_the_chain_and_reports_rate_and_spread():
+    code, output = run_script("-m", "pype.cli", "demo", "--items", "60", timeout=180)
+    assert code == 0, output
+    match = re.search(r"6 locked stages, one item per call: 60 items in [\d.]+ s = ([\d,.]+) items/s",
+                      output)
+    assert match and float(match.group(1).replace(",", "")) > 0, output
+    assert "order: all items arrived in order" in output
+    assert "per-shard spread" in output
+    assert re.search(r"data_0", output)
+
+
+def test_demo_with_a_missing_config_is_one_clear_line(tmp_path):
+    code, output = run_script("-m", "pype.cli", "demo", "--config", tmp_path / "nope.yaml", timeout=60)
+    assert code == 2
+    assert output.strip().splitlines() == [f"pype: error: Pype config file not found: {tmp_path / 'nope.yaml'}"]
+
+
+def test_help_lists_the_demo():
+    code, output = run_script("-m", "pype.cli", "--help", timeout=60)
+    assert code == 0 and "demo" in output
