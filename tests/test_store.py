@@ -179,8 +179,15 @@ def test_catch_up_waits_for_the_callers_earlier_call(store, in_thread):
     with pytest.raises(AssertionError, match="still blocked"):
         join(timeout=0.05)
     store.record(("caller", 2))
-    assert join() is None
-    store.catch_up(("someone else", 0))  # nothing sent yet: no wait
+    assert join() is True
+    assert store.catch_up(("someone else", 0))  # nothing sent yet: no wait
+
+
+def test_catch_up_gives_up_on_calls_a_restarted_shard_never_saw(store, caplog):
+    started = time.monotonic()
+    assert store.catch_up(("caller", 5), limit=0.1) is False
+    assert 0.09 <= time.monotonic() - started < 1.0
+    assert "did not run within" in caplog.text
 
 
 def test_add_remove_and_stats(store):

@@ -16,6 +16,7 @@ last main-thread call and catch_up() waits until that call has run.
 
 from __future__ import annotations
 
+import logging
 import reprlib
 import threading
 import time
@@ -33,6 +34,10 @@ from pype.errors import (
 from pype.shards.queues import ParkedPush, Queue, QueueOptions, make_queue
 
 Caller = tuple[str, int]  # (caller id, sequence number of one of its calls)
+
+CATCH_UP_LIMIT = 10.0  # seconds a waiting call waits for the caller's earlier calls
+
+logger = logging.getLogger("pype")
 
 
 @dataclass
@@ -82,14 +87,23 @@ class QueueStore:
                 self._done[caller_id] = sequence
             self._notify(("caller", caller_id))
 
-    def catch_up(self, after: Caller | None) -> None:
-        """Wait until the caller's main-thread call numbered `after` has run."""
+    def catch_up(self, after: Caller | None, limit: float = CATCH_UP_LIMIT) -> bool:
+        """Wait until the caller's main-thread call numbered `after` has run.
+
+        Gives up after `limit` seconds with a warning, and returns False: a shard
+        that restarted has lost the calls it had not run, and a waiting call must
+        not hang for them.
+        """
         if after is None or after[1] == 0:
-            return
+            return True
         caller_id, sequence = after
         with self._lock:
-            self._wait_for(("caller", caller_id),
-                           lambda: self._done.get(caller_id, 0) >= sequence, None)
+            if self._wait_for(("caller", caller_id),
+                              lambda: self._done.get(caller_id, 0) >= sequence, limit):
+                return True
+        logger.warning("pype: call %d of caller %s did not run within %.0f s; a waiting call "
+                       "goes on without it", sequence, caller_id, limit)
+        return False
 
     # -- admin ------------------------------------------------------------------------
 
