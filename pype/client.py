@@ -34,6 +34,7 @@ from pype.shards.queues import (
     check_timeout,
     resolve_capacity,
 )
+from pype.streams import Consumer, Producer
 
 logger = logging.getLogger("pype")
 
@@ -316,6 +317,23 @@ class Server:
         router = ray.get(self._router.stats.remote())
         return ray.put({"server": self.name, "router": router, "totals": totals, "shards": shards,
                         "queues": queues})
+
+    # -- batching helpers -------------------------------------------------------------------
+
+    def consume(self, queue: str, batch_size: int = -1, timeout: float | None = None) -> Consumer:
+        """Iterate over the items of `queue`, pulling batches (see pype.streams.Consumer).
+
+        Ends when a pull waited `timeout` seconds and found nothing (None: never).
+        """
+        check_name(queue)
+        return Consumer(self, queue, check_batch_size(batch_size, allow_none=False),
+                        check_timeout(timeout))
+
+    def producer(self, queue: str, batch_size: int = 1000, linger: float = 0.005,
+                 block: bool = False) -> Producer:
+        """A buffer that pushes items to `queue` in batches (see pype.streams.Producer)."""
+        check_name(queue)
+        return Producer(self, queue, batch_size, check_timeout(linger, "linger"), block)
 
     # -- waiting for conditions -----------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""One-item-at-a-time code at batched speed: Consumer and Producer.
+
+    for item in server.consume("in"):             # pulls batches, yields items
+        ...
+    with server.producer("out") as out:           # buffers items, pushes batches
+        out.push(item)
+
+Delivery: both are at-most-once, like a plain pull. A Consumer has taken from the
+queue the items of the batch it is yielding and the next batch (it prefetches):
+if its process dies they are gone. Items it took but never yielded (the loop broke
+out early) are handed back by close() and, if nobody asks, logged as a warning.
+A Producer holds items for at most `linger` seconds or `batch_size` items before
+it pushes them; if its process dies they are gone. close() (and leaving the
+with-block) pushes what is left and raises the first push error, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Self
+
+import ray
+
+if TYPE_CHECKING:
+    from pype.client import Server
+
+logger = logging.getLogger("pype")
+
+
+class Consumer(Iterator):
+    """Iterates over the items of one queue, pulling them in batches.
+
+    Each pull waits in the shard for at least one item and takes everything there
+    (up to batch_size). Iteration ends when a pull waited `timeout` seconds and
+    found nothing; with timeout None it never ends.
+    """
+
+    def __init__(self, server: Server, queue: str, batch_size: int = -1,
+                 timeout: float | None = None):
+        self._pull = lambda: server.pull.remote(queue, batch_size=batch_size, block=True,
+                                                timeout=timeout)
+        self._queue = queue
+        self._buffer: deque = deque()
+        self._next: ray.ObjectRef | None = self._pull()
+        self._closed = False
+
+    def __next__(self) -> Any:
+        if not self._buffer:
+            items = ray.get(self._next) if self._next is not None else []
+            # prefetch: the next batch is on its way while this one is consumed
+            self._next = self._pull() if items else None
+            if not items:
+                raise StopIteration
+            self._buffer.extend(items)
+        return self._buffer.popleft()
+
+    def close(self) -> list:
+        """Stop; return the items taken from the queue but not yielded, in order."""
+        if self._closed:
+            return []
+        self._closed = True
+        left = list(self._buffer)
+        self._buffer.clear()
+        if self._next is not None:
+            left += ray.get(self._next)
+            self._next = None
+        return left
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warn_if_left(self.close())
+
+    def __del__(self) -> None:
+        # no Ray calls here: the process may be shutting down
+        if not self._closed and (self._buffer or self._next is not None):
+            logger.warning("consume(%r) was dropped unclosed: %d items taken but not yielded, "
+                           "and a prefetched batch, are discarded", self._queue, len(self._buffer))
+
+    def _warn_if_left(self, left: list) -> None:
+        if left:
+            logger.warning("consume(%r) took %d items it never yielded; they are discarded "
+                           "(call close() to get them back)", self._queue, len(left))
+
+
+class Producer:
+    """Buffers pushes of one process to one queue and sends them in batches.
+
+    A batch goes out when it holds batch_size items, when its first item has
+    waited `linger` seconds (a background thread sees to that), on flush(), and on
+    close(). Batches keep the order of push() calls. block=True makes every batch
+    a blocking push (see Server.push).
+    """
+
+    def __init__(self, server: Server, queue: str, batch_size: int = 1000,
+                 linger: float = 0.005, block: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._server = server
+        self._queue = queue
+        self._batch_size = batch_size
+        self._linger = linger
+        self._block = block
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._first_at = 0.0
+        self._sent: deque[ray.ObjectRef] = deque()
+        self._accepted = 0
+        self._closed = threading.Event()
+        self._timer = threading.Thread(target=self._flush_when_stale, daemon=True,
+                                       name=f"pype-producer-{queue}")
+        self._timer.start()
+
+    def push(self, item: Any) -> None:
+        """Add `item` to the current batch (sent at once if that fills it)."""
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("push() on a closed Producer")
+            if not self._items:
+                self._first_at = time.monotonic()
+            self._items.append(item)
+            if len(self._items) >= self._batch_size:
+                self._send()
+
+    def flush(self) -> None:
+        """Send the current batch now."""
+        with self._lock:
+            self._send()
+
+    def close(self) -> int:
+        """Send what is left, wait for every batch to be accepted; return the item count.
+
+        Raises the first error a batch met (QueueFullError, ...).
+        """
+        with self._lock:
+            self._send()
+            self._closed.set()
+        self._timer.join()
+        while self._sent:
+            self._accepted += ray.get(self._sent.popleft())
+        return self._accepted
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self) -> None:
+        if self._items:
+            self._sent.append(self._server.push.remote(self._items, self._queue, expand=True,
+                                                       block=self._block))
+            self._items = []
+            self._raise_early_errors()
+
+    def _raise_early_errors(self) -> None:
+        """Surface a failed batch soon instead of at close(), and keep _sent short."""
+        while len(self._sent) > 64:
+            self._accepted += ray.get(self._sent.popleft())
+
+    def _flush_when_stale(self) -> None:
+        while not self._closed.wait(self._linger):
+            with self._lock:
+                if self._items and time.monotonic() - self._first_at >= self._linger:
+                    self._send()

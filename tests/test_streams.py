@@ -1,0 +1,83 @@
+"""consume() and producer(): one item at a time in the code, batches on the wire."""
+
+import logging
+import time
+
+import pytest
+import ray
+
+
+@ray.remote(num_cpus=0)
+def produce_with_helper(server, queue, count, batch_size, linger):
+    with server.producer(queue, batch_size=batch_size, linger=linger) as out:
+        for i in range(count):
+            out.push(i)
+    return count
+
+
+def test_producer_and_consumer_move_everything_in_order(server, names):
+    q = names()
+    done = produce_with_helper.remote(server, q, 5000, 100, 0.005)
+    got = list(server.consume(q, timeout=3))
+    assert ray.get(done) == 5000
+    assert got == list(range(5000))
+    assert ray.get(server.stats.remote())["queues"][q]["pushed"] == 5000
+
+
+def test_producer_batches_calls(server, names):
+    q = names()
+    producer = server.producer(q, batch_size=50, linger=10)
+    for i in range(120):
+        producer.push(i)
+    assert ray.get(server.queue_len.remote(q)) == 100  # two full batches out, 20 buffered
+    assert producer.close() == 120
+    assert ray.get(server.pull.remote(q, batch_size=-1)) == list(range(120))
+
+
+def test_producer_flushes_after_linger_without_more_pushes(server, names):
+    q = names()
+    producer = server.producer(q, batch_size=1000, linger=0.05)
+    producer.push("lonely")
+    deadline = time.monotonic() + 5
+    while not ray.get(server.queue_len.remote(q)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ray.get(server.pull.remote(q)) == ["lonely"]
+    producer.close()
+    with pytest.raises(RuntimeError):
+        producer.push("after close")
+
+
+def test_producer_close_raises_a_batch_error(server, names):
+    import pype
+
+    q = names()
+    ray.get(server.add.remote(q, maxsize=2))
+    ray.get(server.push.remote("first", q))
+    producer = server.producer(q, batch_size=2, linger=10)
+    for i in range(2):
+        producer.push(i)
+    with pytest.raises(pype.QueueFullError):
+        producer.close()
+
+
+def test_consumer_hands_back_what_it_took_but_did_not_yield(server, names, caplog):
+    q = names()
+    ray.get(server.push.remote(list(range(10)), q, expand=True))
+    consumer = server.consume(q, batch_size=4, timeout=1)
+    assert [next(consumer), next(consumer)] == [0, 1]
+    assert consumer.close() == [2, 3, 4, 5, 6, 7]  # rest of this batch + the prefetched one
+    assert ray.get(server.pull.remote(q, batch_size=-1)) == [8, 9]
+
+    ray.get(server.push.remote(list(range(3)), q, expand=True))
+    with caplog.at_level(logging.WARNING, logger="pype"), server.consume(q, timeout=1) as items:
+        next(items)
+    assert "took 2 items it never yielded" in caplog.text
+
+
+def test_consume_rejects_bad_arguments(server):
+    with pytest.raises(TypeError):
+        server.consume(5)
+    with pytest.raises(ValueError):
+        server.consume("q", batch_size=0)
+    with pytest.raises(ValueError):
+        server.producer("q", batch_size=0)
