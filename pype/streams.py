@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pype")
 
+PULL_WAIT = 1.0  # seconds one pull of a Consumer waits in the shard
+
 
 class Consumer(Iterator):
     """Iterates over the items of one queue, pulling them in batches.
@@ -41,20 +43,28 @@ class Consumer(Iterator):
 
     def __init__(self, server: Server, queue: str, batch_size: int = -1,
                  timeout: float | None = None):
+        # Each pull waits at most PULL_WAIT in the shard, so close() never waits long
+        # for the prefetched one; the iterator adds up idle time against `timeout`.
+        self._wait = PULL_WAIT if timeout is None else min(PULL_WAIT, timeout)
         self._pull = lambda: server.pull.remote(queue, batch_size=batch_size, block=True,
-                                                timeout=timeout)
+                                                timeout=self._wait)
         self._queue = queue
+        self._timeout = timeout
+        self._idle = 0.0
         self._buffer: deque = deque()
         self._next: ray.ObjectRef | None = self._pull()
         self._closed = False
 
     def __next__(self) -> Any:
-        if not self._buffer:
-            items = ray.get(self._next) if self._next is not None else []
-            # prefetch: the next batch is on its way while this one is consumed
-            self._next = self._pull() if items else None
-            if not items:
+        while not self._buffer:
+            if self._next is None:
                 raise StopIteration
+            items = ray.get(self._next)
+            self._idle = 0.0 if items else self._idle + self._wait
+            if self._timeout is not None and self._idle >= self._timeout:
+                self._next = None
+                raise StopIteration
+            self._next = self._pull()  # prefetch: on its way while this batch is consumed
             self._buffer.extend(items)
         return self._buffer.popleft()
 
