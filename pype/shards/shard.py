@@ -16,6 +16,7 @@ and first wait for it to have run (see QueueStore.catch_up).
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from contextlib import contextmanager
 
@@ -113,7 +114,8 @@ class Shard:
 
     def stats(self, caller: Caller) -> dict:
         with self._recorded(caller):
-            return {"shard": self._index, **self._store.stats()}
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            return {"shard": self._index, "peak_rss_mb": peak_rss_mb, **self._store.stats()}
 
     # -- wait group: may block ------------------------------------------------------
 

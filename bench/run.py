@@ -1,0 +1,145 @@
+"""`python -m bench` / `pype bench`: every workload, every system, in one run.
+
+Each round runs every system of a workload once; the order of the systems
+rotates from round to round, so no system always runs first or last. Reported
+values are medians over rounds. Results: bench/results/latest.json, latest.md
+and latest.png, and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import ray
+from rich.console import Console
+from rich.progress import Progress
+
+import pype
+from bench import workloads as w
+from bench.peers import redis_server
+from bench.report import check_targets, markdown, write_chart
+
+RESULTS = Path(__file__).parent / "results"
+ORIGINAL_SEED_CHAIN = 3.7  # items/s of the original implementation here (DESIGN.md)
+
+
+def machine() -> dict:
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpus": os.cpu_count(), "memory_gb": round(memory_gb, 1), "python": platform.python_version(),
+            "ray": ray.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+
+
+def plan(server, echo, port, quick: bool) -> dict[str, dict[str, callable]]:
+    """workload -> system -> a function measuring one round."""
+    scale = 0.2 if quick else 1.0
+
+    def n(count):
+        return max(10, int(count * scale))
+
+    chain = {
+        "pype, seed README polling code": lambda: w.seed_chain(server),
+        "pype, one item per call": lambda: w.pype_chain(server, n(1500), "single"),
+        "pype, consume/producer": lambda: w.pype_chain(server, n(100_000), "helpers"),
+        "pype, batched": lambda: w.pype_chain(server, n(300_000), "batched"),
+        "ray.util.queue": lambda: w.ray_queue_chain(n(150)),
+    }
+    pingpong = {
+        "raw floor (2 no-op actor calls)": lambda: w.ping_pong("raw floor", echo, n(400)),
+        "pype": lambda: w.ping_pong("pype", echo, n(400), server=server),
+        "ray.util.queue": lambda: w.ping_pong("ray.util.queue", echo, n(200)),
+    }
+    bulk = {
+        "pype": lambda: w.bulk("pype", n(1_000_000), server=server),
+        "ray.util.queue": lambda: w.bulk("ray.util.queue", n(100_000)),
+    }
+    frames = {
+        "raw floor (ray.put + ray.get)": lambda: w.frames("raw floor", n(60)),
+        "pype": lambda: w.frames("pype", n(60), server=server),
+    }
+    if port is not None:
+        chain["redis, LPUSH/BRPOP"] = lambda: w.redis_chain(port, n(3000), batched=False)
+        chain["redis, BLMPOP COUNT 1000"] = lambda: w.redis_chain(port, n(300_000), batched=True)
+        pingpong["redis"] = lambda: w.ping_pong("redis", echo, n(400), port=port)
+        bulk["redis"] = lambda: w.bulk("redis", n(1_000_000), port=port)
+        frames["redis (raw bytes)"] = lambda: w.frames("redis", n(60), port=port)
+    spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
+              for shards in (1, 2, 4, 8)}
+    return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames, "spread": spread}
+
+
+def measure_memory(items: int = 1_000_000) -> dict:
+    """Peak RSS of a shard holding `items` small items."""
+    server = pype.Server.remote(shards=1)
+    try:
+        before = ray.get(server.stats.remote())["shards"][0]["peak_rss_mb"]
+        for first in range(0, items, 100_000):
+            ray.get(server.push.remote(list(range(first, first + 100_000)), "memory", expand=True))
+        after = ray.get(server.stats.remote())["shards"][0]
+        assert after["depth"] == items
+        return {"items": items, "shard_peak_rss_mb_empty": before, "shard_peak_rss_mb": after["peak_rss_mb"]}
+    finally:
+        server.shutdown()
+
+
+def run(rounds: int, quick: bool, only: list[str] | None, console: Console) -> dict:
+    results: dict = {"machine": machine(), "rounds": rounds, "quick": quick, "workloads": {}}
+    with redis_server() as port:
+        if port is None:
+            console.print("[yellow]redis-server is not installed: the Redis peers are skipped "
+                          "(apt-get install redis-server)[/]")
+        server = pype.Server.remote()
+        echo = w.Echo.remote()
+        ray.get(echo.noop.remote())
+        workloads = plan(server, echo, port, quick)
+        selected = {k: v for k, v in workloads.items() if not only or k in only}
+        total = rounds * sum(len(systems) for systems in selected.values())
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("benchmarks", total=total)
+            for workload, systems in selected.items():
+                names = list(systems)
+                samples: dict[str, list[dict]] = {name: [] for name in names}
+                for round_ in range(rounds):
+                    order = names[round_ % len(names):] + names[:round_ % len(names)]
+                    for name in order:
+                        progress.update(task, description=f"{workload}: {name}")
+                        samples[name].append(systems[name]())
+                        progress.advance(task)
+                results["workloads"][workload] = {
+                    name: {metric: statistics.median(s[metric] for s in runs) for metric in runs[0]}
+                    for name, runs in samples.items()}
+        server.shutdown()
+    if not only or "memory" in only:
+        results["memory"] = measure_memory()
+    results["targets"] = check_targets(results, ORIGINAL_SEED_CHAIN)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pype bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
+    parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
+                        help="chain, ping-pong, bulk, frames, spread, memory")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    args = parser.parse_args(argv)
+    console = Console()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        results = run(args.rounds, args.quick, args.only, console)
+    finally:
+        ray.shutdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.out / "latest.md").write_text(table)
+    write_chart(results, args.out / "latest.png")
+    console.print(table)
+    console.print(f"written: {args.out}/latest.json, latest.md, latest.png")
+    return 0

@@ -1,0 +1,442 @@
+"""The workloads, each for every system. One call measures one round of one system.
+
+Every function returns a dict of metrics. Items are small ints unless said. The
+chain is the seed README's: a source, 6 stages, a sink, one queue per link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+import uuid
+
+import numpy as np
+import ray
+from ray.util.queue import Queue as RayQueue
+
+import pype
+
+STAGES = 6
+END = -1
+FRAME_SHAPE = (1080, 1920, 3)
+
+
+def _links(prefix: str) -> list[str]:
+    return [f"{prefix}-{uuid.uuid4().hex[:6]}-{i}" for i in range(STAGES + 1)]
+
+
+class Arrivals:
+    """Counts items at a chain's sink: the steady rate runs from the first arrival on.
+
+    The first item waits for Ray to start the chain's task processes (seconds on a
+    2-core machine, the same for every system); that start is reported apart.
+    """
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first_at = None
+        self.after_first = 0
+
+    def add(self, count: int) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        else:
+            self.after_first += count
+
+    def result(self) -> dict:
+        seconds = time.perf_counter() - self.first_at
+        return {"items_per_s": self.after_first / seconds,
+                "first_item_s": self.first_at - self.started}
+
+
+# -- chain: Pype ------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def pype_source(server, queue, items, mode):
+    if mode == "single":
+        for i in range(items):
+            server.push.remote(i, queue)
+        server.push.remote(END, queue)
+    elif mode == "batched":
+        for first in range(0, items, 1000):
+            server.push.remote(list(range(first, min(first + 1000, items))), queue, expand=True)
+        server.push.remote(END, queue)
+    else:
+        with server.producer(queue, batch_size=1000, linger=0.001) as out:
+            for i in range(items):
+                out.push(i)
+            out.push(END)
+
+
+@ray.remote(num_cpus=0)
+def pype_stage(server, source, output, mode):
+    if mode == "single":
+        while True:
+            item = ray.get(server.pull.remote(source, block=True))[0]
+            server.push.remote(item, output)
+            if item == END:
+                return
+    elif mode == "batched":
+        while True:
+            items = ray.get(server.pull.remote(source, batch_size=-1, block=True))
+            server.push.remote(items, output, expand=True)
+            if items[-1] == END:
+                return
+    else:
+        with server.producer(output, batch_size=1000, linger=0.001) as out, \
+                server.consume(source) as items:
+            for item in items:
+                out.push(item)
+                if item == END:
+                    break
+
+
+def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
+    """mode: single (one item per call), batched (all available per call), helpers."""
+    links = _links(f"chain-{mode}")
+    arrivals = Arrivals()
+    pype_source.remote(server, links[0], items, mode)
+    for source, output in itertools.pairwise(links):
+        pype_stage.remote(server, source, output, mode)
+    received = 0
+    if mode == "helpers":
+        with server.consume(links[-1]) as stream:
+            for item in stream:
+                if item == END:
+                    break
+                received += 1
+                arrivals.add(1)
+    else:
+        while True:
+            batch = ray.get(server.pull.remote(links[-1], batch_size=1 if mode == "single" else -1,
+                                               block=True))
+            count = len(batch) - (batch[-1] == END)
+            received += count
+            if count:
+                arrivals.add(count)
+            if batch[-1] == END:
+                break
+    result = arrivals.result()
+    assert received == items, (received, items)
+    for name in links:
+        server.remove.remote(name)
+    return result
+
+
+# -- chain: the seed README's polling code, as written there ------------------------------
+
+@ray.remote
+def start(server, output_name):
+    for i in range(100):
+        while True:
+            if ray.get(server.can_push.remote(output_name)):
+                server.push.remote(i, output_name)
+                break
+            else:
+                time.sleep(1e-4)
+
+
+@ray.remote
+def f(server, input_name, output_name):
+    while True:
+        if ray.get(server.can_pull.remote(input_name)):
+            data = ray.get(server.pull.remote(input_name))
+            server.push.remote(data, output_name)
+        else:
+            time.sleep(1e-4)
+
+
+def seed_chain(server: pype.Server) -> dict:
+    """The seed's main(), minus ray.init/shutdown and its print; 100 items."""
+    links = _links("seed")
+    for name in links:
+        server.add.remote(name, use_locking=True)
+    arrivals = Arrivals()
+    start.remote(server, links[0])
+    stages = [f.remote(server, source, output) for source, output in itertools.pairwise(links)]
+    for _ in range(100):
+        while True:
+            if ray.get(server.can_pull.remote(links[-1])):
+                break
+            else:
+                time.sleep(1e-3)
+        ray.get(server.pull.remote(links[-1]))
+        arrivals.add(1)
+        server.print_queue.remote(links[-1])
+    result = arrivals.result()
+    for stage in stages:  # the seed's stages loop forever
+        ray.cancel(stage, force=True)
+    for name in links:
+        server.remove.remote(name)
+    return result
+
+
+# -- chain: ray.util.queue.Queue, one per link ----------------------------------------------
+
+@ray.remote(num_cpus=0)
+def ray_queue_stage(source, output):
+    while True:
+        item = source.get()
+        output.put(item)
+        if item == END:
+            return
+
+
+def ray_queue_chain(items: int) -> dict:
+    links = [RayQueue(actor_options={"num_cpus": 0}) for _ in range(STAGES + 1)]
+    ray.get([q.actor.qsize.remote() for q in links])  # started before the clock runs
+    arrivals = Arrivals()
+    for source, output in itertools.pairwise(links):
+        ray_queue_stage.remote(source, output)
+    for i in range(items):
+        links[0].put(i)
+    links[0].put(END)
+    received = 0
+    while links[-1].get() != END:
+        received += 1
+        arrivals.add(1)
+    result = arrivals.result()
+    assert received == items
+    for q in links:
+        q.shutdown()
+    return result
+
+
+# -- chain: Redis lists ----------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def redis_stage(port, source, output, batched):
+    import redis
+
+    client = redis.Redis(port=port)
+    while True:
+        if batched:
+            _, items = client.blmpop(0, 1, source, direction="RIGHT", count=1000)
+            client.lpush(output, *items)
+            if items[-1] == b"-1":
+                return
+        else:
+            _, item = client.brpop([source])
+            client.lpush(output, item)
+            if item == b"-1":
+                return
+
+
+def redis_chain(port: int, items: int, batched: bool) -> dict:
+    import redis
+
+    client = redis.Redis(port=port)
+    links = _links("redis")
+    arrivals = Arrivals()
+    for source, output in itertools.pairwise(links):
+        redis_stage.remote(port, source, output, batched)
+    if batched:
+        for first in range(0, items, 1000):
+            client.lpush(links[0], *range(first, min(first + 1000, items)))
+    else:
+        for i in range(items):
+            client.lpush(links[0], i)
+    client.lpush(links[0], END)
+    received = 0
+    while True:
+        if batched:
+            _, batch = client.blmpop(0, 1, links[-1], direction="RIGHT", count=1000)
+        else:
+            batch = [client.brpop([links[-1]])[1]]
+        count = len(batch) - (batch[-1] == b"-1")
+        received += count
+        if count:
+            arrivals.add(count)
+        if batch[-1] == b"-1":
+            break
+    result = arrivals.result()
+    assert received == items
+    return result
+
+
+# -- ping-pong --------------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+class Echo:
+    """Sends every ping back as a pong, through each system in turn."""
+
+    def pype(self, server, ping, pong, count):
+        for _ in range(count):
+            server.push.remote(ray.get(server.pull.remote(ping, block=True))[0], pong)
+
+    def ray_queue(self, ping, pong, count):
+        for _ in range(count):
+            pong.put(ping.get())
+
+    def redis(self, port, ping, pong, count):
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(count):
+            client.lpush(pong, client.brpop([ping])[1])
+
+    def noop(self):
+        return None
+
+
+def _latencies(send_and_wait, count: int) -> dict:
+    times = []
+    for i in range(count):
+        began = time.perf_counter()
+        send_and_wait(i)
+        times.append(time.perf_counter() - began)
+    times.sort()
+    return {"p50_ms": statistics.median(times) * 1e3, "p99_ms": times[int(0.99 * (len(times) - 1))] * 1e3}
+
+
+def ping_pong(system: str, echo, count: int, server=None, port=None) -> dict:
+    if system == "raw floor":  # two round trips to a no-op actor
+        return _latencies(lambda i: (ray.get(echo.noop.remote()), ray.get(echo.noop.remote())), count)
+    if system == "pype":
+        ping, pong = _links("ping")[:2]
+        done = echo.pype.remote(server, ping, pong, count)
+
+        def once(i):
+            server.push.remote(i, ping)
+            ray.get(server.pull.remote(pong, block=True))
+    elif system == "ray.util.queue":
+        ping, pong = RayQueue(actor_options={"num_cpus": 0}), RayQueue(actor_options={"num_cpus": 0})
+        done = echo.ray_queue.remote(ping, pong, count)
+
+        def once(i):
+            ping.put(i)
+            pong.get()
+    else:
+        import redis
+
+        client = redis.Redis(port=port)
+        ping, pong = _links("ping")[:2]
+        done = echo.redis.remote(port, ping, pong, count)
+
+        def once(i):
+            client.lpush(ping, i)
+            client.brpop([pong])
+    result = _latencies(once, count)
+    ray.get(done)
+    return result
+
+
+# -- bulk -----------------------------------------------------------------------------------
+
+def bulk(system: str, items: int, server=None, port=None) -> dict:
+    """Push `items` small items in batched calls, then pull them all back."""
+    data = list(range(items))
+    if system == "pype":
+        queue = _links("bulk")[0]
+        started = time.perf_counter()
+        ray.get(server.push.remote(data, queue, expand=True))
+        back = ray.get(server.pull.remote(queue, batch_size=-1))
+    elif system == "ray.util.queue":
+        queue = RayQueue(actor_options={"num_cpus": 0})
+        started = time.perf_counter()
+        queue.put_nowait_batch(data)
+        back = queue.get_nowait_batch(items)
+        queue.shutdown()
+    else:
+        import redis
+
+        client = redis.Redis(port=port)
+        queue = _links("bulk")[0]
+        started = time.perf_counter()
+        for first in range(0, items, 10_000):
+            client.rpush(queue, *data[first:first + 10_000])
+        back = []
+        while len(back) < items:
+            back += client.lpop(queue, 10_000)
+    seconds = time.perf_counter() - started
+    assert len(back) == items
+    return {"items_per_s": items / seconds}
+
+
+# -- frames ---------------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def frame_source(system, count, server=None, queue=None, port=None):
+    frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
+    if system == "pype":
+        for i in range(count):
+            server.push.remote(frame, queue, block=True)
+    else:
+        import redis
+
+        client = redis.Redis(port=port)
+        for i in range(count):
+            client.lpush(queue, frame.tobytes())
+
+
+def frames(system: str, count: int, server=None, port=None) -> dict:
+    """1080p uint8 BGR frames (6 MB) through one queue hop, from a task to the driver."""
+    if system == "raw floor":  # ray.put + ray.get of the same array
+        frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
+        started = time.perf_counter()
+        for _ in range(count):
+            got = ray.get(ray.put(frame))
+        assert got.shape == FRAME_SHAPE
+        return {"frames_per_s": count / (time.perf_counter() - started)}
+    queue = _links("frames")[0]
+    if system == "pype":
+        ray.get(server.add.remote(queue, maxsize=8))  # bounded, as a video pipeline would be
+    started = time.perf_counter()
+    source = frame_source.remote(system, count, server, queue, port)
+    if system == "pype":
+        for _ in range(count):
+            got = ray.get(server.pull.remote(queue, block=True))[0]
+    else:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(count):
+            got = np.frombuffer(client.brpop([queue])[1], np.uint8).reshape(FRAME_SHAPE)
+    seconds = time.perf_counter() - started
+    ray.get(source)
+    assert got.shape == FRAME_SHAPE
+    return {"frames_per_s": count / seconds}
+
+
+# -- spread -----------------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def spread_producer(server, names, rounds):
+    for _ in range(rounds):
+        for name in names:
+            server.push.remote(list(range(10)), name, expand=True)
+    return len(names) * rounds  # calls made
+
+
+@ray.remote(num_cpus=0)
+def spread_consumer(server, names, expected):
+    got = calls = 0
+    while got < expected:
+        for name in names:
+            got += len(ray.get(server.pull.remote(name, batch_size=-1)))
+            calls += 1
+    return calls
+
+
+def spread(shards: int, queues: int = 1000, workers: int = 4, rounds: int = 5) -> dict:
+    """Many queues, many producers and consumers, over `shards` shards."""
+    server = pype.Server.remote(shards=shards)
+    try:
+        ray.get(server.queues.remote())  # every shard up before the clock runs
+        names = [f"spread-{i}" for i in range(queues)]
+        parts = [names[w::workers] for w in range(workers)]
+        started = time.perf_counter()
+        consumers = [spread_consumer.remote(server, part, len(part) * rounds * 10) for part in parts]
+        push_calls = sum(ray.get([spread_producer.remote(server, part, rounds) for part in parts]))
+        pull_calls = sum(ray.get(consumers))
+        seconds = time.perf_counter() - started
+        stats = ray.get(server.stats.remote())
+        assert stats["totals"]["pulled"] == stats["totals"]["pushed"] == queues * rounds * 10
+        load = [s["pushed"] for s in stats["shards"]]
+        return {"items_per_s": queues * rounds * 10 / seconds,
+                "max_over_mean_load": max(load) / statistics.mean(load),
+                "router_calls_per_op": (stats["router"]["topology_requests"] - 1)
+                / (push_calls + pull_calls)}
+    finally:
+        server.shutdown()
