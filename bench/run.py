@@ -60,6 +60,7 @@ def plan(server, echo, port, quick: bool) -> dict[str, dict[str, callable]]:
     }
     frames = {
         "raw floor (ray.put + ray.get)": lambda: w.frames("raw floor", n(60)),
+        "ray.put, frames kept alive": lambda: w.frames("ray.put, frames kept alive", n(60)),
         "pype": lambda: w.frames("pype", n(60), server=server),
     }
     if port is not None:

@@ -361,7 +361,7 @@ def frame_source(system, count, server=None, queue=None, port=None):
     frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
     if system == "pype":
         for i in range(count):
-            server.push.remote(frame, queue, block=True)
+            server.push.remote(frame, queue)  # a full queue: the push waits in its line
     else:
         import redis
 
@@ -379,14 +379,24 @@ def frames(system: str, count: int, server=None, port=None) -> dict:
             got = ray.get(ray.put(frame))
         assert got.shape == FRAME_SHAPE
         return {"frames_per_s": count / (time.perf_counter() - started)}
+    if system == "ray.put, frames kept alive":  # what a pipeline with frames in flight pays
+        frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
+        started = time.perf_counter()
+        alive = [ray.put(frame) for _ in range(count)]
+        seconds = time.perf_counter() - started
+        del alive
+        return {"frames_per_s": count / seconds}
     queue = _links("frames")[0]
-    if system == "pype":
-        ray.get(server.add.remote(queue, maxsize=8))  # bounded, as a video pipeline would be
+    if system == "pype":  # bounded, as a video pipeline would be
+        ray.get(server.add.remote(queue, maxsize=8, overflow="block"))
     started = time.perf_counter()
     source = frame_source.remote(system, count, server, queue, port)
     if system == "pype":
-        for _ in range(count):
-            got = ray.get(server.pull.remote(queue, block=True))[0]
+        received = 0
+        while received < count:  # each pull takes every frame there (at least one)
+            batch = ray.get(server.pull.remote(queue, batch_size=-1, block=True))
+            received += len(batch)
+        got = batch[-1]
     else:
         import redis
 

@@ -5,6 +5,7 @@ import logging
 from pype.client import Server, connect, pull_wait, push_wait
 from pype.errors import (
     ConfigError,
+    ItemLostError,
     PypeError,
     QueueExistsError,
     QueueFullError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "ItemLostError",
     "PypeError",
     "QueueExistsError",
     "QueueFullError",

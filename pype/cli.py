@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options, parsed by bench/run.py
+        return run_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="pype", description="Pype: queues between Ray processes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -20,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="stages move everything available per call instead of one item")
     demo.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
     demo.add_argument("--shards", type=int, help="number of shards (overrides the config)")
+
+    commands.add_parser("bench", help="benchmark Pype against its peers (bench/ of a checkout; "
+                                      "see pype bench --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -36,6 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def run_bench(bench_args: list[str]) -> int:
+    """Run the checkout's bench package (it is not installed: it needs Redis, matplotlib...)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "run.py").is_file():
+        print("pype: error: pype bench runs from a source checkout (pip install -e '.[bench]')",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(checkout))
+    from bench.run import main as bench_main
+
+    return bench_main(bench_args)
 
 
 if __name__ == "__main__":

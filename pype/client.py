@@ -23,6 +23,7 @@ import ray
 from pype.config import load_config
 from pype.errors import ServerExistsError, ServerNotFoundError
 from pype.hashing import shard_for
+from pype.payloads import by_reference
 from pype.router import Router, Topology
 from pype.shards.queues import (
     QueueOptions,
@@ -175,12 +176,13 @@ class Server:
         """Push `data` (or with expand=True, each element of a list) to one or more queues.
 
         The reference resolves to the number of items accepted (items x queues).
-        Each queue takes all the items or none. A full queue raises QueueFullError,
+        Large items (numpy arrays, bytes) travel by reference through Ray's object
+        store (see pype.payloads). Each queue takes all the items or none. A full queue raises QueueFullError,
         unless block=True (wait for room, QueueTimeoutError after `timeout` s) or its
         overflow policy is drop_oldest. Missing queues are created.
         """
         names = as_names(queues)
-        items = as_items(data, expand)
+        items = [by_reference(item) for item in as_items(data, expand)]
         timeout = check_timeout(timeout)
         priority = check_priority(priority)
         block = bool(block)

@@ -27,6 +27,13 @@ class QueueTimeoutError(PypeError, TimeoutError):
     """A blocking push found no room before its timeout; nothing was accepted."""
 
 
+class ItemLostError(PypeError):
+    """A large item pushed by reference could not be read: its pushing process died.
+
+    Returned in the item's place by the pull (see pype.payloads), not raised.
+    """
+
+
 class ConfigError(PypeError, ValueError):
     """A configuration value is invalid; the message names the key and the file."""
 

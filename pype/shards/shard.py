@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import ray
 
+from pype.payloads import keep_references_here
 from pype.shards.queues import QueueOptions
 from pype.shards.store import Caller, PendingPush, QueueStore
 
@@ -45,6 +46,7 @@ class Shard:
 
     def __init__(self, index: int, queue_defaults: QueueOptions, poll_wait: float,
                  waiter_threads: int):
+        keep_references_here()
         self._index = index
         self._poll_wait = poll_wait
         self._store = QueueStore(queue_defaults)

@@ -1,0 +1,88 @@
+"""Large items travel through Ray's object store by reference, not through the shard.
+
+Passed by value, a 6 MB frame would be copied into the object store as the push's
+argument and again as the pull's result. Instead the client puts a large item
+into the object store once (ray.put) and pushes a small ByReference in its place.
+The shard holds only that. When a consumer deserializes a pull's result, the
+ByReference turns back into the item: ray.get of an object in the local store, a
+zero-copy read-only view for numpy arrays. The consumer sees the item itself.
+
+The object belongs to the process that pushed it (Ray has no transfer of
+ownership). If that process dies before the item is pulled, the item cannot be
+read: the pull returns a pype.ItemLostError instance in its place (and logs a
+warning); the other items of the pull arrive as usual.
+
+Large means: a numpy array, bytes or bytearray of at least LARGE_ITEM bytes, at
+the top level of an item or as a value of a dict item (as video frames are).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import ray
+
+from pype.errors import ItemLostError
+
+logger = logging.getLogger("pype")
+
+LARGE_ITEM = 256 * 1024  # bytes
+
+# False in shard processes: they keep references as they are and never fetch items.
+_resolve_in_this_process = True
+
+
+def keep_references_here() -> None:
+    """Make this process (a shard) hold ByReference items without fetching them."""
+    global _resolve_in_this_process
+    _resolve_in_this_process = False
+
+
+class ByReference:
+    """A large item that lies in Ray's object store; see the module docstring."""
+
+    __slots__ = ("nbytes", "ref")
+
+    def __init__(self, ref: ray.ObjectRef, nbytes: int):
+        self.ref = ref
+        self.nbytes = nbytes
+
+    def __reduce__(self):
+        return _restore, (self.ref, self.nbytes)
+
+    def __repr__(self) -> str:
+        return f"<item of {self.nbytes / 1e6:.1f} MB in the object store>"
+
+
+def _restore(ref: ray.ObjectRef, nbytes: int) -> Any:
+    if not _resolve_in_this_process:
+        return ByReference(ref, nbytes)
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as error:
+        # Raising here would fail the whole pull (Ray wraps it as a RaySystemError) and
+        # lose the batch's other items: the lost item becomes an error value instead.
+        lost = ItemLostError(f"an item of {nbytes / 1e6:.1f} MB was lost: the process that "
+                             f"pushed it died before it was pulled ({type(error).__name__})")
+        logger.warning("pype: %s", lost)
+        return lost
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return 0
+
+
+def by_reference(item: Any) -> Any:
+    """`item` with its large parts put into the object store (see LARGE_ITEM)."""
+    size = _size(item)
+    if size >= LARGE_ITEM:
+        return ByReference(ray.put(item), size)
+    if isinstance(item, dict) and any(_size(v) >= LARGE_ITEM for v in item.values()):
+        return {k: by_reference(v) for k, v in item.items()}
+    return item
