@@ -64,7 +64,7 @@ def pype_source(server, queue, items, mode):
             server.push.remote(list(range(first, min(first + 1000, items))), queue, expand=True)
         server.push.remote(END, queue)
     else:
-        with server.producer(queue, batch_size=1000, linger=0.001) as out:
+        with server.producer(queue) as out:
             for i in range(items):
                 out.push(i)
             out.push(END)
@@ -85,7 +85,7 @@ def pype_stage(server, source, output, mode):
             if items[-1] == END:
                 return
     else:
-        with server.producer(output, batch_size=1000, linger=0.001) as out, \
+        with server.producer(output) as out, \
                 server.consume(source) as items:
             for item in items:
                 out.push(item)

@@ -182,7 +182,7 @@ class Server:
         overflow policy is drop_oldest. Missing queues are created.
         """
         names = as_names(queues)
-        items = [by_reference(item) for item in as_items(data, expand)]
+        items = by_reference(as_items(data, expand))
         timeout = check_timeout(timeout)
         priority = check_priority(priority)
         block = bool(block)

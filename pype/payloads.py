@@ -70,6 +70,9 @@ def _restore(ref: ray.ObjectRef, nbytes: int) -> Any:
         return lost
 
 
+_MAYBE_LARGE = (np.ndarray, bytes, bytearray, dict)
+
+
 def _size(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return value.nbytes
@@ -78,11 +81,17 @@ def _size(value: Any) -> int:
     return 0
 
 
-def by_reference(item: Any) -> Any:
-    """`item` with its large parts put into the object store (see LARGE_ITEM)."""
+def by_reference(items: list) -> list:
+    """`items` with their large parts put into the object store (see LARGE_ITEM)."""
+    if not any(issubclass(kind, _MAYBE_LARGE) for kind in set(map(type, items))):
+        return items  # the common case, no array, bytes or dict: one pass at C speed
+    return [_by_reference(item) for item in items]
+
+
+def _by_reference(item: Any) -> Any:
     size = _size(item)
     if size >= LARGE_ITEM:
         return ByReference(ray.put(item), size)
     if isinstance(item, dict) and any(_size(v) >= LARGE_ITEM for v in item.values()):
-        return {k: by_reference(v) for k, v in item.items()}
+        return {k: _by_reference(v) for k, v in item.items()}
     return item
