@@ -94,7 +94,7 @@ def write_chart(results: dict, path: Path) -> None:
         values = [systems[n][metric] for n in names]
         colors = ["tab:blue" if n.startswith("pype") else "tab:gray" for n in names]
         ax.barh(names, values, color=colors)
-        if metric != "p50_ms":
+        if max(values) > 50 * min(values):  # a wide range: log scale; else bars from zero
             ax.set_xscale("log")
         ax.set_title(f"{workload}: {metric.replace('_per_s', '/s').replace('_', ' ')}", fontsize=10)
         ax.tick_params(labelsize=8)
