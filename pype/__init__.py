@@ -13,7 +13,9 @@ from pype.errors import (
     QueueTimeoutError,
     ServerExistsError,
     ServerNotFoundError,
+    VideoSourceError,
 )
+from pype.video import EndOfStream, VideoServer
 
 logging.getLogger("pype").addHandler(logging.NullHandler())
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "EndOfStream",
     "ItemLostError",
     "PypeError",
     "QueueExistsError",
@@ -30,6 +33,8 @@ __all__ = [
     "Server",
     "ServerExistsError",
     "ServerNotFoundError",
+    "VideoServer",
+    "VideoSourceError",
     "connect",
     "pull_wait",
     "push_wait",

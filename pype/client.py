@@ -99,6 +99,7 @@ class Server:
         self._seed = topology.config.hash_seed
         self.name = name
         self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
+        self._companions: list = []  # actors that feed this server (video), kept alive with it
 
     # -- making and finding servers ----------------------------------------------------
 
@@ -138,7 +139,12 @@ class Server:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_kinds"] = {}
+        state["_companions"] = []
         return state
+
+    def keep_alive(self, actor: ray.actor.ActorHandle) -> None:
+        """Hold `actor` as long as this handle lives (Ray ends actors nobody holds)."""
+        self._companions.append(actor)
 
     def __repr__(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""

@@ -34,6 +34,10 @@ class ItemLostError(PypeError):
     """
 
 
+class VideoSourceError(PypeError, OSError):
+    """A camera or video file could not be opened or decoded; the message names it."""
+
+
 class ConfigError(PypeError, ValueError):
     """A configuration value is invalid; the message names the key and the file."""
 
