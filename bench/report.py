@@ -34,6 +34,9 @@ def check_targets(results: dict, original_seed_chain: float) -> list[dict]:
         ("frames / redis", ratio(_get(results, "frames", "pype", "frames_per_s"),
                                  _get(results, "frames", "redis (raw bytes)", "frames_per_s")), ">=", 2),
         ("bulk items/s", _get(results, "bulk", "pype", "items_per_s"), ">=", 1_000_000),
+        ("video through one hop / OpenCV decode alone",
+         ratio(_get(results, "video", "pype VideoServer, one hop", "frames_per_s"),
+               _get(results, "video", "opencv decode only", "frames_per_s")), ">=", 0.8),
     ]
     for system, metrics in results["workloads"].get("spread", {}).items():
         rows.append((f"spread {system}: router calls per data operation", metrics["router_calls_per_op"], "<=", 0))
@@ -84,7 +87,8 @@ def write_chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(wl, metric) for wl, metric in [("chain", "items_per_s"), ("bulk", "items_per_s"),
-                                                  ("frames", "frames_per_s"), ("spread", "items_per_s"),
+                                                  ("frames", "frames_per_s"), ("video", "frames_per_s"),
+                                                  ("spread", "items_per_s"),
                                                   ("ping-pong", "p50_ms")]
               if wl in results["workloads"]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 * len(panels) + 0.5), squeeze=False)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pype
 from bench import workloads as w
 from bench.peers import redis_server
 from bench.report import check_targets, markdown, write_chart
+from pype import video_demo
 
 RESULTS = Path(__file__).parent / "results"
 ORIGINAL_SEED_CHAIN = 3.7  # items/s of the original implementation here (DESIGN.md)
@@ -69,9 +71,14 @@ def plan(server, echo, port, quick: bool) -> dict[str, dict[str, callable]]:
         pingpong["redis"] = lambda: w.ping_pong("redis", echo, n(400), port=port)
         bulk["redis"] = lambda: w.bulk("redis", n(1_000_000), port=port)
         frames["redis (raw bytes)"] = lambda: w.frames("redis", n(60), port=port)
+    clip = str(video_demo.synthetic_clip(Path(tempfile.mkdtemp(prefix="pype-bench-")) / "clip.avi",
+                                         n(90), size=(1920, 1080)))
+    video = {"opencv decode only": lambda: w.video("opencv decode only", clip),
+             "pype VideoServer, one hop": lambda: w.video("pype", clip, server=server)}
     spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
               for shards in (1, 2, 4, 8)}
-    return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames, "spread": spread}
+    return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames, "video": video,
+            "spread": spread}
 
 
 def measure_memory(items: int = 1_000_000) -> dict:
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
-                        help="chain, ping-pong, bulk, frames, spread, memory")
+                        help="chain, ping-pong, bulk, frames, video, spread, memory")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args(argv)
     console = Console()

@@ -432,3 +432,32 @@ def spread(shards: int, queues: int = 1000, workers: int = 4, rounds: int = 5) -
                 / (push_calls + pull_calls)}
     finally:
         server.shutdown()
+
+
+# -- video --------------------------------------------------------------------------------
+
+def video(system: str, clip: str, server=None) -> dict:
+    """Frames of a 1080p clip: decoded by OpenCV alone, or through a VideoServer and one hop."""
+    import cv2
+
+    if system == "opencv decode only":
+        capture = cv2.VideoCapture(clip)
+        started, frames = time.perf_counter(), 0
+        while capture.read()[0]:
+            frames += 1
+        capture.release()
+        return {"frames_per_s": frames / (time.perf_counter() - started)}
+    queue = _links("video")[0]
+    arrivals = Arrivals()  # the video actor's process start is reported apart
+    stream = pype.VideoServer.remote(server, file=clip, output_queues=queue)
+    while True:
+        items = ray.get(server.pull.remote(queue, batch_size=-1, block=True))
+        ended = isinstance(items[-1], pype.EndOfStream)
+        if len(items) - ended:
+            arrivals.add(len(items) - ended)
+        if ended:
+            break
+    result = arrivals.result()
+    ray.get(stream.stop.remote())
+    server.remove.remote(queue)
+    return {"frames_per_s": result["items_per_s"], "first_frame_s": result["first_item_s"]}

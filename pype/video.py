@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from pype.payloads import by_reference
 logger = logging.getLogger("pype")
 
 POLICIES = ("block", "drop_oldest", "drop_newest")
+PUSH_WINDOW = 4  # frames whose pushes may be unacknowledged at once
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class _VideoActor:
         self._stop = threading.Event()
         self._server = None
         self._names: list[str] = []
+        self._in_flight: deque[list] = deque()  # refs of pushes not yet acknowledged
         self._counts = {"read": 0, "pushed": 0, "dropped": 0}
         self._started = time.monotonic()
         self._finished: str | None = None
@@ -179,6 +182,8 @@ class _VideoActor:
                 self._push(server, names, record, policy)
                 index += 1
                 frame = None
+            while self._in_flight:
+                self._settle(self._in_flight.popleft())
             if not self._stop.is_set():
                 self._finished = "end of stream"
                 ray.get([server.push.remote(EndOfStream(stream_name, index), name, block=True)
@@ -192,8 +197,18 @@ class _VideoActor:
             capture.release()
 
     def _push(self, server, names, record, policy) -> None:
+        """Send the frame to every queue; wait only for frames older than PUSH_WINDOW.
+
+        Waiting for each frame's acknowledgement would add a round trip per frame;
+        order holds anyway, since pushes that wait for room enter in line order.
+        """
         # one push per queue, not a fan-out list: a list over several shards costs a task
-        refs = [server.push.remote(record, name, block=policy == "block") for name in names]
+        self._in_flight.append([server.push.remote(record, name, block=policy == "block")
+                                for name in names])
+        while len(self._in_flight) > PUSH_WINDOW:
+            self._settle(self._in_flight.popleft())
+
+    def _settle(self, refs: list) -> None:
         accepted = 0
         for ref in refs:
             try:

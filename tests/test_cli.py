@@ -25,3 +25,14 @@ def test_demo_with_a_missing_config_is_one_clear_line(tmp_path):
 def test_help_lists_the_demo():
     code, output = run_script("-m", "pype.cli", "--help", timeout=60)
     assert code == 0 and "demo" in output
+
+
+def test_video_demo_splits_a_stream_across_workers_and_writes_a_contact_sheet(tmp_path):
+    sheet = tmp_path / "sheet.png"
+    code, output = run_script("-m", "pype.cli", "demo", "video", "--workers", "1", "2",
+                              "--frames", "24", "--out", sheet, timeout=240)
+    assert code == 0, output
+    rows = re.findall(r"│\s+(\d)\s+│\s+24\s+│\s+([\d.]+)\s+│\s+yes\s+│", output)
+    assert [workers for workers, _ in rows] == ["1", "2"], output
+    assert all(float(fps) > 0 for _, fps in rows)
+    assert sheet.read_bytes()[:4] == b"\x89PNG"
