@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo" and args.which == "video":
             from pype import video_demo
 
+            try:
+                import cv2  # noqa: F401
+            except ImportError:
+                print("pype: error: pype demo video needs OpenCV: pip install -e '.[video]'",
+                      file=sys.stderr)
+                return 2
             if min(args.workers) < 1 or args.frames < 8:
                 parser.error("--workers must be >= 1 and --frames >= 8")
             return video_demo.main(args.file, args.workers, args.frames, args.out)
