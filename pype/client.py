@@ -182,10 +182,11 @@ class Server:
         """Push `data` (or with expand=True, each element of a list) to one or more queues.
 
         The reference resolves to the number of items accepted (items x queues).
-        Large items (numpy arrays, bytes) travel by reference through Ray's object
-        store (see pype.payloads). Each queue takes all the items or none. A full queue raises QueueFullError,
-        unless block=True (wait for room, QueueTimeoutError after `timeout` s) or its
-        overflow policy is drop_oldest. Missing queues are created.
+        Each queue takes all the items or none. A full queue raises QueueFullError,
+        unless block=True (wait for room; QueueTimeoutError after `timeout` s) or
+        its overflow policy is "block" (the push waits in line) or "drop_oldest".
+        Missing queues are created. Large items (numpy arrays, bytes) travel by
+        reference through Ray's object store (see pype.payloads).
         """
         names = as_names(queues)
         items = by_reference(as_items(data, expand))
@@ -198,7 +199,7 @@ class Server:
         refs = []
         for index, group in by_shard.items():
             ref = self._call(index, "push", tuple(group), items, priority, block, timeout)
-            if block:  # second half: waits in the shard's wait group for parked items
+            if block:  # second half: waits among the shard's "pushes" threads for room
                 ref = self._shards[index].await_push.remote(ref)
             refs.append(ref)
         return refs[0] if len(refs) == 1 else _total.remote(*refs)
@@ -210,9 +211,9 @@ class Server:
 
         [] when nothing is there. batch_size None means 1 (a batch queue's batch_size
         for batch queues). block=True waits in the shard until a full batch (one item
-        for -1) is there or `timeout` passes, then returns what is there. block None
-        means False, except for batch queues, which wait up to their batch_timeout.
-        remove=False peeks.
+        for -1) is there, the queue is full, or `timeout` passes; then it returns what
+        is there. block None means False, except for batch queues, which wait up to
+        their batch_timeout. remove=False peeks.
         """
         check_name(queue)
         batch_size = check_batch_size(batch_size)
@@ -258,8 +259,9 @@ class Server:
         semaphore=N and batch_lock=N mean maxsize N, with overflow "block" unless
         given (the seed's producers push to locked queues without checking, so a
         push that does not fit waits in line instead of failing). batch_size and
-        batch_timeout belong to kind="batch". The queue exists once this returns, for every
-        process; the reference raises QueueExistsError if it existed (unless exist_ok).
+        batch_timeout belong to kind="batch". The queue exists once this returns,
+        for every process; the reference raises QueueExistsError if it existed
+        (unless exist_ok).
         """
         check_name(queue)
         defaults = self._topology.config.queue_defaults
