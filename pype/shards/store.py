@@ -3,7 +3,8 @@
 The shard actor runs two kinds of calls on different threads: calls that never
 wait (push, pull, add, ...) on its single main thread, in the order each caller
 sent them, and calls that may wait (blocking pulls, can_pull, the second half of a
-blocking push) on a pool of waiter threads. One lock guards all state; a waiting
+blocking push, can_push) on two pools of waiter threads, one for consumers and one
+for producers (see pype.shards.shard). One lock guards all state; a waiting
 call sleeps on the condition of the queue it waits for and is woken by the push
 or pull that may satisfy it.
 
