@@ -119,7 +119,7 @@ class Shard:
             peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             return {"shard": self._index, "peak_rss_mb": peak_rss_mb, **self._store.stats()}
 
-    # -- wait group: may block ------------------------------------------------------
+    # -- waiting groups ("pulls", "pushes"): may block ---------------------------------
 
     @ray.method(concurrency_group=PUSH_WAITS)
     def await_push(self, pending: int | PendingPush) -> int:
