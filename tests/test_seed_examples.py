@@ -42,13 +42,13 @@ def test_data_communication_chains_example():
     code, output = run_script(EXAMPLES / "data_communication_chains.py", timeout=240)
     assert code == 0, output
     assert "Error" not in output, output
-    received = [ast.literal_eval(m) for m in re.findall(r"^Received  (.*)$", output, re.MULTILINE)]
-    assert len(received) == 100, output
-    for i, data in enumerate(received):
-        for _ in range(7):  # each of the 6 stages and the driver's pull wrap the item in a list
-            assert isinstance(data, list) and len(data) == 1
-            data = data[0]
-        assert data == i
+    # Each of the 6 stages and the driver's pull wrap the item in a list: the driver
+    # prints "Received  [[[[[[[i]]]]]]]". Ray forwards the shards' print_queue lines into
+    # the same stream, sometimes in the middle of a print, so match the nested item
+    # itself (print_queue abbreviates its nesting to [[[[[[[...]]]]]]]).
+    assert output.count("Received") == 100, output
+    received = [int(i) for i in re.findall(r"\[{7}(\d+)\]{7}", output)]
+    assert received == list(range(100)), output
 
 
 @pytest.mark.skipif(not SEED_README.is_file(), reason="the seed README lies outside the repository")
