@@ -55,7 +55,7 @@ def test_blocking_pull_wakes_on_push(store, in_thread):
     started = time.monotonic()
     store.push(("q",), ["x"])
     assert join() == ["x"]
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 0.5  # woken by the push; its own wait has no end
 
 
 def test_blocking_pull_returns_partial_batch_at_timeout(store):
@@ -76,7 +76,7 @@ def test_blocking_pull_for_more_than_fits_returns_when_the_queue_is_full(store):
 def test_pull_never_waits_without_may_wait(store):
     started = time.monotonic()
     assert store.pull("q", 1, True, 5.0, True, may_wait=False) == []
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 1.0  # not the 5 s it was offered
 
 
 def test_batch_queue_plain_pull_waits_for_batch_then_returns_partial(store):
