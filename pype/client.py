@@ -35,6 +35,7 @@ from pype.shards.queues import (
     check_timeout,
     resolve_capacity,
 )
+from pype.shards.store import COUNTERS
 from pype.streams import Consumer, Producer
 
 logger = logging.getLogger("pype")
@@ -97,6 +98,8 @@ class Server:
         self._topology = topology
         self._shards = topology.shards
         self._seed = topology.config.hash_seed
+        # Items kept by reference die with their pusher; a journal must hold the items.
+        self._by_reference = topology.config.persistence.dir is None
         self.name = name
         self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
         self._companions: list = []  # actors that feed this server (video), kept alive with it
@@ -117,6 +120,7 @@ class Server:
         if not ray.is_initialized():
             ray.init()
         options: dict[str, Any] = {}
+        label = None
         if name is not None:
             namespace = namespace or DEFAULT_NAMESPACE
             if _find_router(name, namespace) is not None:
@@ -124,8 +128,9 @@ class Server:
                     f"a Pype server named {name!r} already runs in namespace {namespace!r}; "
                     f"use pype.connect({name!r}) to reach it")
             options.update(name=name, namespace=namespace)
+            label = f"{namespace}.{name}"  # a named server started again finds its journals
         try:
-            router = Router.options(**options).remote(resolved)
+            router = Router.options(**options).remote(resolved, label)
         except ValueError as error:  # lost a race for the name
             raise ServerExistsError(str(error)) from None
         return cls(router, ray.get(router.topology.remote()), name)
@@ -189,7 +194,9 @@ class Server:
         reference through Ray's object store (see pype.payloads).
         """
         names = as_names(queues)
-        items = by_reference(as_items(data, expand))
+        items = as_items(data, expand)
+        if self._by_reference:
+            items = by_reference(items)
         timeout = check_timeout(timeout)
         priority = check_priority(priority)
         block = bool(block)
@@ -206,7 +213,7 @@ class Server:
 
     @_RemoteMethod
     def pull(self, queue: str, batch_size: int | None = None, block: bool | None = None,
-             timeout: float | None = None, remove: bool = True) -> ray.ObjectRef:
+             timeout: float | None = None, remove: bool = True, ack: bool = False) -> ray.ObjectRef:
         """Pull up to batch_size items (-1: all) from `queue`; resolves to a list.
 
         [] when nothing is there. batch_size None means 1 (a batch queue's batch_size
@@ -214,14 +221,49 @@ class Server:
         for -1) is there, the queue is full, or `timeout` passes; then it returns what
         is there. block None means False, except for batch queues, which wait up to
         their batch_timeout. remove=False peeks.
+
+        ack=False (the default) removes the items: at-most-once delivery. ack=True
+        leases them instead and resolves to a list of (lease_id, item) pairs: ack()
+        the ids when done, nack() to hand the items back; a lease neither acked nor
+        nacked within the queue's visibility_timeout returns its items to the queue
+        for another consumer (at-least-once delivery).
         """
         check_name(queue)
         batch_size = check_batch_size(batch_size)
         timeout = check_timeout(timeout)
+        if ack and not remove:
+            raise ValueError("ack=True leases items and remove=False only looks at them; "
+                             "pass one of them")
+        ack = bool(ack)
         index = self.shard_of(queue)
         if block or (block is None and self._kind(index, queue) == "batch"):
-            return self._wait_call(index, "pull_waiting", queue, batch_size, block, timeout, remove)
-        return self._call(index, "pull", queue, batch_size, False, timeout, remove)
+            return self._wait_call(index, "pull_waiting", queue, batch_size, block, timeout, remove,
+                                   ack)
+        return self._call(index, "pull", queue, batch_size, False, timeout, remove, ack)
+
+    @_RemoteMethod
+    def ack(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
+        """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
+
+        Resolves to the number acked. Raises LeaseNotHeldError for ids whose lease
+        expired (their items went back to the queue), were settled before, or were
+        never issued; the other ids are acked.
+        """
+        return self._settle(queue, lease_ids, requeue=False)
+
+    @_RemoteMethod
+    def nack(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
+        """Hand leased items back: they return to the head of `queue` at once, in their
+        original order, for the next pull. Resolves and raises like ack()."""
+        return self._settle(queue, lease_ids, requeue=True)
+
+    def _settle(self, queue: str, lease_ids: Any, requeue: bool) -> ray.ObjectRef:
+        check_name(queue)
+        ids = [lease_ids] if isinstance(lease_ids, int) else lease_ids
+        if not isinstance(ids, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
+        return self._call(self.shard_of(queue), "settle", queue, list(ids), requeue)
 
     def _kind(self, index: int, queue: str) -> str | None:
         """The kind of `queue`, asked of its shard once (None while it does not exist)."""
@@ -314,8 +356,11 @@ class Server:
     def stats(self) -> ray.ObjectRef:
         """Resolves to counters: {"totals": ..., "shards": [one per shard], "queues": {name: ...}}.
 
-        Counters: queues, depth (items held), pushed, pulled, dropped (evicted by
-        drop_oldest); per queue also kind, maxsize, waiting_producers and shard.
+        Counters: queues, depth (items ready to pull), leased (items pulled with ack=True
+        and not yet settled), bytes (held, see README: Limits), pushed, pulled, dropped
+        (evicted by drop_oldest), acked, redelivered (leases nacked or expired); per
+        queue also kind, maxsize, max_bytes, waiting_producers and shard. "lost" lists
+        shard restarts that lost queues (no persistence).
         """
         shards = self._call_each("stats")
         queues = {}
@@ -323,10 +368,10 @@ class Server:
             for name, counters in shard.pop("per_queue").items():
                 queues[name] = {"shard": shard["shard"], **counters}
         totals = {key: sum(shard[key] for shard in shards)
-                  for key in ("queues", "depth", "pushed", "pulled", "dropped")}
+                  for key in ("queues", "depth", "leased", "bytes", *COUNTERS)}
         router = ray.get(self._router.stats.remote())
         return ray.put({"server": self.name, "router": router, "totals": totals, "shards": shards,
-                        "queues": queues})
+                        "queues": queues, "lost": router["lost"]})
 
     # -- batching helpers -------------------------------------------------------------------
 

@@ -17,9 +17,11 @@ from typing import Any
 import yaml
 
 from pype.errors import ConfigError
+from pype.shards.journal import FSYNC_MODES
 from pype.shards.queues import QueueOptions
 
 DEFAULT_CONFIG = "default.yaml"
+MB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,17 @@ class ShardConfig:
     max_restarts: int
     waiter_threads: int
     poll_wait: float
+    memory_budget: int     # bytes; 0 = none
+    max_item_bytes: int    # bytes; 0 = none
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Where and how shards log what they accept (see pype.shards.journal)."""
+
+    dir: Path | None       # None: no persistence
+    fsync: str
+    compact_bytes: int
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class Config:
     shards: int
     hash_seed: int
     shard: ShardConfig
+    persistence: Persistence
     queue_defaults: QueueOptions
     source: str  # the files and arguments it was read from, for messages
 
@@ -109,7 +123,13 @@ def _build(raw: dict, source: str) -> Config:
             raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value!r}")
         return value
 
-    shard = raw["shard"]
+    shard, persistence = raw["shard"], raw["persistence"]
+    if persistence["fsync"] not in FSYNC_MODES:
+        raise ConfigError(f"{source}: persistence.fsync must be one of {', '.join(FSYNC_MODES)}, "
+                          f"got {persistence['fsync']!r}")
+    directory = persistence["dir"]
+    if directory is not None and not isinstance(directory, (str, Path)):
+        raise ConfigError(f"{source}: persistence.dir must be a path or null, got {directory!r}")
     try:
         queue_defaults = QueueOptions(**raw["queue_defaults"])
     except (TypeError, ValueError) as error:
@@ -122,6 +142,16 @@ def _build(raw: dict, source: str) -> Config:
             max_restarts=number("shard.max_restarts", shard["max_restarts"], int, -1),
             waiter_threads=number("shard.waiter_threads", shard["waiter_threads"], int, 1),
             poll_wait=number("shard.poll_wait", shard["poll_wait"], float, 0),
+            memory_budget=int(number("shard.memory_budget_mb", shard["memory_budget_mb"], float, 0)
+                              * MB),
+            max_item_bytes=int(number("shard.max_item_mb", shard["max_item_mb"], float, 0) * MB),
+        ),
+        persistence=Persistence(
+            # Relative to where the config is loaded: shard processes may run elsewhere.
+            dir=None if directory is None else Path(directory).expanduser().resolve(),
+            fsync=persistence["fsync"],
+            compact_bytes=int(number("persistence.compact_mb", persistence["compact_mb"], float,
+                                     0.001) * MB),
         ),
         queue_defaults=queue_defaults,
         source=source,

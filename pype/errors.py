@@ -27,6 +27,21 @@ class QueueTimeoutError(PypeError, TimeoutError):
     """A blocking push found no room before its timeout; nothing was accepted."""
 
 
+class LeaseNotHeldError(PypeError, LookupError):
+    """ack/nack named lease ids that are not held: expired (the items went back to
+    the queue, for another consumer), settled before, or never issued."""
+
+
+class ShardLostError(PypeError):
+    """A shard restarted and lost what this call depended on; the call was not applied.
+
+    Without persistence a restarted shard starts empty: each caller's first call to a
+    queue it held raises this once, naming the queue; later calls work on the new,
+    empty queue. A blocking push that waited for room in a shard that restarted
+    raises it too. Retry the call (push the items again) if that is what you want.
+    """
+
+
 class ItemLostError(PypeError):
     """A large item pushed by reference could not be read: its pushing process died.
 

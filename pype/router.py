@@ -8,12 +8,14 @@ that first call no data operation touches the router.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
 import ray
 
 from pype.config import Config
+from pype.shards.journal import safe_dir_name
 from pype.shards.shard import shard_actor
 
 logger = logging.getLogger("pype")
@@ -32,15 +34,23 @@ class Topology:
 class Router:
     """Starts the shards of one server and serves its topology."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, label: str | None = None):
+        """label: the directory name of this server's journals (default: a new one)."""
+        server_id = uuid.uuid4().hex
+        journals = None
+        if config.persistence.dir is not None:
+            journals = config.persistence.dir / safe_dir_name(label or f"anonymous-{server_id}")
         shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
                                   max_restarts=config.shard.max_restarts)
+        me = ray.get_runtime_context().current_actor
         shards = tuple(
-            shard_class.remote(index, config.queue_defaults, config.shard.poll_wait,
-                               config.shard.waiter_threads)
+            shard_class.remote(index, config, None if journals is None else journals / f"shard-{index}",
+                               me)
             for index in range(config.shards))
-        self._topology = Topology(server_id=uuid.uuid4().hex, shards=shards, config=config)
+        self._topology = Topology(server_id=server_id, shards=shards, config=config)
         self._topology_requests = 0
+        self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
+        self._lost: list[dict] = []
         logger.info("pype router started %d shards (%s)", config.shards, config.source)
 
     def topology(self) -> Topology:
@@ -48,6 +58,19 @@ class Router:
         self._topology_requests += 1
         return self._topology
 
+    def note_queues(self, index: int, names: frozenset) -> None:
+        """Shard `index` holds queues `names` (it reports changes about once a second)."""
+        self._names[index] = names
+
+    def shard_restarted(self, index: int) -> list[str]:
+        """Shard `index` restarted empty: record and return the queues it held."""
+        lost = sorted(self._names.pop(index, ()))
+        self._lost.append({"shard": index, "at": time.time(), "queues": lost})
+        logger.warning("pype: shard %d restarted without persistence; queues that lost their "
+                       "items: %s", index, lost or "(none known)")
+        return lost
+
     def stats(self) -> dict:
-        """How often the router was asked for the topology: it is on no data path."""
-        return {"topology_requests": self._topology_requests}
+        """How often the router was asked for the topology (it is on no data path),
+        and the restarts of shards that lost queues."""
+        return {"topology_requests": self._topology_requests, "lost": self._lost}

@@ -18,6 +18,7 @@ from pype.shards.queues import (
     as_names,
     check_batch_size,
     check_name,
+    item_size,
     make_queue,
     resolve_capacity,
 )
@@ -36,7 +37,12 @@ options_strategy = st.builds(
 
 
 class Model:
-    """The obvious, slow implementation: a list of (priority, arrival, item)."""
+    """The obvious, slow implementation: a list of (priority, arrival, item).
+
+    Leased entries wait in `leases`; one that comes back is remembered in `returned`
+    with the number of the pull that first took it: it goes to the head of the queue,
+    returned ones in the order they were first pulled.
+    """
 
     def __init__(self, options: QueueOptions):
         self.options = options
@@ -44,32 +50,66 @@ class Model:
         self.arrivals = 0
         self.parked = []  # [items, priority, deadline, state-cell]
         self.dropped = 0
+        self.leases = {}  # lease id -> (entry, pull number)
+        self.returned = {}  # entry -> pull number
+        self.pulls = 0
+        self.first_pulls = {}  # entry -> number of the pull that first took it
 
     def order(self):
-        if self.options.kind == "lifo":
-            return sorted(self.entries, key=lambda e: -e[1])
         if self.options.kind == "priority":
             return sorted(self.entries, key=lambda e: (e[0], e[1]))
-        return sorted(self.entries, key=lambda e: e[1])
+        head = sorted((e for e in self.entries if e in self.returned), key=self.returned.get)
+        rest = [e for e in self.entries if e not in self.returned]
+        newest_first = self.options.kind == "lifo"
+        return head + sorted(rest, key=lambda e: -e[1] if newest_first else e[1])
 
     def room(self):
         return float("inf") if not self.options.maxsize else self.options.maxsize - len(self.entries)
 
     def insert(self, items, priority):
         for item in items:
-            if self.options.maxsize and len(self.entries) >= self.options.maxsize:
-                oldest = min(self.entries, key=lambda e: e[1])
+            while self.options.maxsize and len(self.entries) >= self.options.maxsize:
+                # a stack evicts from its bottom before the items returned to its top
+                candidates = [e for e in self.entries if e not in self.returned]
+                if self.options.kind != "lifo" or not candidates:
+                    candidates = self.entries
+                oldest = min(candidates, key=lambda e: e[1])
                 self.entries.remove(oldest)
+                self.returned.pop(oldest, None)
                 self.dropped += 1
             self.entries.append((0 if priority is None else priority, self.arrivals, item))
             self.arrivals += 1
 
-    def take(self, n):
+    def take_entries(self, n):
         ordered = self.order()
         taken = ordered if n == -1 else ordered[:n]
         for entry in taken:
             self.entries.remove(entry)
-        return [e[2] for e in taken]
+            self.returned.pop(entry, None)
+        return taken
+
+    def take(self, n):
+        return [e[2] for e in self.take_entries(n)]
+
+    def lease(self, n, first_id):
+        taken = self.take_entries(n)
+        for lease_id, entry in enumerate(taken, first_id):
+            self.pulls += 1
+            self.first_pulls.setdefault(entry, self.pulls)  # its place in the original order
+            self.leases[lease_id] = (entry, self.first_pulls[entry])
+        return [(lease_id, entry[2]) for lease_id, entry in enumerate(taken, first_id)]
+
+    def settle(self, ids, requeue):
+        missing = []
+        for lease_id in ids:
+            if lease_id not in self.leases:
+                missing.append(lease_id)
+                continue
+            entry, pull = self.leases.pop(lease_id)
+            if requeue:
+                self.entries.append(entry)
+                self.returned[entry] = pull
+        return missing
 
     def admit(self, now):
         while self.parked:
@@ -92,6 +132,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.model = Model(options)
         self.now = 0.0
         self.tickets = []  # (real ticket, model cell)
+        self.lease_ids = 0
 
     def priority_for(self, priority):
         return priority if self.model.options.kind == "priority" else None
@@ -140,6 +181,20 @@ class QueueMachine(RuleBasedStateMachine):
         self.queue.admit_parked(self.now)
         self.model.admit(self.now)
 
+    @rule(n=st.sampled_from([-1, 1, 2, 3]))
+    def lease(self, n):
+        self.lease_ids += 10  # ids need not be dense
+        assert self.queue.lease(n, self.lease_ids, deadline=0) == self.model.lease(n, self.lease_ids)
+        self.queue.admit_parked(self.now)
+        self.model.admit(self.now)
+
+    @rule(data=st.data(), requeue=st.booleans())
+    def settle(self, data, requeue):
+        held = sorted(self.model.leases)
+        ids = data.draw(st.lists(st.sampled_from([*held, 999_999]), unique=True, max_size=4)
+                        if held else st.just([999_999]))
+        assert self.queue.settle(ids, requeue) == self.model.settle(ids, requeue)
+
     @rule(n=st.sampled_from([-1, 1, 2, 5]))
     def peek(self, n):
         ordered = [e[2] for e in self.model.order()]
@@ -167,9 +222,13 @@ class QueueMachine(RuleBasedStateMachine):
         assert self.queue.can_push() == (not self.model.parked and self.model.room() >= 1)
         assert self.queue.can_pull(-1) == bool(self.model.entries)
         assert self.queue.dropped == self.model.dropped
-        assert self.queue.pushed - self.queue.pulled - self.queue.dropped == len(self.queue)
-        if self.model.options.maxsize:
-            assert len(self.queue) <= self.model.options.maxsize
+        assert sorted(self.queue.leases) == sorted(self.model.leases)
+        assert (self.queue.pushed + self.queue.redelivered - self.queue.pulled - self.queue.dropped
+                == len(self.queue))
+        assert self.queue.nbytes == sum(
+            item_size(e[2]) for e in [*self.model.entries, *(e for e, _ in self.model.leases.values())])
+        if self.model.options.maxsize:  # items back from leases enter even a full queue
+            assert len(self.queue) <= self.model.options.maxsize + len(self.model.returned)
 
 
 TestQueueMachine = QueueMachine.TestCase

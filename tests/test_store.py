@@ -1,11 +1,13 @@
 """QueueStore with real threads: blocking calls, parked pushes, read-your-writes (no Ray)."""
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from pype.errors import (
+    LeaseNotHeldError,
     QueueExistsError,
     QueueFullError,
     QueueNotFoundError,
@@ -199,8 +201,11 @@ def test_add_remove_and_stats(store):
     assert store.pull("q") == [3]
     assert "lifo, 2 items): [2, 1]" in store.render("q")
     stats = store.stats()
-    assert stats["per_queue"]["q"] == {"kind": "lifo", "depth": 2, "maxsize": 0, "pushed": 3,
-                                      "pulled": 1, "dropped": 0, "waiting_producers": 0}
+    assert stats["per_queue"]["q"] == {
+        "kind": "lifo", "depth": 2, "maxsize": 0, "bytes": 2 * sys.getsizeof(1), "max_bytes": 0,
+        "leased": 0, "pushed": 3, "pulled": 1, "dropped": 0, "acked": 0, "redelivered": 0,
+        "waiting_producers": 0}
+    assert stats["bytes"] == 2 * sys.getsizeof(1)
     assert store.remove("q") == 2
     with pytest.raises(QueueNotFoundError):
         store.remove("q")
@@ -232,3 +237,67 @@ def test_many_threads_lose_and_duplicate_nothing(store, in_thread):
         for p in range(producers):
             mine = [i for q, i in got if q == p]
             assert mine == sorted(mine)
+
+
+# -- leases ---------------------------------------------------------------------------
+
+def test_leased_items_come_back_on_nack_and_on_expiry_in_their_order(store):
+    store.push(("q",), list(range(6)))
+    first = store.pull("q", 2, ack=True)
+    second = store.pull("q", 2, ack=True)
+    assert [item for _, item in first + second] == [0, 1, 2, 3]
+    assert store.length("q") == 2 and store.stats()["leased"] == 4
+    assert store.settle("q", [lease for lease, _ in second], requeue=True) == 2
+    assert store.expire_leases(now=time.time() + 31) == 2  # the default visibility_timeout is 30 s
+    assert store.pull("q", -1) == [0, 1, 2, 3, 4, 5]
+    counters = store.stats()["per_queue"]["q"]
+    assert counters["redelivered"] == 4 and counters["leased"] == 0 and counters["bytes"] == 0
+
+
+def test_acked_items_are_gone_and_stale_lease_ids_are_a_clear_error(store):
+    store.push(("q",), ["a", "b"])
+    (lease_a, _), (lease_b, _) = store.pull("q", 2, ack=True)
+    assert store.settle("q", [lease_a], requeue=False) == 1
+    store.expire_leases(now=time.time() + 60)  # b's lease ends: b goes back
+    [(lease_b_again, item)] = store.pull("q", -1, ack=True)
+    assert item == "b"
+    with pytest.raises(LeaseNotHeldError, match=r"2 of 3 lease ids are not held.*other 1 were acked"):
+        store.settle("q", [lease_a, lease_b, lease_b_again], requeue=False)
+    assert store.pull("q", -1) == []
+    assert store.stats()["per_queue"]["q"]["acked"] == 2
+
+
+def test_a_blocked_pull_wakes_when_a_lease_expires(store, in_thread):
+    store.add("q", QueueOptions(visibility_timeout=0.2))
+    store.push(("q",), ["x"])
+    assert [item for _, item in store.pull("q", ack=True)] == ["x"]
+    join = in_thread(store.pull, "q", 1, True, 5.0, True, True)
+    time.sleep(0.3)
+    store.expire_leases()
+    assert join() == ["x"]
+
+
+# -- limits ---------------------------------------------------------------------------
+
+def test_max_bytes_bounds_a_queue_like_maxsize(store):
+    store.add("q", QueueOptions(max_bytes=3000))
+    store.push(("q",), [b"x" * 1000, b"y" * 1000])
+    with pytest.raises(QueueFullError, match="of 3000 bytes"):
+        store.push(("q",), [b"z" * 1000])
+    with pytest.raises(ValueError, match="can never fit"):
+        store.push(("q",), [b"z" * 4000])
+    store.pull("q")
+    assert store.push(("q",), [b"z" * 1000]) == 1
+
+
+def test_memory_budget_and_max_item_size_refuse_a_push_and_change_nothing():
+    store = QueueStore(QueueOptions(), memory_budget=10_000, max_item_bytes=6_000)
+    store.push(("a",), [b"x" * 5000])
+    with pytest.raises(ValueError, match="larger than the shard's max_item_bytes"):
+        store.push(("b",), [b"x" * 7000])
+    with pytest.raises(QueueFullError, match="memory budget is spent"):
+        store.push(("b",), [b"x" * 3000, b"x" * 3000])
+    assert store.length("b") == 0
+    store.pull("a")
+    assert store.push(("b",), [b"x" * 3000, b"x" * 3000]) == 2
+    assert store.stats()["bytes"] == store.stats()["per_queue"]["b"]["bytes"] > 6000

@@ -1,8 +1,8 @@
 """Queue kinds, flow control and argument rules: plain Python, no Ray, no threads.
 
 A queue holds items in the order pulls take them. Every kind shares the same
-flow control: an optional bound (maxsize), an overflow policy for pushes that do
-not fit, and a line of parked pushes (items waiting for room), admitted strictly
+flow control: optional bounds (maxsize items, max_bytes bytes), an overflow policy
+for pushes that do not fit, and a line of parked pushes (items waiting for room), admitted strictly
 in the order they parked. Overflow policies:
 
 - reject: a push that does not fit raises QueueFullError and changes nothing.
@@ -11,8 +11,13 @@ in the order they parked. Overflow policies:
   counted in `dropped`.
 
 Independently of the policy, a producer may push with a deadline (block=True on
-the API): its push waits in line and is withdrawn, unaccepted, at the deadline. Time is passed in by the caller, so
-everything here is deterministic and can be tested against a model.
+the API): its push waits in line and is withdrawn, unaccepted, at the deadline.
+
+A pull may lease items instead of removing them (at-least-once delivery): a
+leased item leaves the queue but is kept until it is acked (forgotten) or
+returned (nack, or its lease expired), when it is pulled again before the items
+it was first pulled before. Time is passed in by the caller, so everything here
+is deterministic and can be tested against a model.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import pickle
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pype.errors import QueueFullError
 
@@ -85,18 +92,22 @@ class QueueOptions:
     """How a queue behaves. Construction validates; errors are TypeError/ValueError."""
 
     kind: str = "fifo"
-    maxsize: int = 0                    # 0 = unbounded
+    maxsize: int = 0                    # items; 0 = unbounded
+    max_bytes: int = 0                  # bytes of the items held (see item_size); 0 = unbounded
     overflow: str = "reject"            # what a push that does not fit does
     batch_size: int = 8                 # batch kind: the batch a plain pull waits for
     batch_timeout: float = 0.01         # batch kind: how long it waits for it
+    visibility_timeout: float = 30.0    # seconds a leased item (pull with ack) stays leased
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        if isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int):
-            raise TypeError(f"maxsize must be an int, got {self.maxsize!r}")
-        if self.maxsize < 0:
-            raise ValueError(f"maxsize must be >= 0 (0 = unbounded), got {self.maxsize}")
+        for key in ("maxsize", "max_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{key} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = unbounded), got {value}")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {self.overflow!r}")
@@ -106,6 +117,8 @@ class QueueOptions:
             raise ValueError("batch_size of a queue must be >= 1")
         if check_timeout(self.batch_timeout, "batch_timeout") is None:
             raise TypeError("batch_timeout must be a number of seconds")
+        if not check_timeout(self.visibility_timeout, "visibility_timeout"):
+            raise ValueError("visibility_timeout must be a number of seconds > 0")
 
     @property
     def pull_size(self) -> int:
@@ -135,36 +148,85 @@ def resolve_capacity(maxsize: int | None, use_locking: bool = False,
     return next(iter(given.values()), None)
 
 
+# -- sizes ------------------------------------------------------------------------
+
+_FLAT = frozenset((int, float, bool, complex, str, bytes, bytearray, type(None)))
+_MAX_DEPTH = 8
+
+
+def item_size(item: Any, depth: int = 0) -> int:
+    """The bytes an item counts for against max_bytes and the shard's memory budget.
+
+    Flat values count their in-memory size, arrays (and items kept by reference,
+    see pype.payloads) their data bytes, lists, tuples and dicts their own size plus
+    their elements', anything else its pickled length.
+    """
+    kind = type(item)
+    if kind in _FLAT:
+        return sys.getsizeof(item)
+    nbytes = getattr(item, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if depth < _MAX_DEPTH:
+        if kind is list or kind is tuple:
+            return sys.getsizeof(item) + sum(item_size(element, depth + 1) for element in item)
+        if kind is dict:
+            return sys.getsizeof(item) + sum(item_size(key, depth + 1) + item_size(value, depth + 1)
+                                             for key, value in item.items())
+    return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def total_size(items: Iterable) -> int:
+    return sum(map(item_size, items))
+
+
 # -- parked pushes ----------------------------------------------------------------
 
 class ParkedPush:
-    """Items a producer asked to push with block=True that did not fit yet.
+    """Items of a push that did not fit yet and wait in line for room.
+
+    Either the producer waits for them (a push with block=True), or, in a queue with
+    overflow="block", it was told they are accepted (acknowledged) and goes on.
 
     state is 'waiting' until the queue admits the items ('admitted') or the
     deadline passes first ('expired'; nothing of it was accepted). A queue that is
     removed meanwhile leaves it 'removed'.
     """
 
-    __slots__ = ("deadline", "items", "priority", "state")
+    __slots__ = ("acknowledged", "deadline", "items", "nbytes", "priority", "state")
 
-    def __init__(self, items: list, priority: Any, deadline: float | None):
+    def __init__(self, items: list, priority: Any, deadline: float | None, nbytes: int,
+                 acknowledged: bool = False):
         self.items = items
         self.priority = priority
         self.deadline = deadline
+        self.nbytes = nbytes
+        self.acknowledged = acknowledged  # the producer was told it is accepted (overflow=block)
         self.state = "waiting"
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
 
+class Lease(NamedTuple):
+    """One leased item: where it goes back (key), the item, when the lease ends."""
+
+    key: Any
+    item: Any
+    deadline: float
+
+
 # -- queue kinds ------------------------------------------------------------------
 
 class Queue:
-    """Base class: storage of one kind plus the shared flow control.
+    """Base class: storage of one kind plus the shared flow control and leases.
 
-    Subclasses implement the storage primitives _append, _pop, _pop_oldest,
-    _peek and __len__. Counters: pushed and pulled count items, dropped counts
-    items evicted by overflow='drop_oldest'.
+    Subclasses implement the storage primitives _append, _pop_keyed, _pop_oldest,
+    _peek, _restore and _stored. Every item taken has a key that orders it against the
+    others; a leased item that comes back is restored by its key, so it is pulled
+    again before everything it was pulled before, in its original order.
+    Counters: pushed and pulled count items, dropped counts items evicted by
+    overflow='drop_oldest', acked and redelivered count settled leases.
     """
 
     kind = ""
@@ -172,76 +234,109 @@ class Queue:
     def __init__(self, options: QueueOptions):
         self.options = options
         self.parked: deque[ParkedPush] = deque()
-        self.pushed = self.pulled = self.dropped = 0
+        self.leases: dict[int, Lease] = {}
+        self.nbytes = 0  # of the items held, leased ones included
+        self.pushed = self.pulled = self.dropped = self.acked = self.redelivered = 0
+        self._returned: list = []  # heap of (key, item) come back from leases
+
+    def __getstate__(self) -> dict:
+        """A snapshot keeps the parked pushes the producer was told are accepted, no others."""
+        state = dict(self.__dict__)
+        state["parked"] = deque(ticket for ticket in self.parked if ticket.acknowledged)
+        return state
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Items ready to pull (leased items are not counted)."""
+        return self._stored() + len(self._returned)
 
     # flow control
 
-    def room(self) -> int | float:
-        """Free places (inf for an unbounded queue)."""
-        if not self.options.maxsize:
-            return math.inf
-        return max(0, self.options.maxsize - len(self))
+    def fits(self, count: int, nbytes: int) -> bool:
+        """True if `count` items of `nbytes` fit now beside what the queue holds."""
+        maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
+        return ((not maxsize or len(self) + count <= maxsize)
+                and (not max_bytes or self.nbytes + nbytes <= max_bytes))
+
+    def is_full(self) -> bool:
+        """True if a pull can never be followed by more pushes before room is made."""
+        return not self.fits(1, 0)
 
     def can_push(self) -> bool:
-        """True if a push of one item would be accepted without dropping anything."""
-        return not self.parked and self.room() >= 1
+        """True if a push of one (small) item would be accepted without dropping anything."""
+        return not self.parked and self.fits(1, 0)
 
-    def check_fits(self, count: int) -> None:
-        """Raise ValueError if `count` items can never fit, even in the empty queue."""
-        maxsize = self.options.maxsize
-        if maxsize and count > maxsize and self.options.overflow != "drop_oldest":
+    def check_fits(self, count: int, nbytes: int) -> None:
+        """Raise ValueError if `count` items of `nbytes` can never fit, even in the empty queue."""
+        if self.options.overflow == "drop_oldest":
+            return
+        maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
+        if maxsize and count > maxsize:
             raise ValueError(f"{count} items can never fit in a queue of maxsize {maxsize}")
+        if max_bytes and nbytes > max_bytes:
+            raise ValueError(f"{nbytes} bytes of items can never fit in a queue of max_bytes {max_bytes}")
 
-    def put(self, items: list, priority: Any = None) -> None:
-        """Push all of `items` or none of them, as the queue's overflow policy says.
+    def put(self, items: list, priority: Any = None, nbytes: int | None = None) -> bool:
+        """Push all of `items` (of `nbytes` in all) or none of them, as the overflow policy says.
 
         reject: QueueFullError if they do not all fit, or if pushes are parked
         (nobody jumps their line). block: park them, without deadline, if they do
-        not fit. drop_oldest: evict the items that have waited longest.
+        not fit. drop_oldest: evict the items that have waited longest. `nbytes`
+        is total_size(items), computed here if not given. Returns True if the
+        items entered now, False if they were parked.
         """
+        nbytes = total_size(items) if nbytes is None else nbytes
         if self.options.overflow == "block":
-            self.offer(items, priority, deadline=None)
-            return
+            ticket = self.offer(items, priority, None, nbytes)
+            ticket.acknowledged = True
+            return ticket.state == "admitted"
         if self.options.overflow == "reject":
-            self.check_fits(len(items))
-            if self.parked or len(items) > self.room():
+            self.check_fits(len(items), nbytes)
+            if self.parked or not self.fits(len(items), nbytes):
                 waiting = ", pushes waiting" if self.parked else ""
-                raise QueueFullError(
-                    f"is full ({len(self)} of {self.options.maxsize} items{waiting})")
-        self._insert(items, priority)
+                raise QueueFullError(f"is full ({self._fullness()}{waiting})")
+        self.insert(items, priority, nbytes)
+        return True
 
-    def offer(self, items: list, priority: Any, deadline: float | None) -> ParkedPush:
+    def _fullness(self) -> str:
+        parts = []
+        if self.options.maxsize:
+            parts.append(f"{len(self)} of {self.options.maxsize} items")
+        if self.options.max_bytes:
+            parts.append(f"{self.nbytes} of {self.options.max_bytes} bytes")
+        return ", ".join(parts)
+
+    def offer(self, items: list, priority: Any, deadline: float | None,
+              nbytes: int | None = None) -> ParkedPush:
         """Push now if the items fit, else park them in line; return the push's ticket."""
-        self.check_fits(len(items))
-        ticket = ParkedPush(items, priority, deadline)
-        if self.options.overflow == "drop_oldest" or (not self.parked and len(items) <= self.room()):
-            self._insert(items, priority)
+        nbytes = total_size(items) if nbytes is None else nbytes
+        self.check_fits(len(items), nbytes)
+        ticket = ParkedPush(items, priority, deadline, nbytes)
+        if self.options.overflow == "drop_oldest" or (
+                not self.parked and self.fits(len(items), nbytes)):
+            self.insert(items, priority, nbytes)
             ticket.state = "admitted"
         else:
             self.parked.append(ticket)
         return ticket
 
-    def admit_parked(self, now: float) -> bool:
+    def admit_parked(self, now: float) -> list[ParkedPush]:
         """Admit parked pushes, oldest first, while they fit; expire late ones.
 
-        Returns True if any parked push changed state.
+        Returns the pushes that changed state.
         """
-        changed = False
+        changed = []
         while self.parked:
             head = self.parked[0]
             late = head.expired(now)
-            if not late and len(head.items) > self.room():
+            if not late and not self.fits(len(head.items), head.nbytes):
                 break
             self.parked.popleft()
             if late:
                 head.state = "expired"
             else:
-                self._insert(head.items, head.priority)
+                self.insert(head.items, head.priority, head.nbytes)
                 head.state = "admitted"
-            changed = True
+            changed.append(head)
         return changed
 
     def withdraw(self, ticket: ParkedPush) -> None:
@@ -250,11 +345,15 @@ class Queue:
             self.parked.remove(ticket)
             ticket.state = "expired"
 
-    def _insert(self, items: list, priority: Any) -> None:
-        maxsize = self.options.maxsize
+    def insert(self, items: list, priority: Any, nbytes: int | None = None) -> None:
+        """Add `items` (of `nbytes` in all) past flow control, evicting the oldest if full."""
+        nbytes = total_size(items) if nbytes is None else nbytes
+        maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
+        self.nbytes += nbytes
         for item in items:
-            if maxsize and len(self) >= maxsize:  # only reached under drop_oldest
-                self._pop_oldest()
+            while len(self) and ((maxsize and len(self) >= maxsize)
+                                 or (max_bytes and self.nbytes > max_bytes)):
+                self.nbytes -= item_size(self._pop_oldest())  # only reached under drop_oldest
                 self.dropped += 1
             self._append(item, priority)
         self.pushed += len(items)
@@ -268,21 +367,62 @@ class Queue:
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` items (-1: all), in pull order."""
-        count = len(self) if batch_size == -1 else min(batch_size, len(self))
-        items = [self._pop() for _ in range(count)]
-        self.pulled += count
+        items = [item for _, item in self._take_keyed(batch_size)]
+        self.nbytes -= total_size(items)
         return items
+
+    def lease(self, batch_size: int, first_id: int, deadline: float) -> list[tuple[int, Any]]:
+        """Lease up to `batch_size` items (-1: all) until `deadline`, with ids from first_id.
+
+        The items leave the queue but stay held (and counted in nbytes) until settled.
+        """
+        leased = []
+        for lease_id, (key, item) in enumerate(self._take_keyed(batch_size), first_id):
+            self.leases[lease_id] = Lease(key, item, deadline)
+            leased.append((lease_id, item))
+        return leased
+
+    def settle(self, lease_ids: Iterable[int], requeue: bool) -> list[int]:
+        """Ack (requeue=False: forget) or return (requeue=True) leased items.
+
+        Returns the ids that are not held (never issued, settled before, or expired).
+        """
+        missing = []
+        for lease_id in lease_ids:
+            lease = self.leases.pop(lease_id, None)
+            if lease is None:
+                missing.append(lease_id)
+            elif requeue:
+                self._restore(lease.key, lease.item)
+                self.redelivered += 1
+            else:
+                self.nbytes -= item_size(lease.item)
+                self.acked += 1
+        return missing
+
+    def expired_leases(self, now: float) -> list[int]:
+        """The ids of leases whose deadline has passed."""
+        return [lease_id for lease_id, lease in self.leases.items() if lease.deadline <= now]
+
+    def _take_keyed(self, batch_size: int) -> list[tuple[Any, Any]]:
+        count = len(self) if batch_size == -1 else min(batch_size, len(self))
+        taken = [heapq.heappop(self._returned) for _ in range(min(count, len(self._returned)))]
+        taken.extend(self._pop_keyed(count - len(taken)))
+        self.pulled += count
+        return taken
 
     def peek(self, batch_size: int) -> list:
         """Return up to `batch_size` items (-1: all) in pull order, leaving them."""
         count = len(self) if batch_size == -1 else min(batch_size, len(self))
-        return self._peek(count)
+        returned = [item for _, item in sorted(self._returned)[:count]]
+        return returned + self._peek(count - len(returned))
 
     def clear(self) -> int:
-        """Remove every item and parked push; return the number of items removed."""
-        count = len(self)
-        for _ in range(count):
-            self._pop()
+        """Remove every item, lease and parked push; return the number of items removed."""
+        count = len(self) + len(self.leases)
+        self._take_keyed(-1)
+        self.leases.clear()
+        self.nbytes = 0
         for ticket in self.parked:
             ticket.state = "removed"
         self.parked.clear()
@@ -290,10 +430,14 @@ class Queue:
 
     # storage primitives
 
+    def _stored(self) -> int:
+        raise NotImplementedError
+
     def _append(self, item: Any, priority: Any) -> None:
         raise NotImplementedError
 
-    def _pop(self) -> Any:
+    def _pop_keyed(self, count: int) -> list[tuple[Any, Any]]:
+        """Remove `count` items in pull order, each with its key."""
         raise NotImplementedError
 
     def _pop_oldest(self) -> Any:
@@ -302,26 +446,38 @@ class Queue:
     def _peek(self, count: int) -> list:
         raise NotImplementedError
 
+    def _restore(self, key: Any, item: Any) -> None:
+        heapq.heappush(self._returned, (key, item))
+
 
 class FifoQueue(Queue):
-    """First in, first out."""
+    """First in, first out. An item's key is its place in the order of pulls."""
 
     kind = "fifo"
 
     def __init__(self, options: QueueOptions):
         super().__init__(options)
         self._items: deque = deque()
+        self._taken = 0
 
-    def __len__(self) -> int:
+    def _stored(self) -> int:
         return len(self._items)
 
     def _append(self, item, priority):
         self._items.append(item)
 
-    def _pop(self):
+    def _pop_keyed(self, count):
+        first, pop = self._taken, self._pop_one
+        self._taken += count
+        return [(first + index, pop()) for index in range(count)]
+
+    def _pop_one(self):
         return self._items.popleft()
 
-    _pop_oldest = _pop
+    def _pop_oldest(self):
+        if self._returned:  # they were pulled before everything still stored
+            return heapq.heappop(self._returned)[1]
+        return self._items.popleft()
 
     def _peek(self, count):
         return list(itertools.islice(self._items, count))
@@ -338,11 +494,13 @@ class LifoQueue(FifoQueue):
 
     kind = "lifo"
 
-    def _pop(self):
+    def _pop_one(self):
         return self._items.pop()
 
     def _pop_oldest(self):
-        return self._items.popleft()
+        if self._items:
+            return self._items.popleft()
+        return heapq.heappop(self._returned)[1]
 
     def _peek(self, count):
         return list(itertools.islice(reversed(self._items), count))
@@ -351,7 +509,7 @@ class LifoQueue(FifoQueue):
 class PriorityQueue(Queue):
     """Lowest priority first; first in, first out among equal priorities.
 
-    A push without priority gets priority 0.
+    A push without priority gets priority 0. An item's key is (priority, arrival).
     """
 
     kind = "priority"
@@ -359,16 +517,21 @@ class PriorityQueue(Queue):
     def __init__(self, options: QueueOptions):
         super().__init__(options)
         self._heap: list = []
-        self._sequence = itertools.count()
+        self._arrivals = 0
 
-    def __len__(self) -> int:
+    def _stored(self) -> int:
         return len(self._heap)
 
     def _append(self, item, priority):
-        heapq.heappush(self._heap, (0 if priority is None else priority, next(self._sequence), item))
+        self._arrivals += 1
+        heapq.heappush(self._heap, (0 if priority is None else priority, self._arrivals, item))
 
-    def _pop(self):
-        return heapq.heappop(self._heap)[2]
+    def _pop_keyed(self, count):
+        popped = [heapq.heappop(self._heap) for _ in range(count)]
+        return [((priority, arrival), item) for priority, arrival, item in popped]
+
+    def _restore(self, key, item):
+        heapq.heappush(self._heap, (*key, item))
 
     def _peek(self, count):
         return [entry[2] for entry in heapq.nsmallest(count, self._heap)]

@@ -11,18 +11,31 @@ make room for them. No method calls another actor.
 Main-thread methods take the caller's (id, sequence) first and record it;
 waiting methods take the (id, sequence) of the caller's last main-thread call
 and first wait for it to have run (see QueueStore.catch_up).
+
+Restarts: Ray restarts a shard whose process died (shard.max_restarts) by running
+__init__ again. With persistence the shard first restores its journal. Without
+it, the shard asks the router which queues it held, logs a warning, and raises
+ShardLostError once to each caller of each of them. A housekeeping thread
+returns expired leases to their queues and tells the router the shard's queue
+names (at most once a second, only when they changed).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
+from pype.config import Config
+from pype.errors import ShardLostError
 from pype.payloads import keep_references_here
+from pype.shards.journal import Journal
 from pype.shards.queues import QueueOptions
 from pype.shards.store import Caller, PendingPush, QueueStore
 
@@ -30,6 +43,8 @@ logger = logging.getLogger("pype")
 
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
+HOUSEKEEPING_INTERVAL = 0.1  # seconds between checks for expired leases
+NAMES_INTERVAL = 1.0         # seconds between reports of queue names to the router
 
 
 def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
@@ -44,16 +59,62 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 class Shard:
     """Holds the queues whose names hash to shard `index` (made an actor by shard_actor)."""
 
-    def __init__(self, index: int, queue_defaults: QueueOptions, poll_wait: float,
-                 waiter_threads: int):
+    def __init__(self, index: int, config: Config, journal_dir: Path | None,
+                 router: ray.actor.ActorHandle):
         keep_references_here()
         self._index = index
-        self._poll_wait = poll_wait
-        self._store = QueueStore(queue_defaults)
-        self._waiter_threads = waiter_threads
+        self._router = router
+        self._poll_wait = config.shard.poll_wait
+        self._waiter_threads = config.shard.waiter_threads
         self._busy = {PULL_WAITS: 0, PUSH_WAITS: 0}
         self._busy_lock = threading.Lock()
-        logger.info("pype shard %d started", index)
+        persistence = config.persistence
+        journal = None if journal_dir is None else Journal(journal_dir, persistence.fsync)
+        self._store = QueueStore(config.queue_defaults, config.shard.memory_budget,
+                                 config.shard.max_item_bytes, journal, persistence.compact_bytes)
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._store.restarted = self._restarted
+        self._lost: dict[str, set[str]] = {}  # queue lost in a restart -> callers told of it
+        self._lost_at: float | None = None
+        if journal is not None:
+            replayed = self._store.restore()
+            logger.info("pype shard %d restored %d queues from %s (%d log records)",
+                        index, len(self._store.names()), journal_dir, replayed)
+        elif self._restarted:
+            self._lost = {name: set() for name in ray.get(router.shard_restarted.remote(index))}
+            self._lost_at = time.time()
+            logger.warning("pype shard %d restarted without persistence: the items of queues %s "
+                           "are lost", index, sorted(self._lost) or "(none known)")
+        threading.Thread(target=self._housekeeping, name="pype-housekeeping", daemon=True).start()
+        logger.info("pype shard %d started (pid %d)", index, os.getpid())
+
+    def _housekeeping(self) -> None:
+        reported, last_report = None, 0.0
+        while True:
+            time.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                self._store.expire_leases()
+                if time.monotonic() - last_report >= NAMES_INTERVAL:
+                    last_report = time.monotonic()
+                    names = frozenset(self._store.names())
+                    if names != reported:
+                        self._router.note_queues.remote(self._index, names)
+                        reported = names
+            except Exception:
+                logger.exception("pype shard %d: housekeeping failed; it goes on", self._index)
+
+    def _check_lost(self, caller: Caller, names) -> None:
+        """Raise ShardLostError if `caller` has not been told that a queue of `names` was lost."""
+        if not self._lost:
+            return
+        for name in names:
+            told = self._lost.get(name)
+            if told is not None and caller[0] not in told:
+                told.add(caller[0])
+                raise ShardLostError(
+                    f"queue {name!r} lost its items: shard {self._index} restarted at "
+                    f"{time.strftime('%H:%M:%S', time.localtime(self._lost_at))} without persistence. "
+                    f"This call was not applied; the next one works on the new, empty queue")
 
     @contextmanager
     def _waiting(self, group: str):
@@ -82,11 +143,17 @@ class Shard:
 
     def push(self, caller: Caller, names, items, priority, block, timeout) -> int | PendingPush:
         with self._recorded(caller):
+            self._check_lost(caller, names)
             return self._store.push(names, items, priority, block, timeout)
 
-    def pull(self, caller: Caller, name, batch_size, block, timeout, remove) -> list:
+    def pull(self, caller: Caller, name, batch_size, block, timeout, remove, ack) -> list:
         with self._recorded(caller):
-            return self._store.pull(name, batch_size, block, timeout, remove, may_wait=False)
+            self._check_lost(caller, (name,))
+            return self._store.pull(name, batch_size, block, timeout, remove, False, ack)
+
+    def settle(self, caller: Caller, name: str, lease_ids: list[int], requeue: bool) -> int:
+        with self._recorded(caller):
+            return self._store.settle(name, lease_ids, requeue)
 
     def add(self, caller: Caller, name: str, options: QueueOptions, exist_ok: bool) -> bool:
         with self._recorded(caller):
@@ -117,7 +184,9 @@ class Shard:
     def stats(self, caller: Caller) -> dict:
         with self._recorded(caller):
             peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-            return {"shard": self._index, "peak_rss_mb": peak_rss_mb, **self._store.stats()}
+            return {"shard": self._index, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb,
+                    "restarted": self._restarted, "lost_queues": sorted(self._lost),
+                    **self._store.stats()}
 
     # -- waiting groups ("pulls", "pushes"): may block ---------------------------------
 
@@ -134,10 +203,11 @@ class Shard:
             return self._store.can_push(name, self._poll_wait if wait is None else wait)
 
     @ray.method(concurrency_group=PULL_WAITS)
-    def pull_waiting(self, after: Caller, name, batch_size, block, timeout, remove) -> list:
+    def pull_waiting(self, after: Caller, name, batch_size, block, timeout, remove, ack) -> list:
         with self._waiting(PULL_WAITS):
             self._store.catch_up(after)
-            return self._store.pull(name, batch_size, block, timeout, remove, may_wait=True)
+            self._check_lost(after, (name,))
+            return self._store.pull(name, batch_size, block, timeout, remove, True, ack)
 
     @ray.method(concurrency_group=PULL_WAITS)
     def can_pull(self, after: Caller, name: str, batch_size: int | None,

@@ -1,0 +1,127 @@
+"""The write-ahead log and snapshots: a restored store equals the one that wrote them (no Ray)."""
+
+import logging
+import os
+import random
+import stat
+
+import pytest
+
+from pype.errors import PypeError
+from pype.shards.journal import Journal, safe_dir_name
+from pype.shards.queues import QueueOptions
+from pype.shards.store import QueueStore
+
+OPTIONS = [QueueOptions(kind="fifo"), QueueOptions(kind="lifo", maxsize=5, overflow="block"),
+           QueueOptions(kind="priority", maxsize=6), QueueOptions(kind="batch", max_bytes=2000),
+           QueueOptions(kind="fifo", maxsize=4, overflow="drop_oldest")]
+NAMES = ["a", "../etc/passwd", "ünï cödé", "x" * 255, "b/c"]
+
+
+def open_store(directory, fsync="never", compact_bytes=1 << 20):
+    store = QueueStore(QueueOptions(), journal=Journal(directory, fsync), compact_bytes=compact_bytes)
+    store.restore()
+    return store
+
+
+def picture(store):
+    """Everything a client could observe of the store, leases included."""
+    with store._lock:
+        return {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
+                       [(t.items, t.priority) for t in queue.parked], queue.nbytes,
+                       queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
+                for name, queue in store._queues.items()}
+
+
+def random_operations(store, rng, count):
+    for _ in range(count):
+        name = rng.choice(NAMES)
+        roll = rng.random()
+        try:
+            if roll < 0.08:
+                store.add(name, rng.choice(OPTIONS), exist_ok=True)
+            elif roll < 0.10:
+                store.remove(name)
+            elif roll < 0.45:
+                items = [rng.choice([rng.randint(0, 99), "s" * rng.randint(0, 300), (1, 2.5)])
+                         for _ in range(rng.randint(1, 3))]
+                kind = store.describe(name)
+                priority = rng.randint(0, 3) if kind and kind["kind"] == "priority" else None
+                store.push((name,), items, priority)
+            elif roll < 0.65:
+                store.pull(name, rng.choice([1, 2, -1]))
+            elif roll < 0.85:
+                store.pull(name, rng.choice([1, 2]), ack=True)
+            else:
+                with store._lock:
+                    queue = store._queues.get(name)
+                    held = list(queue.leases) if queue else []
+                if held:
+                    store.settle(name, rng.sample(held, rng.randint(1, len(held))), rng.random() < 0.5)
+        except (PypeError, ValueError):
+            pass  # full queues, missing queues: refused calls change nothing
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_restored_store_equals_the_one_that_wrote_the_log(tmp_path, seed):
+    rng = random.Random(seed)
+    compact_bytes = 4000 if seed % 2 else 1 << 30  # odd seeds compact many times
+    store = open_store(tmp_path, compact_bytes=compact_bytes)
+    random_operations(store, rng, 400)
+    store.expire_leases(now=4e9)  # far in the future: every lease ends
+    random_operations(store, rng, 100)
+    expected = picture(store)
+    assert expected, "the operations left some queues"
+    # No close(): the process "dies" here. Every record already reached the OS.
+    restored = open_store(tmp_path, compact_bytes=compact_bytes)
+    assert picture(restored) == expected
+    assert len(list(tmp_path.glob("wal-*.log"))) == 1
+    if compact_bytes == 4000:
+        assert restored._journal.generation > 1
+
+
+def test_a_record_cut_short_by_a_crash_is_dropped_and_the_log_goes_on(tmp_path, caplog):
+    store = open_store(tmp_path)
+    store.push(("q",), [1, 2, 3])
+    store.pull("q")
+    log = next(tmp_path.glob("wal-*.log"))
+    whole = log.read_bytes()
+    store.push(("q",), [4])
+    log.write_bytes(log.read_bytes()[:-3])  # the last record lost its tail
+    with caplog.at_level(logging.WARNING, logger="pype"):
+        restored = open_store(tmp_path)
+    assert "cut short by a crash" in caplog.text
+    assert restored.pull("q", -1) == [2, 3]
+    assert log.stat().st_size > len(whole)  # the torn bytes are gone, the new records follow
+    assert open_store(tmp_path).pull("q", -1) == []
+
+
+def test_journal_files_are_private_and_never_named_after_queues(tmp_path):
+    directory = tmp_path / "journals" / "shard-0"
+    store = open_store(directory, compact_bytes=100)
+    for name in NAMES:
+        store.push((name,), [name] * 5)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = list(directory.iterdir())
+    assert {path.name.split("-")[0] for path in files} == {"wal", "snapshot"}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_fsync_modes_all_restore_and_bad_mode_is_refused(tmp_path):
+    for mode in ("always", "batch", "never"):
+        store = open_store(tmp_path / mode, fsync=mode)
+        store.push(("q",), [mode])
+        store.close()
+        assert open_store(tmp_path / mode).pull("q") == [mode]
+    with pytest.raises(ValueError, match="fsync must be one of"):
+        Journal(tmp_path / "bad", "sometimes")
+
+
+def test_server_names_become_safe_distinct_directory_names():
+    names = ["pype", "../../x", "a/b", "a_b", ".", "", "ü" * 300]
+    dirs = [safe_dir_name(name) for name in names]
+    assert len(set(dirs)) == len(dirs)
+    for directory in dirs:
+        assert "/" not in directory and not directory.startswith(".") and len(directory) <= 53
+    assert os.path.basename(dirs[1]) == dirs[1]
