@@ -6,6 +6,7 @@ from pype.client import Server, connect, pull_wait, push_wait
 from pype.errors import (
     ConfigError,
     ItemLostError,
+    LeaseNotHeldError,
     PypeError,
     QueueExistsError,
     QueueFullError,
@@ -13,6 +14,7 @@ from pype.errors import (
     QueueTimeoutError,
     ServerExistsError,
     ServerNotFoundError,
+    ShardLostError,
     VideoSourceError,
 )
 from pype.video import EndOfStream, VideoServer
@@ -25,6 +27,7 @@ __all__ = [
     "ConfigError",
     "EndOfStream",
     "ItemLostError",
+    "LeaseNotHeldError",
     "PypeError",
     "QueueExistsError",
     "QueueFullError",
@@ -33,6 +36,7 @@ __all__ = [
     "Server",
     "ServerExistsError",
     "ServerNotFoundError",
+    "ShardLostError",
     "VideoServer",
     "VideoSourceError",
     "connect",

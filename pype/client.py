@@ -9,6 +9,7 @@ name (pype.hashing.shard_for) and calls the owning shard directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -26,7 +27,6 @@ from pype.hashing import shard_for
 from pype.payloads import by_reference
 from pype.router import Router, Topology
 from pype.shards.queues import (
-    QueueOptions,
     as_items,
     as_names,
     check_batch_size,
@@ -294,31 +294,31 @@ class Server:
     def add(self, queue: str, kind: str | None = None, maxsize: int | None = None,
             use_locking: bool = False, semaphore: int | None = None, batch_lock: int | None = None,
             overflow: str | None = None, batch_size: int | None = None,
-            batch_timeout: float | None = None, exist_ok: bool = False) -> ray.ObjectRef:
+            batch_timeout: float | None = None, max_bytes: int | None = None,
+            visibility_timeout: float | None = None, exist_ok: bool = False) -> ray.ObjectRef:
         """Create `queue`. Options left None come from the config's queue_defaults.
 
         Flow control: maxsize bounds the queue; use_locking=True means maxsize 1,
         semaphore=N and batch_lock=N mean maxsize N, with overflow "block" unless
         given (the seed's producers push to locked queues without checking, so a
-        push that does not fit waits in line instead of failing). batch_size and
-        batch_timeout belong to kind="batch". The queue exists once this returns,
-        for every process; the reference raises QueueExistsError if it existed
-        (unless exist_ok).
+        push that does not fit waits in line instead of failing). max_bytes bounds
+        the bytes of its items. batch_size and batch_timeout belong to kind="batch".
+        visibility_timeout: seconds a pull with ack=True leases items. The queue
+        exists once this returns, for every process; the reference raises
+        QueueExistsError if it existed (unless exist_ok).
         """
         check_name(queue)
-        defaults = self._topology.config.queue_defaults
-        kind = defaults.kind if kind is None else kind
+        kind = kind or self._topology.config.queue_defaults.kind
         if kind != "batch" and (batch_size is not None or batch_timeout is not None):
             raise ValueError(f"batch_size and batch_timeout apply to kind='batch', not {kind!r}")
-        capacity = resolve_capacity(maxsize, use_locking, semaphore, batch_lock)
         if overflow is None and (use_locking or semaphore or batch_lock):
             overflow = "block"
-        options = QueueOptions(
-            kind=kind,
-            maxsize=defaults.maxsize if capacity is None else capacity,
-            overflow=defaults.overflow if overflow is None else overflow,
-            batch_size=defaults.batch_size if batch_size is None else batch_size,
-            batch_timeout=defaults.batch_timeout if batch_timeout is None else batch_timeout)
+        given = {"kind": kind, "overflow": overflow, "batch_size": batch_size,
+                 "batch_timeout": batch_timeout, "max_bytes": max_bytes,
+                 "visibility_timeout": visibility_timeout,
+                 "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock)}
+        options = dataclasses.replace(self._topology.config.queue_defaults,
+                                      **{key: value for key, value in given.items() if value is not None})
         self._kinds.pop(queue, None)
         return self._settled(self._call(self.shard_of(queue), "add", queue, options, bool(exist_ok)))
 

@@ -51,15 +51,16 @@ class Model:
         self.parked = []  # [items, priority, deadline, state-cell]
         self.dropped = 0
         self.leases = {}  # lease id -> (entry, pull number)
-        self.returned = {}  # entry -> pull number
+        self.returned = {}  # arrival of an entry -> pull number
         self.pulls = 0
-        self.first_pulls = {}  # entry -> number of the pull that first took it
+        self.first_pulls = {}  # arrival of an entry -> number of the pull that first took it
 
     def order(self):
         if self.options.kind == "priority":
             return sorted(self.entries, key=lambda e: (e[0], e[1]))
-        head = sorted((e for e in self.entries if e in self.returned), key=self.returned.get)
-        rest = [e for e in self.entries if e not in self.returned]
+        head = sorted((e for e in self.entries if e[1] in self.returned),
+                      key=lambda e: self.returned[e[1]])
+        rest = [e for e in self.entries if e[1] not in self.returned]
         newest_first = self.options.kind == "lifo"
         return head + sorted(rest, key=lambda e: -e[1] if newest_first else e[1])
 
@@ -70,12 +71,12 @@ class Model:
         for item in items:
             while self.options.maxsize and len(self.entries) >= self.options.maxsize:
                 # a stack evicts from its bottom before the items returned to its top
-                candidates = [e for e in self.entries if e not in self.returned]
+                candidates = [e for e in self.entries if e[1] not in self.returned]
                 if self.options.kind != "lifo" or not candidates:
                     candidates = self.entries
                 oldest = min(candidates, key=lambda e: e[1])
                 self.entries.remove(oldest)
-                self.returned.pop(oldest, None)
+                self.returned.pop(oldest[1], None)
                 self.dropped += 1
             self.entries.append((0 if priority is None else priority, self.arrivals, item))
             self.arrivals += 1
@@ -85,7 +86,7 @@ class Model:
         taken = ordered if n == -1 else ordered[:n]
         for entry in taken:
             self.entries.remove(entry)
-            self.returned.pop(entry, None)
+            self.returned.pop(entry[1], None)
         return taken
 
     def take(self, n):
@@ -95,8 +96,8 @@ class Model:
         taken = self.take_entries(n)
         for lease_id, entry in enumerate(taken, first_id):
             self.pulls += 1
-            self.first_pulls.setdefault(entry, self.pulls)  # its place in the original order
-            self.leases[lease_id] = (entry, self.first_pulls[entry])
+            self.first_pulls.setdefault(entry[1], self.pulls)  # its place in the original order
+            self.leases[lease_id] = (entry, self.first_pulls[entry[1]])
         return [(lease_id, entry[2]) for lease_id, entry in enumerate(taken, first_id)]
 
     def settle(self, ids, requeue):
@@ -108,7 +109,7 @@ class Model:
             entry, pull = self.leases.pop(lease_id)
             if requeue:
                 self.entries.append(entry)
-                self.returned[entry] = pull
+                self.returned[entry[1]] = pull
         return missing
 
     def admit(self, now):

@@ -1,0 +1,132 @@
+"""Hypothesis drives the public API of a live server with random, often hostile, calls.
+
+Every call must either do what a reference model says or raise a documented error
+(TypeError or ValueError from .remote() for bad arguments, a pype.PypeError or
+ValueError from ray.get), and the server must answer correctly afterwards.
+"""
+
+import uuid
+
+import pytest
+import ray
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+import pype
+from pype.shards.queues import QueueOptions
+from tests.test_queues import Model
+
+DOCUMENTED = (TypeError, ValueError, pype.PypeError)
+
+names = st.sampled_from(["a", "b", "ü/../x", "y" * 246])  # 255 characters with the prefix
+bad_names = st.sampled_from(["", "tab\there", "z" * 256, 42, None, b"bytes"])
+items = st.one_of(st.integers(), st.text(max_size=20), st.binary(max_size=64), st.none(),
+                  st.floats(allow_nan=False), st.lists(st.integers(), max_size=3),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+batch_sizes = st.sampled_from([None, 1, 2, 5, -1])
+bad_batch_sizes = st.sampled_from([0, -2, 1.5, True, "3"])
+
+
+class ApiMachine(RuleBasedStateMachine):
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+        self.prefix = uuid.uuid4().hex[:8]
+        self.models: dict[str, Model] = {}
+
+    def queue(self, name):
+        return f"{self.prefix}-{name}"
+
+    def model(self, name):
+        return self.models.setdefault(name, Model(QueueOptions()))
+
+    @rule(name=names, data=st.lists(items, max_size=4), expand=st.booleans())
+    def push(self, name, data, expand):
+        model = self.model(name)
+        priority = 1 if model.options.kind == "priority" else None
+        count = ray.get(self.server.push.remote(data, self.queue(name), expand=expand,
+                                                priority=priority))
+        pushed = data if expand else [data]
+        assert count == len(pushed)
+        model.insert(pushed, priority)
+
+    @rule(name=names, batch_size=batch_sizes)
+    def pull(self, name, batch_size):
+        model = self.models.get(name)  # a pull does not create a queue
+        expected = [] if model is None else model.take(batch_size or model.options.pull_size)
+        assert ray.get(self.server.pull.remote(self.queue(name), batch_size)) == expected
+
+    @rule(name=names, batch_size=st.sampled_from([1, 3, -1]), requeue=st.booleans())
+    def lease_and_settle(self, name, batch_size, requeue):
+        model = self.models.get(name) or Model(QueueOptions())
+        leased = ray.get(self.server.pull.remote(self.queue(name), batch_size, ack=True))
+        modelled = model.lease(batch_size, first_id=0)
+        assert [item for _, item in leased] == [item for _, item in modelled]
+        settle = self.server.nack if requeue else self.server.ack
+        assert ray.get(settle.remote(self.queue(name), [lease for lease, _ in leased])) == len(leased)
+        assert model.settle([lease for lease, _ in modelled], requeue) == []
+
+    @rule(name=names, kind=st.sampled_from(["fifo", "lifo", "priority", "batch", "bogus", 7]))
+    def add(self, name, kind):
+        if kind not in ("fifo", "lifo", "priority", "batch"):
+            with pytest.raises(DOCUMENTED):
+                self.server.add.remote(self.queue(name), kind=kind)
+        elif name in self.models:
+            with pytest.raises(pype.QueueExistsError):
+                ray.get(self.server.add.remote(self.queue(name), kind=kind))
+        else:
+            assert ray.get(self.server.add.remote(self.queue(name), kind=kind))
+            self.models[name] = Model(QueueOptions(kind=kind))
+
+    @rule(name=names)
+    def remove(self, name):
+        ref = self.server.remove.remote(self.queue(name))
+        model = self.models.pop(name, None)
+        if model is None:
+            with pytest.raises(pype.QueueNotFoundError):
+                ray.get(ref)
+        else:
+            assert ray.get(ref) == len(model.entries)
+
+    @rule(name=bad_names, batch_size=batch_sizes)
+    def bad_name(self, name, batch_size):
+        for call in (lambda: self.server.push.remote(1, name),
+                     lambda: self.server.pull.remote(name, batch_size),
+                     lambda: self.server.ack.remote(name, [1])):
+            with pytest.raises(DOCUMENTED):
+                call()
+
+    @rule(name=names, batch_size=bad_batch_sizes)
+    def bad_batch_size(self, name, batch_size):
+        with pytest.raises(DOCUMENTED):
+            self.server.pull.remote(self.queue(name), batch_size)
+
+    @rule(name=names, lease=st.integers(min_value=-(2**63), max_value=2**63 - 1))
+    def unknown_lease(self, name, lease):
+        with pytest.raises(DOCUMENTED):
+            ray.get(self.server.ack.remote(self.queue(name), [lease]))
+
+    @rule(name=names)
+    def priority_on_a_plain_queue(self, name):
+        if self.model(name).options.kind == "priority":
+            return
+        with pytest.raises(ValueError, match="priority"):
+            ray.get(self.server.push.remote(1, self.queue(name), priority=3))
+
+    @invariant()
+    def lengths_agree(self):
+        for name, model in self.models.items():
+            assert ray.get(self.server.queue_len.remote(self.queue(name))) == len(model.entries)
+
+
+def test_random_api_calls_succeed_as_modelled_or_raise_documented_errors(server):
+    run_state_machine_as_test(
+        lambda: ApiMachine(server),
+        settings=settings(max_examples=12, stateful_step_count=25, deadline=None,
+                          suppress_health_check=list(HealthCheck)))
