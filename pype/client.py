@@ -223,10 +223,11 @@ class Server:
         their batch_timeout. remove=False peeks.
 
         ack=False (the default) removes the items: at-most-once delivery. ack=True
-        leases them instead and resolves to a list of (lease_id, item) pairs: ack()
-        the ids when done, nack() to hand the items back; a lease neither acked nor
-        nacked within the queue's visibility_timeout returns its items to the queue
-        for another consumer (at-least-once delivery).
+        leases them instead and resolves to a list of (lease_id, item, redelivered)
+        triples (redelivered: the item was leased before and came back): ack() the
+        ids when done, nack() to hand the items back; a lease neither acked nor
+        nacked within the queue's visibility_timeout returns its items to the head
+        of the queue for another consumer (at-least-once delivery).
         """
         check_name(queue)
         batch_size = check_batch_size(batch_size)

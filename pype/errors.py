@@ -29,7 +29,17 @@ class QueueTimeoutError(PypeError, TimeoutError):
 
 class LeaseNotHeldError(PypeError, LookupError):
     """ack/nack named lease ids that are not held: expired (the items went back to
-    the queue, for another consumer), settled before, or never issued."""
+    the queue, for another consumer), settled before, or never issued.
+
+    `lease_ids` lists them; the call settled the other ids it was given.
+    """
+
+    def __init__(self, message: str, lease_ids: list[int] = ()):
+        super().__init__(message, list(lease_ids))
+        self.lease_ids = list(lease_ids)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class ShardLostError(PypeError):

@@ -67,10 +67,10 @@ class ApiMachine(RuleBasedStateMachine):
         model = self.models.get(name) or Model(QueueOptions())
         leased = ray.get(self.server.pull.remote(self.queue(name), batch_size, ack=True))
         modelled = model.lease(batch_size, first_id=0)
-        assert [item for _, item in leased] == [item for _, item in modelled]
+        assert [pair[1:] for pair in leased] == [pair[1:] for pair in modelled]  # items, redelivered
         settle = self.server.nack if requeue else self.server.ack
-        assert ray.get(settle.remote(self.queue(name), [lease for lease, _ in leased])) == len(leased)
-        assert model.settle([lease for lease, _ in modelled], requeue) == []
+        assert ray.get(settle.remote(self.queue(name), [lease for lease, _, _ in leased])) == len(leased)
+        assert model.settle([lease for lease, _, _ in modelled], requeue) == []
 
     @rule(name=names, kind=st.sampled_from(["fifo", "lifo", "priority", "batch", "bogus", 7]))
     def add(self, name, kind):

@@ -94,11 +94,13 @@ class Model:
 
     def lease(self, n, first_id):
         taken = self.take_entries(n)
+        leased = []
         for lease_id, entry in enumerate(taken, first_id):
             self.pulls += 1
+            leased.append((lease_id, entry[2], entry[1] in self.first_pulls))
             self.first_pulls.setdefault(entry[1], self.pulls)  # its place in the original order
             self.leases[lease_id] = (entry, self.first_pulls[entry[1]])
-        return [(lease_id, entry[2]) for lease_id, entry in enumerate(taken, first_id)]
+        return leased
 
     def settle(self, ids, requeue):
         missing = []

@@ -48,7 +48,7 @@ def test_ack_nack_and_what_a_pull_with_ack_returns(server, names):
     q = names()
     ray.get(server.push.remote(list(range(5)), q, expand=True))
     leased = ray.get(server.pull.remote(q, 3, ack=True))
-    assert [item for _, item in leased] == [0, 1, 2]
+    assert [item for _, item, _ in leased] == [0, 1, 2]
     assert ray.get(server.queue_len.remote(q)) == 2
     assert ray.get(server.nack.remote(q, [leased[1][0], leased[2][0]])) == 2
     assert ray.get(server.ack.remote(q, leased[0][0])) == 1
@@ -69,7 +69,7 @@ def test_a_consumer_killed_mid_lease_loses_nothing(server, names):
     @ray.remote(num_cpus=0)
     class Consumer:
         def take(self, server, q):
-            return [item for _, item in ray.get(server.pull.remote(q, 4, ack=True))]
+            return [item for _, item, _ in ray.get(server.pull.remote(q, 4, ack=True))]
 
     doomed = Consumer.remote()
     assert ray.get(doomed.take.remote(server, q)) == [0, 1, 2, 3]
@@ -77,7 +77,8 @@ def test_a_consumer_killed_mid_lease_loses_nothing(server, names):
     assert ray.get(server.pull.remote(q, -1, ack=True))[0][1] == 4  # the rest, not yet the leased
     time.sleep(1.5)
     back = ray.get(server.pull.remote(q, -1, ack=True))
-    assert [item for _, item in back] == [0, 1, 2, 3, *range(4, 10)]  # original order, at the head
+    assert [item for _, item, _ in back] == [0, 1, 2, 3, *range(4, 10)]  # original order, at the head
+    assert all(redelivered for _, _, redelivered in back)
     assert ray.get(server.stats.remote())["queues"][q]["redelivered"] == 10
 
 
@@ -91,7 +92,7 @@ def test_a_killed_shard_restores_acknowledged_pushes_and_leases(fresh_server, na
     ray.get(server.push.remote("urgent", q, priority=0))
     ray.get(server.push.remote(np.arange(1_000_000), other))  # large: by value into the log
     leased = ray.get(server.pull.remote(q, 2, ack=True))
-    assert [item for _, item in leased] == ["urgent", 3]
+    assert [item for _, item, _ in leased] == ["urgent", 3]
     until_restarted(server, q, kill_shard(server, q))
     assert ray.get(server.pull.remote(q, -1)) == [1, 2]  # the leased items are still leased
     assert ray.get(server.ack.remote(q, [leased[0][0]])) == 1

@@ -245,9 +245,9 @@ def test_leased_items_come_back_on_nack_and_on_expiry_in_their_order(store):
     store.push(("q",), list(range(6)))
     first = store.pull("q", 2, ack=True)
     second = store.pull("q", 2, ack=True)
-    assert [item for _, item in first + second] == [0, 1, 2, 3]
+    assert [item for _, item, _ in first + second] == [0, 1, 2, 3]
     assert store.length("q") == 2 and store.stats()["leased"] == 4
-    assert store.settle("q", [lease for lease, _ in second], requeue=True) == 2
+    assert store.settle("q", [lease for lease, _, _ in second], requeue=True) == 2
     assert store.expire_leases(now=time.time() + 31) == 2  # the default visibility_timeout is 30 s
     assert store.pull("q", -1) == [0, 1, 2, 3, 4, 5]
     counters = store.stats()["per_queue"]["q"]
@@ -256,11 +256,11 @@ def test_leased_items_come_back_on_nack_and_on_expiry_in_their_order(store):
 
 def test_acked_items_are_gone_and_stale_lease_ids_are_a_clear_error(store):
     store.push(("q",), ["a", "b"])
-    (lease_a, _), (lease_b, _) = store.pull("q", 2, ack=True)
+    (lease_a, _, _), (lease_b, _, _) = store.pull("q", 2, ack=True)
     assert store.settle("q", [lease_a], requeue=False) == 1
     store.expire_leases(now=time.time() + 60)  # b's lease ends: b goes back
-    [(lease_b_again, item)] = store.pull("q", -1, ack=True)
-    assert item == "b"
+    [(lease_b_again, item, redelivered)] = store.pull("q", -1, ack=True)
+    assert item == "b" and redelivered
     with pytest.raises(LeaseNotHeldError, match=r"2 of 3 lease ids are not held.*other 1 were acked"):
         store.settle("q", [lease_a, lease_b, lease_b_again], requeue=False)
     assert store.pull("q", -1) == []
@@ -270,7 +270,7 @@ def test_acked_items_are_gone_and_stale_lease_ids_are_a_clear_error(store):
 def test_a_blocked_pull_wakes_when_a_lease_expires(store, in_thread):
     store.add("q", QueueOptions(visibility_timeout=0.2))
     store.push(("q",), ["x"])
-    assert [item for _, item in store.pull("q", ack=True)] == ["x"]
+    assert [item for _, item, _ in store.pull("q", ack=True)] == ["x"]
     join = in_thread(store.pull, "q", 1, True, 5.0, True, True)
     time.sleep(0.3)
     store.expire_leases()

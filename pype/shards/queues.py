@@ -238,6 +238,7 @@ class Queue:
         self.nbytes = 0  # of the items held, leased ones included
         self.pushed = self.pulled = self.dropped = self.acked = self.redelivered = 0
         self._returned: list = []  # heap of (key, item) come back from leases
+        self._returned_keys: set = set()  # keys of items that came back, while held
 
     def __getstate__(self) -> dict:
         """A snapshot keeps the parked pushes the producer was told are accepted, no others."""
@@ -367,19 +368,25 @@ class Queue:
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` items (-1: all), in pull order."""
-        items = [item for _, item in self._take_keyed(batch_size)]
+        taken = self._take_keyed(batch_size)
+        if self._returned_keys:
+            self._returned_keys.difference_update(key for key, _ in taken)
+        items = [item for _, item in taken]
         self.nbytes -= total_size(items)
         return items
 
-    def lease(self, batch_size: int, first_id: int, deadline: float) -> list[tuple[int, Any]]:
+    def lease(self, batch_size: int, first_id: int,
+              deadline: float) -> list[tuple[int, Any, bool]]:
         """Lease up to `batch_size` items (-1: all) until `deadline`, with ids from first_id.
 
-        The items leave the queue but stay held (and counted in nbytes) until settled.
+        Returns (lease_id, item, redelivered) triples; redelivered is True for an item
+        that was leased before and came back. The items leave the queue but stay
+        held (and counted in nbytes) until settled.
         """
         leased = []
         for lease_id, (key, item) in enumerate(self._take_keyed(batch_size), first_id):
             self.leases[lease_id] = Lease(key, item, deadline)
-            leased.append((lease_id, item))
+            leased.append((lease_id, item, key in self._returned_keys))
         return leased
 
     def settle(self, lease_ids: Iterable[int], requeue: bool) -> list[int]:
@@ -394,9 +401,11 @@ class Queue:
                 missing.append(lease_id)
             elif requeue:
                 self._restore(lease.key, lease.item)
+                self._returned_keys.add(lease.key)
                 self.redelivered += 1
             else:
                 self.nbytes -= item_size(lease.item)
+                self._returned_keys.discard(lease.key)
                 self.acked += 1
         return missing
 

@@ -398,7 +398,7 @@ class QueueStore:
         full (more can never come), or the timeout passes; then it returns what is
         there. Only with may_wait does a pull wait at all: calls on the shard's main
         thread pass False. With ack=True the items are leased, not removed, and
-        returned as (lease_id, item) pairs; see settle().
+        returned as (lease_id, item, redelivered) triples; see settle().
         """
         with self._lock:
             queue = self._queues.get(name)
@@ -477,7 +477,7 @@ class QueueStore:
                 f"queue {name!r}: {len(missing)} of {len(lease_ids)} lease ids are not held "
                 f"(their lease expired and the items went back to the queue, they were settled "
                 f"before, or they were never issued): {missing[:10]}; the other "
-                f"{len(lease_ids) - len(missing)} were {verb}")
+                f"{len(lease_ids) - len(missing)} were {verb}", missing)
         return len(lease_ids)
 
     def expire_leases(self, now: float | None = None) -> int:
