@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,7 +130,14 @@ def run(rounds: int, quick: bool, only: list[str] | None, console: Console) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pype bench", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak
+
+        return soak.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="pype bench", description=__doc__.split("\n\n")[0],
+                                     epilog="pype bench soak --minutes N: the fault-injection soak "
+                                            "(see bench/soak.py)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",

@@ -59,7 +59,7 @@ class Router:
         return self._topology
 
     def note_queues(self, index: int, names: frozenset) -> None:
-        """Shard `index` holds queues `names` (it reports changes about once a second)."""
+        """Shard `index` holds queues `names` (it reports changes within 0.1 s)."""
         self._names[index] = names
 
     def shard_restarted(self, index: int) -> list[str]:

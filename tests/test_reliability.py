@@ -142,7 +142,7 @@ def test_without_persistence_a_restarted_shard_reports_the_queues_it_lost(fresh_
     server = fresh_server(shards=1)
     q = names()
     ray.get(server.push.remote([1, 2, 3], q, expand=True))
-    time.sleep(1.5)  # the shard reports its queue names to the router about once a second
+    time.sleep(0.5)  # the shard reports new queue names to the router within 0.1 s
     until_restarted(server, q, kill_shard(server, q))
     with pytest.raises(pype.ShardLostError, match=f"queue '{q}' lost its items.*not applied"):
         ray.get(server.pull.remote(q))
