@@ -89,8 +89,11 @@ def write_chart(results: dict, path: Path) -> None:
     panels = [(wl, metric) for wl, metric in [("chain", "items_per_s"), ("bulk", "items_per_s"),
                                                   ("frames", "frames_per_s"), ("video", "frames_per_s"),
                                                   ("spread", "items_per_s"),
+                                                  ("durability", "pushes_per_s"),
                                                   ("ping-pong", "p50_ms")]
               if wl in results["workloads"]]
+    if not panels:
+        return
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 * len(panels) + 0.5), squeeze=False)
     for ax, (workload, metric) in zip(axes[:, 0], panels, strict=True):
         systems = results["workloads"][workload]

@@ -38,7 +38,7 @@ def machine() -> dict:
             "ray": ray.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 
-def plan(server, echo, port, quick: bool) -> dict[str, dict[str, callable]]:
+def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str, callable]]:
     """workload -> system -> a function measuring one round."""
     scale = 0.2 if quick else 1.0
 
@@ -78,8 +78,19 @@ def plan(server, echo, port, quick: bool) -> dict[str, dict[str, callable]]:
              "pype VideoServer, one hop": lambda: w.video("pype", clip, server=server)}
     spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
               for shards in (1, 2, 4, 8)}
+    durability = {label: (lambda s=durable: w.durable_pushes(s, n(500)))
+                  for label, durable in durable_servers.items()}
     return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames, "video": video,
-            "spread": spread}
+            "spread": spread, "durability": durability}
+
+
+def start_durable_servers(journals: Path) -> dict[str, pype.Server]:
+    """One single-shard server per persistence setting, for the durability workload."""
+    servers = {"pype, no persistence": pype.Server.remote(shards=1)}
+    for fsync in ("never", "batch", "always"):
+        servers[f"pype, fsync {fsync}"] = pype.Server.remote(
+            shards=1, persistence={"dir": str(journals / fsync), "fsync": fsync})
+    return servers
 
 
 def measure_memory(items: int = 1_000_000) -> dict:
@@ -105,7 +116,8 @@ def run(rounds: int, quick: bool, only: list[str] | None, console: Console) -> d
         server = pype.Server.remote()
         echo = w.Echo.remote()
         ray.get(echo.noop.remote())
-        workloads = plan(server, echo, port, quick)
+        durable_servers = start_durable_servers(Path(tempfile.mkdtemp(prefix="pype-bench-journals-")))
+        workloads = plan(server, echo, port, durable_servers, quick)
         selected = {k: v for k, v in workloads.items() if not only or k in only}
         total = rounds * sum(len(systems) for systems in selected.values())
         with Progress(console=console, transient=True) as progress:
@@ -122,7 +134,8 @@ def run(rounds: int, quick: bool, only: list[str] | None, console: Console) -> d
                 results["workloads"][workload] = {
                     name: {metric: statistics.median(s[metric] for s in runs) for metric in runs[0]}
                     for name, runs in samples.items()}
-        server.shutdown()
+        for each in (server, *durable_servers.values()):
+            each.shutdown()
     if not only or "memory" in only:
         results["memory"] = measure_memory()
     results["targets"] = check_targets(results, ORIGINAL_SEED_CHAIN)
@@ -141,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
-                        help="chain, ping-pong, bulk, frames, video, spread, memory")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+                        help="chain, ping-pong, bulk, frames, video, spread, durability, memory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results go (default bench/results/, or a temporary "
+                             "directory with --only, so a partial run never replaces the full one)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="pype-bench-")) if args.only else RESULTS
     console = Console()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")

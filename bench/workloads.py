@@ -461,3 +461,21 @@ def video(system: str, clip: str, server=None) -> dict:
     ray.get(stream.stop.remote())
     server.remove.remote(queue)
     return {"frames_per_s": result["items_per_s"], "first_frame_s": result["first_item_s"]}
+
+
+# -- durability ---------------------------------------------------------------------------------
+
+def durable_pushes(server, count: int, batch: int = 1000) -> dict:
+    """Acknowledged pushes to a server: one item per call, then batches of `batch`."""
+    queue = _links("durable")[0]
+    started = time.perf_counter()
+    for item in range(count):
+        ray.get(server.push.remote(item, queue))
+    single = count / (time.perf_counter() - started)
+    data = list(range(batch))
+    started = time.perf_counter()
+    for _ in range(count // 10):
+        ray.get(server.push.remote(data, queue, expand=True))
+    batched = count // 10 * batch / (time.perf_counter() - started)
+    ray.get(server.remove.remote(queue))
+    return {"pushes_per_s": single, "items_per_s": batched}

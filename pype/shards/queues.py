@@ -176,8 +176,15 @@ def item_size(item: Any, depth: int = 0) -> int:
     return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def total_size(items: Iterable) -> int:
-    return sum(map(item_size, items))
+def item_sizes(items: list) -> list[int]:
+    """[item_size(item) for item in items], at C speed when every item is a flat value."""
+    if set(map(type, items)) <= _FLAT:
+        return list(map(sys.getsizeof, items))
+    return list(map(item_size, items))
+
+
+def total_size(items: list) -> int:
+    return sum(item_sizes(items))
 
 
 # -- parked pushes ----------------------------------------------------------------
@@ -351,13 +358,16 @@ class Queue:
         nbytes = total_size(items) if nbytes is None else nbytes
         maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
         self.nbytes += nbytes
+        self.pushed += len(items)
+        if self.options.overflow != "drop_oldest":
+            self._extend(items, priority)
+            return
         for item in items:
             while len(self) and ((maxsize and len(self) >= maxsize)
                                  or (max_bytes and self.nbytes > max_bytes)):
-                self.nbytes -= item_size(self._pop_oldest())  # only reached under drop_oldest
+                self.nbytes -= item_size(self._pop_oldest())
                 self.dropped += 1
             self._append(item, priority)
-        self.pushed += len(items)
 
     # pulls
 
@@ -368,10 +378,14 @@ class Queue:
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` items (-1: all), in pull order."""
-        taken = self._take_keyed(batch_size)
-        if self._returned_keys:
+        if self._returned:
+            taken = self._take_keyed(batch_size)
             self._returned_keys.difference_update(key for key, _ in taken)
-        items = [item for _, item in taken]
+            items = [item for _, item in taken]
+        else:  # the common case, without keys
+            count = len(self) if batch_size == -1 else min(batch_size, len(self))
+            items = self._pop_items(count)
+            self.pulled += count
         self.nbytes -= total_size(items)
         return items
 
@@ -445,9 +459,17 @@ class Queue:
     def _append(self, item: Any, priority: Any) -> None:
         raise NotImplementedError
 
+    def _extend(self, items: list, priority: Any) -> None:
+        for item in items:
+            self._append(item, priority)
+
     def _pop_keyed(self, count: int) -> list[tuple[Any, Any]]:
         """Remove `count` items in pull order, each with its key."""
         raise NotImplementedError
+
+    def _pop_items(self, count: int) -> list:
+        """Remove `count` items in pull order."""
+        return [item for _, item in self._pop_keyed(count)]
 
     def _pop_oldest(self) -> Any:
         raise NotImplementedError
@@ -475,10 +497,22 @@ class FifoQueue(Queue):
     def _append(self, item, priority):
         self._items.append(item)
 
+    def _extend(self, items, priority):
+        self._items.extend(items)
+
     def _pop_keyed(self, count):
         first, pop = self._taken, self._pop_one
         self._taken += count
         return [(first + index, pop()) for index in range(count)]
+
+    def _pop_items(self, count):
+        self._taken += count
+        if count == len(self._items):
+            items = list(self._items) if self.kind != "lifo" else list(reversed(self._items))
+            self._items.clear()
+            return items
+        pop = self._pop_one
+        return [pop() for _ in range(count)]
 
     def _pop_one(self):
         return self._items.popleft()

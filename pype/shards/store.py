@@ -47,7 +47,7 @@ from pype.errors import (
     ShardLostError,
 )
 from pype.shards.journal import Journal
-from pype.shards.queues import ParkedPush, Queue, QueueOptions, item_size, make_queue
+from pype.shards.queues import ParkedPush, Queue, QueueOptions, item_sizes, make_queue
 
 Caller = tuple[str, int]  # (caller id, sequence number of one of its calls)
 
@@ -307,7 +307,7 @@ class QueueStore:
 
     def _check_limits(self, items: list, copies: int) -> int:
         """Return the bytes of `items`; raise if one is too large or the budget is spent."""
-        sizes = list(map(item_size, items))
+        sizes = item_sizes(items)
         largest = max(sizes, default=0)
         if self.max_item_bytes and largest > self.max_item_bytes:
             raise ValueError(f"an item of {largest:,} bytes is larger than the shard's "
