@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(tempfile.mkdtemp(prefix="pype-bench-")) if args.only else RESULTS
     console = Console()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         results = run(args.rounds, args.quick, args.only, console)
     finally:

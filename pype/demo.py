@@ -89,7 +89,7 @@ def main(items: int = 1000, batch: bool = False, config: str | None = None,
     overrides = {"shards": shards} if shards else {}
     load_config(config, **overrides)  # a bad file fails here, before Ray starts
     started = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         server = pype.Server.remote(config, **overrides)
         console.print(f"[bold]pype demo[/]: Ray up and {server} made in "

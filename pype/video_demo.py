@@ -107,7 +107,7 @@ def contact_sheet(records: list[dict], path: Path, tiles: int = 8, width: int = 
 
 def main(file: str | None, workers: list[int], frames: int, out: str) -> int:
     console = Console()
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         server = pype.Server.remote()
         with tempfile.TemporaryDirectory(prefix="pype-video-") as workdir:

@@ -12,6 +12,9 @@ import pytest
 # Keep Ray on the loopback interface, and stop it from merging log lines that repeat.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A bare ray.init() (the seed's scripts) joins the newest cluster on the machine if there
+# is one; the tests start Ray clusters of their own instead, never joining another's.
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +22,7 @@ def ray_session():
     """One local Ray for the whole run (ray.init takes seconds); stopped at the end."""
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
