@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
+
+import pype
+from pype.errors import PypeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("bench", help="benchmark Pype against its peers (bench/ of a checkout; "
                                       "see pype bench --help)")
 
+    serve = commands.add_parser(
+        "serve", help="start a detached, named server on a running Ray cluster and return",
+        description="Start a named Pype server (router and shards) on the Ray cluster at "
+                    "--address. It keeps running after this command returns, until "
+                    "`pype shutdown`. Attach with pype.connect(name, namespace).")
+    serve.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
+    serve.add_argument("--shards", type=int, help="number of shards (overrides the config)")
+    for command in (serve, *(commands.add_parser(name, help=text, description=text) for name, text in (
+            ("connect", "connect to a running server and show where its shards run"),
+            ("stats", "show a server's queues: depth, leases, push and pull rates, shard, node"),
+            ("shutdown", "stop a running server: its shards and router, and their queues")))):
+        command.add_argument("--address", default="auto",
+                             help="the Ray cluster (default auto: the one this machine belongs to)")
+        command.add_argument("--name", default="pype", help="the server's name (default pype)")
+        command.add_argument("--namespace", default=None, help="its Ray namespace (default pype)")
+    stats = commands.choices["stats"]
+    stats.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+
+    config = commands.add_parser(
+        "config", help="validate a config file and print the resolved configuration",
+        description="Read configs/default.yaml, then FILE over it, validate every value and "
+                    "print the result. Exit status 2 if it is invalid.")
+    config.add_argument("file", nargs="?", help="YAML config file (default: only the defaults)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -57,11 +86,50 @@ def main(argv: list[str] | None = None) -> int:
             if args.items < 1:
                 parser.error("--items must be at least 1")
             return demo_module.main(args.items, args.batch, args.config, args.shards)
+        return operate(args, parser)
     except (FileNotFoundError, ValueError) as error:  # bad config file or value: one clear line
         print(f"pype: error: {error}", file=sys.stderr)
         return 2
+    except (ConnectionError, PypeError) as error:  # no cluster, no such server, ...
+        print(f"pype: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The operator's commands: serve, connect, stats, shutdown, config."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from pype import operations
+
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: never cut columns
+    if args.command == "config":
+        console.print(operations.show_config(args.file), markup=False, highlight=False)
+        return 0
+    if args.command == "serve":
+        if args.shards is not None and args.shards < 1:
+            parser.error("--shards must be at least 1")
+        console.print(operations.serve(args.config, args.address, args.name, args.namespace,
+                                       args.shards))
+    elif args.command == "connect":
+        console.print(operations.describe(args.address, args.name, args.namespace))
+    elif args.command == "shutdown":
+        console.print(operations.shutdown(args.address, args.name, args.namespace))
+    elif args.command == "stats":
+        operations.attach(args.address, args.namespace)
+        view = operations.StatsView(pype.connect(args.name, args.namespace))
+        if not args.watch:
+            console.print(view.render())
+            return 0
+        with Live(view.render(), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(args.interval)
+                    live.update(view.render(), refresh=True)
+            except KeyboardInterrupt:  # the way to leave --watch: not an error
+                pass
     return 0
 
 

@@ -25,6 +25,7 @@ from pype.config import load_config
 from pype.errors import ServerExistsError, ServerNotFoundError
 from pype.hashing import shard_for
 from pype.payloads import by_reference
+from pype.placement import shard_options
 from pype.router import Router, Topology
 from pype.shards.queues import (
     as_items,
@@ -108,14 +109,18 @@ class Server:
 
     @classmethod
     def remote(cls, config: str | Path | None = None, *, name: str | None = None,
-               namespace: str | None = None, **overrides: Any) -> Server:
+               namespace: str | None = None, detached: bool = False, **overrides: Any) -> Server:
         """Start a server: a router and its shards (the seed's pype.Server.remote()).
 
         config: a YAML file (default: configs/default.yaml); keyword arguments such as
         shards=8 override it. Without `name` the server is anonymous and lives as
         long as this handle's process; with `name` its router is registered in
         `namespace` (default "pype") so connect(name) finds it from any process.
+        detached=True (named servers only) keeps it running after this process
+        exits, until shutdown() (what `pype serve` does).
         """
+        if detached and name is None:
+            raise ValueError("a detached server needs a name, to be found and shut down later")
         resolved = load_config(config, **overrides)
         if not ray.is_initialized():
             ray.init()
@@ -129,8 +134,11 @@ class Server:
                     f"use pype.connect({name!r}) to reach it")
             options.update(name=name, namespace=namespace)
             label = f"{namespace}.{name}"  # a named server started again finds its journals
+            if detached:
+                options["lifetime"] = "detached"
         try:
-            router = Router.options(**options).remote(resolved, label)
+            router = Router.options(**options).remote(
+                resolved, label, shard_options(resolved.placement, resolved.shards))
         except ValueError as error:  # lost a race for the name
             raise ServerExistsError(str(error)) from None
         return cls(router, ray.get(router.topology.remote()), name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,25 @@ class Persistence:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where the shards go: "spread" or "pack", or spread over nodes with `resource`."""
+
+    strategy: str            # spread | pack | resource
+    resource: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A server's whole configuration."""
 
     shards: int
     hash_seed: int
+    placement: Placement
     shard: ShardConfig
     persistence: Persistence
     queue_defaults: QueueOptions
     source: str  # the files and arguments it was read from, for messages
+    settings: dict = field(compare=False)  # the merged keys and values, as a YAML file has them
 
 
 def default_config_path() -> Path:
@@ -106,12 +116,21 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
     for key, value in update.items():
         if key not in base:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known: {', '.join(base)}")
-        if isinstance(base[key], dict):
+        if isinstance(base[key], dict) and key != "placement":
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {prefix}{key} must be a mapping, got {value!r}")
             _merge(base[key], value, source, f"{prefix}{key}.")
         else:
             base[key] = value
+
+
+def _placement(value: Any, source: str) -> Placement:
+    if value in ("spread", "pack"):
+        return Placement(value)
+    if (isinstance(value, dict) and list(value) == ["resource"] and isinstance(value["resource"], str)
+            and value["resource"]):
+        return Placement("resource", value["resource"])
+    raise ConfigError(f"{source}: placement must be spread, pack or {{resource: NAME}}, got {value!r}")
 
 
 def _build(raw: dict, source: str) -> Config:
@@ -137,6 +156,7 @@ def _build(raw: dict, source: str) -> Config:
     return Config(
         shards=number("shards", raw["shards"], int, 1),
         hash_seed=number("hash_seed", raw["hash_seed"], int, 0),
+        placement=_placement(raw["placement"], source),
         shard=ShardConfig(
             num_cpus=number("shard.num_cpus", shard["num_cpus"], float, 0),
             max_restarts=number("shard.max_restarts", shard["max_restarts"], int, -1),
@@ -155,4 +175,5 @@ def _build(raw: dict, source: str) -> Config:
         ),
         queue_defaults=queue_defaults,
         source=source,
+        settings=raw,
     )

@@ -34,18 +34,20 @@ class Topology:
 class Router:
     """Starts the shards of one server and serves its topology."""
 
-    def __init__(self, config: Config, label: str | None = None):
-        """label: the directory name of this server's journals (default: a new one)."""
+    def __init__(self, config: Config, label: str | None, placements: list[dict]):
+        """label: "<namespace>.<name>" of a named server, None for an anonymous one; it names
+        the server in metrics and its journal directory. placements: Ray options per shard."""
         server_id = uuid.uuid4().hex
+        label = label or f"anonymous-{server_id[:12]}"
         journals = None
         if config.persistence.dir is not None:
-            journals = config.persistence.dir / safe_dir_name(label or f"anonymous-{server_id}")
+            journals = config.persistence.dir / safe_dir_name(label)
         shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
                                   max_restarts=config.shard.max_restarts)
         me = ray.get_runtime_context().current_actor
         shards = tuple(
-            shard_class.remote(index, config, None if journals is None else journals / f"shard-{index}",
-                               me)
+            shard_class.options(**placements[index]).remote(
+                index, config, None if journals is None else journals / f"shard-{index}", me, label)
             for index in range(config.shards))
         self._topology = Topology(server_id=server_id, shards=shards, config=config)
         self._topology_requests = 0

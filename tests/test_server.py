@@ -277,6 +277,8 @@ def test_named_server_is_found_from_other_processes(ray_session, names):
             pype.Server.remote(name=name)
         with pytest.raises(pype.ServerNotFoundError):
             pype.connect(names("nobody"))
+        with pytest.raises(ValueError, match="a detached server needs a name"):
+            pype.Server.remote(detached=True)
 
         @ray.remote(num_cpus=0)
         def push_through_connect(name):

@@ -16,8 +16,9 @@ Restarts: Ray restarts a shard whose process died (shard.max_restarts) by runnin
 __init__ again. With persistence the shard first restores its journal. Without
 it, the shard asks the router which queues it held, logs a warning, and raises
 ShardLostError once to each caller of each of them. A housekeeping thread
-returns expired leases to their queues and tells the router the shard's queue
-names when they change (it looks ten times a second).
+returns expired leases to their queues, tells the router the shard's queue
+names when they change (it looks ten times a second), and exports the shard's
+metrics once a second (pype.metrics).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import ray
 
 from pype.config import Config
 from pype.errors import ShardLostError
+from pype.metrics import ShardMetrics
 from pype.payloads import keep_references_here
 from pype.shards.journal import Journal
 from pype.shards.queues import QueueOptions
@@ -45,6 +47,7 @@ logger = logging.getLogger("pype")
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between checks for expired leases and new queue names
+METRICS_EVERY = 10           # export metrics every this many checks (once a second)
 
 
 def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
@@ -73,7 +76,7 @@ class Shard:
     """Holds the queues whose names hash to shard `index` (made an actor by shard_actor)."""
 
     def __init__(self, index: int, config: Config, journal_dir: Path | None,
-                 router: ray.actor.ActorHandle):
+                 router: ray.actor.ActorHandle, server: str):
         keep_references_here()
         log_to_stderr()
         self._index = index
@@ -101,15 +104,21 @@ class Shard:
             self._lost_at = time.time()
             logger.warning("pype shard %d restarted without persistence: the items of queues %s "
                            "are lost", index, sorted(self._lost) or "(none known)")
+        self._metrics = ShardMetrics(server, index)
+        self._node = {"node_id": ray.get_runtime_context().get_node_id(),
+                      "node_ip": ray.util.get_node_ip_address()}
         threading.Thread(target=self._housekeeping, name="pype-housekeeping", daemon=True).start()
         logger.info("pype shard %d started (pid %d)", index, os.getpid())
 
     def _housekeeping(self) -> None:
-        reported = None
+        reported, ticks = None, 0
         while True:
             time.sleep(HOUSEKEEPING_INTERVAL)
+            ticks += 1
             try:
                 self._store.expire_leases()
+                if ticks % METRICS_EVERY == 0:
+                    self._metrics.export(self._store.stats())
                 names = frozenset(self._store.names())
                 if names != reported:
                     self._router.note_queues.remote(self._index, names)
@@ -198,7 +207,7 @@ class Shard:
     def stats(self, caller: Caller) -> dict:
         with self._recorded(caller):
             peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-            return {"shard": self._index, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb,
+            return {"shard": self._index, "pid": os.getpid(), **self._node, "peak_rss_mb": peak_rss_mb,
                     "restarted": self._restarted, "lost_queues": sorted(self._lost),
                     **self._store.stats()}
 

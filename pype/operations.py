@@ -1,0 +1,109 @@
+"""What the operator's commands do: serve, connect, stats, shutdown, config.
+
+pype/cli.py parses the command line and turns errors into one line; the work is
+here, as plain functions that return what they print (rich renderables).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import ray
+import yaml
+from rich.console import Group
+from rich.table import Table
+
+from pype.client import DEFAULT_NAMESPACE, Server, connect
+from pype.config import load_config
+
+
+def attach(address: str | None, namespace: str | None) -> None:
+    """Connect this process to a running Ray cluster (ConnectionError if there is none)."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=namespace or DEFAULT_NAMESPACE,
+                 logging_level="WARNING", log_to_driver=False)
+
+
+def serve(config: str | None, address: str | None, name: str, namespace: str | None,
+          shards: int | None) -> Table:
+    """Start a detached, named server on the cluster; it outlives this process."""
+    attach(address, namespace)
+    overrides = {} if shards is None else {"shards": shards}
+    server = Server.remote(config, name=name, namespace=namespace, detached=True, **overrides)
+    return placement_table(server, f"pype server {name!r} is serving")
+
+
+def describe(address: str | None, name: str, namespace: str | None) -> Table:
+    """Connect to a server and show where its shards run."""
+    attach(address, namespace)
+    return placement_table(connect(name, namespace), f"pype server {name!r}")
+
+
+def placement_table(server: Server, title: str) -> Table:
+    stats = ray.get(server.stats.remote())
+    per_node = Counter(shard["node_id"] for shard in stats["shards"])
+    table = Table(title=f"{title}: {len(stats['shards'])} shards on {len(per_node)} nodes, "
+                        f"{stats['totals']['queues']} queues")
+    for column in ("shard", "node", "pid", "queues", "depth", "restarted"):
+        table.add_column(column, justify="left" if column == "node" else "right")
+    for shard in stats["shards"]:
+        table.add_row(str(shard["shard"]), _node(shard),
+                      str(shard["pid"]), str(shard["queues"]), f"{shard['depth']:,}",
+                      "yes" if shard["restarted"] else "no")
+    return table
+
+
+class StatsView:
+    """Tables of a server's queues; rates come from the change between two looks."""
+
+    def __init__(self, server: Server):
+        self._server = server
+        self._last: tuple[float, dict] | None = None
+
+    def render(self) -> Group:
+        stats = ray.get(self._server.stats.remote())
+        now = time.monotonic()
+        seconds, before = (now - self._last[0], self._last[1]) if self._last else (None, {})
+        self._last = (now, stats["queues"])
+        nodes = {shard["shard"]: _node(shard) for shard in stats["shards"]}
+        table = Table(title=f"pype server {stats['server']!r}: {stats['totals']['queues']} queues, "
+                            f"{stats['totals']['depth']:,} items, "
+                            f"{stats['totals']['leased']:,} leased")
+        for column in ("queue", "shard", "node", "kind", "depth", "leased", "push/s", "pull/s",
+                       "bytes", "waiting"):
+            table.add_column(column, justify="left" if column in ("queue", "node", "kind") else "right")
+        for name in sorted(stats["queues"]):
+            queue = stats["queues"][name]
+            table.add_row(name, str(queue["shard"]), nodes[queue["shard"]], queue["kind"],
+                          f"{queue['depth']:,}", f"{queue['leased']:,}",
+                          _rate(queue, before.get(name), "pushed", seconds),
+                          _rate(queue, before.get(name), "pulled", seconds),
+                          f"{queue['bytes']:,}", str(queue["waiting_producers"]))
+        lost = [f"shard {event['shard']} restarted and lost {', '.join(event['queues']) or 'nothing known'}"
+                for event in stats["lost"]]
+        return Group(table, *lost)
+
+
+def _node(shard: dict) -> str:
+    return f"{shard['node_ip']} {shard['node_id'][:8]}"
+
+
+def _rate(queue: dict, before: dict | None, key: str, seconds: float | None) -> str:
+    if seconds is None or before is None:
+        return "-"
+    return f"{max(0, queue[key] - before[key]) / seconds:,.0f}"
+
+
+def shutdown(address: str | None, name: str, namespace: str | None) -> str:
+    attach(address, namespace)
+    server = connect(name, namespace)
+    shards = len(server._shards)
+    server.shutdown()
+    return f"pype server {name!r} stopped ({shards} shards and the router)"
+
+
+def show_config(path: str | None) -> str:
+    """The resolved configuration as YAML; raises ConfigError/FileNotFoundError if invalid."""
+    config = load_config(path)
+    return f"# {config.source}\n" + yaml.safe_dump(config.settings, sort_keys=False)
