@@ -6,7 +6,8 @@ reorder them). Methods that may wait run on threads of two concurrency groups,
 where they may block without holding up pushes and pulls: "pulls" for waits of
 consumers (for items), "pushes" for waits of producers (for room). Keeping them
 apart matters: a pile of blocked pushes must never keep out the pulls that would
-make room for them. No method calls another actor.
+make room for them. No call waits on another actor (only __init__ of a restarted
+shard asks the router once).
 
 Main-thread methods take the caller's (id, sequence) first and record it;
 waiting methods take the (id, sequence) of the caller's last main-thread call
@@ -60,7 +61,7 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 
 
 def log_to_stderr() -> None:
-    """Show Pype's log records (INFO and up) on this process's stderr.
+    """Show Pype's warnings and errors on this process's stderr.
 
     A shard process is Pype's own: nobody else configures logging there, and Ray
     forwards a worker's stderr to the driver and to its log files.
@@ -69,7 +70,7 @@ def log_to_stderr() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.WARNING)
 
 
 class Shard:
@@ -97,8 +98,9 @@ class Shard:
         self._lost_at: float | None = None
         if journal is not None:
             replayed = self._store.restore()
-            logger.info("pype shard %d restored %d queues from %s (%d log records)",
-                        index, len(self._store.names()), journal_dir, replayed)
+            logger.log(logging.WARNING if self._restarted else logging.INFO,
+                       "pype shard %d restored %d queues from %s (%d log records)",
+                       index, len(self._store.names()), journal_dir, replayed)
         elif self._restarted:
             self._lost = {name: set() for name in ray.get(router.shard_restarted.remote(index))}
             self._lost_at = time.time()
