@@ -97,10 +97,8 @@ def _rate(queue: dict, before: dict | None, key: str, seconds: float | None) -> 
 
 def shutdown(address: str | None, name: str, namespace: str | None) -> str:
     attach(address, namespace)
-    server = connect(name, namespace)
-    shards = len(server._shards)
-    server.shutdown()
-    return f"pype server {name!r} stopped ({shards} shards and the router)"
+    connect(name, namespace).shutdown()
+    return f"pype server {name!r} stopped: its shards and router are gone"
 
 
 def show_config(path: str | None) -> str:
