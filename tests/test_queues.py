@@ -1,7 +1,9 @@
 """Every queue kind and flow-control setting against a reference model (no Ray)."""
 
+import sys
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -19,6 +21,7 @@ from pype.shards.queues import (
     check_batch_size,
     check_name,
     item_size,
+    item_sizes,
     make_queue,
     resolve_capacity,
 )
@@ -316,3 +319,14 @@ def test_push_arguments():
         as_names(["a", "a"])
     with pytest.raises(TypeError):
         as_names({"a"})
+
+
+@given(st.lists(st.one_of(st.integers(), st.text(), st.binary(), st.floats(allow_nan=False),
+                          st.none(), st.booleans(), st.lists(st.integers(), max_size=3),
+                          st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))))
+@example([[1, 2], [3]])  # one kind, not flat
+@example([{"a": 1}])
+def test_item_sizes_at_c_speed_equal_item_size_one_by_one(items):
+    assert item_sizes(items) == [item_size(item) for item in items]
+    if all(type(item) in (int, str, bytes, float, bool, type(None)) for item in items):
+        assert item_sizes(items) == [sys.getsizeof(item) for item in items]

@@ -178,7 +178,11 @@ def item_size(item: Any, depth: int = 0) -> int:
 
 def item_sizes(items: list) -> list[int]:
     """[item_size(item) for item in items], at C speed when every item is a flat value."""
-    if set(map(type, items)) <= _FLAT:
+    kinds = set(map(type, items))
+    if len(kinds) == 1 and (kind := next(iter(kinds))) in _FLAT:
+        # Flat values are not tracked by the garbage collector: __sizeof__ is getsizeof.
+        return list(map(kind.__sizeof__, items))
+    if kinds <= _FLAT:
         return list(map(sys.getsizeof, items))
     return list(map(item_size, items))
 
