@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pype
 from pype.errors import PypeError
 
 
@@ -118,8 +117,7 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.command == "shutdown":
         console.print(operations.shutdown(args.address, args.name, args.namespace))
     elif args.command == "stats":
-        operations.attach(args.address, args.namespace)
-        view = operations.StatsView(pype.connect(args.name, args.namespace))
+        view = operations.StatsView(operations.attached(args.address, args.name, args.namespace))
         if not args.watch:
             console.print(view.render())
             return 0

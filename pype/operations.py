@@ -25,6 +25,12 @@ def attach(address: str | None, namespace: str | None) -> None:
                  logging_level="WARNING", log_to_driver=False)
 
 
+def attached(address: str | None, name: str, namespace: str | None) -> Server:
+    """A handle to the running server `name` (ServerNotFoundError if there is none)."""
+    attach(address, namespace)
+    return connect(name, namespace)
+
+
 def serve(config: str | None, address: str | None, name: str, namespace: str | None,
           shards: int | None) -> Table:
     """Start a detached, named server on the cluster; it outlives this process."""
@@ -36,8 +42,7 @@ def serve(config: str | None, address: str | None, name: str, namespace: str | N
 
 def describe(address: str | None, name: str, namespace: str | None) -> Table:
     """Connect to a server and show where its shards run."""
-    attach(address, namespace)
-    return placement_table(connect(name, namespace), f"pype server {name!r}")
+    return placement_table(attached(address, name, namespace), f"pype server {name!r}")
 
 
 def placement_table(server: Server, title: str) -> Table:
@@ -96,8 +101,7 @@ def _rate(queue: dict, before: dict | None, key: str, seconds: float | None) -> 
 
 
 def shutdown(address: str | None, name: str, namespace: str | None) -> str:
-    attach(address, namespace)
-    connect(name, namespace).shutdown()
+    attached(address, name, namespace).shutdown()
     return f"pype server {name!r} stopped: its shards and router are gone"
 
 
