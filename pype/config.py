@@ -21,6 +21,9 @@ from pype.shards.journal import FSYNC_MODES
 from pype.shards.queues import QueueOptions
 
 DEFAULT_CONFIG = "default.yaml"
+# Keys whose value may be a mapping but is one value, replaced whole, not a section
+# merged key by key: `placement: {resource: NAME}` then `placement: spread`.
+WHOLE_VALUES = ("placement",)
 MB = 1 << 20
 
 
@@ -116,7 +119,7 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
     for key, value in update.items():
         if key not in base:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known: {', '.join(base)}")
-        if isinstance(base[key], dict) and key != "placement":
+        if isinstance(base[key], dict) and key not in WHOLE_VALUES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {prefix}{key} must be a mapping, got {value!r}")
             _merge(base[key], value, source, f"{prefix}{key}.")

@@ -81,3 +81,10 @@ def test_operator_commands_without_a_server_fail_with_one_line():
     assert output.strip().splitlines()[-1].startswith("pype: error: "), output
     code, output = run_script("-m", "pype.cli", "serve", "--help", timeout=60)
     assert code == 0 and "--namespace" in output and "--config" in output
+
+
+def test_a_placement_mapping_is_replaced_whole_by_a_later_value(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text("placement: {resource: gpu}\n")
+    assert load_config(path).placement.resource == "gpu"
+    assert load_config(path, placement="pack").placement.strategy == "pack"
