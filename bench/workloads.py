@@ -16,7 +16,7 @@ import ray
 from ray.util.queue import Queue as RayQueue
 
 import pype
-from tests.seed_examples.data_communication_chains import f, start
+from bench.seed_examples.data_communication_chains import f, start
 
 STAGES = 6
 END = -1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,16 +133,17 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def run_bench(bench_args: list[str]) -> int:
-    """Run the checkout's bench package (it is not installed: it needs Redis, matplotlib...)."""
+    """Run `python -m bench` in the source checkout this package was installed from.
+
+    bench/ is not part of the installed package (it needs Redis, matplotlib and the
+    seed's example scripts), so an installed copy of Pype says so in one line.
+    """
     checkout = Path(__file__).resolve().parent.parent
     if not (checkout / "bench" / "run.py").is_file():
-        print("pype: error: pype bench runs from a source checkout (pip install -e '.[bench]')",
-              file=sys.stderr)
+        print("pype: error: pype bench needs a source checkout of Pype "
+              "(git clone, then pip install -e '.[bench]' there)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(checkout))
-    from bench.run import main as bench_main
-
-    return bench_main(bench_args)
+    return subprocess.call([sys.executable, "-m", "bench", *bench_args], cwd=checkout)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 import uuid
@@ -22,12 +23,9 @@ from typing import Any
 import ray
 
 from pype.config import load_config
-from pype.errors import ServerExistsError, ServerNotFoundError
+from pype.errors import QueueTimeoutError, ServerExistsError, ServerNotFoundError
 from pype.hashing import shard_for
-from pype.payloads import by_reference
-from pype.placement import shard_options
-from pype.router import Router, Topology
-from pype.shards.queues import (
+from pype.options import (
     as_items,
     as_names,
     check_batch_size,
@@ -36,6 +34,9 @@ from pype.shards.queues import (
     check_timeout,
     resolve_capacity,
 )
+from pype.payloads import by_reference
+from pype.placement import shard_options
+from pype.router import Router, Topology
 from pype.shards.store import COUNTERS
 from pype.streams import Consumer, Producer
 
@@ -430,14 +431,32 @@ def _find_router(name: str, namespace: str) -> ray.actor.ActorHandle | None:
 
 def pull_wait(server: Server, queue: str, batch_size: int | None = None,
               timeout: float | None = 300) -> bool:
-    """Block until `queue` holds a full pull of batch_size items; False after `timeout` s.
+    """Block until `queue` holds a full pull of batch_size items; return True.
 
-    The wait happens in the shard: no polling. It sees this process's earlier pushes.
+    Raises QueueTimeoutError if that has not happened after `timeout` seconds
+    (None: wait forever), as the original Pype's helper did. The wait happens in
+    the shard, without polling, and sees this process's earlier pushes.
     """
-    return ray.get(server._wait_until(
-        "can_pull", queue, check_batch_size(batch_size), check_timeout(timeout)))
+    if ray.get(server._wait_until("can_pull", queue, check_batch_size(batch_size),
+                                  _wait_limit(timeout))):
+        return True
+    raise QueueTimeoutError(f"pull_wait: queue {queue!r} held no full pull "
+                            f"(batch_size={batch_size}) within {timeout} s")
 
 
 def push_wait(server: Server, queue: str, timeout: float | None = 300) -> bool:
-    """Block until a push of one item to `queue` would be accepted; False after `timeout` s."""
-    return ray.get(server._wait_until("can_push", queue, check_timeout(timeout)))
+    """Block until a push of one item to `queue` would be accepted; return True.
+
+    Raises QueueTimeoutError if there is no room after `timeout` seconds (None:
+    wait forever), as the original Pype's helper did.
+    """
+    if ray.get(server._wait_until("can_push", queue, _wait_limit(timeout))):
+        return True
+    raise QueueTimeoutError(f"push_wait: queue {queue!r} had no room within {timeout} s")
+
+
+def _wait_limit(timeout: float | None) -> float:
+    """The shard's `wait` for a helper's timeout: None (no limit) is sent as infinity,
+    since a shard's own None means its short poll_wait."""
+    timeout = check_timeout(timeout)
+    return math.inf if timeout is None else timeout

@@ -17,8 +17,7 @@ from typing import Any
 import yaml
 
 from pype.errors import ConfigError
-from pype.shards.journal import FSYNC_MODES
-from pype.shards.queues import QueueOptions
+from pype.options import FSYNC_MODES, QueueOptions
 
 DEFAULT_CONFIG = "default.yaml"
 # Keys whose value may be a mapping but is one value, replaced whole, not a section

@@ -2,8 +2,14 @@
 
 Every class derives from PypeError and survives Ray: ``ray.get`` of a remote call
 re-raises an instance of the original class, so ``except pype.QueueFullError`` works
-around ``ray.get(server.push.remote(...))``. Each class also derives from the
-built-in exception a caller would naturally catch (TimeoutError, ValueError, ...).
+around ``ray.get(server.push.remote(...))``.
+
+Where a built-in exception fits, a class also derives from it, so code that
+catches the built-in catches the Pype error too: QueueExistsError, ConfigError and
+ServerExistsError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
+ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
+VideoSourceError is an OSError. QueueFullError, ShardLostError and ItemLostError
+name states no built-in exception describes, and derive from PypeError alone.
 """
 
 
@@ -11,7 +17,7 @@ class PypeError(Exception):
     """Base class of every error Pype raises on purpose."""
 
 
-class QueueExistsError(PypeError):
+class QueueExistsError(PypeError, ValueError):
     """add() named a queue that already exists (pass exist_ok=True to accept it)."""
 
 

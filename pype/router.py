@@ -73,6 +73,8 @@ class Router:
         return lost
 
     def stats(self) -> dict:
-        """How often the router was asked for the topology (it is on no data path),
-        and the restarts of shards that lost queues."""
-        return {"topology_requests": self._topology_requests, "lost": self._lost}
+        """How often the router was asked for the topology (it is on no data path), the
+        queue names each shard last reported, and the restarts of shards that lost queues."""
+        return {"topology_requests": self._topology_requests,
+                "reported_queues": {index: sorted(names) for index, names in self._names.items()},
+                "lost": self._lost}

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from tests.conftest import run_script
+from tests.processes import run_script
 
 
 def test_bench_quick_run_writes_json_markdown_and_chart(tmp_path):

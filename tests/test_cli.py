@@ -2,7 +2,7 @@
 
 import re
 
-from tests.conftest import run_script
+from tests.processes import run_script
 
 
 def test_demo_runs_the_chain_and_reports_rate_and_spread():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_script
+from tests.processes import run_script
 
 # Ray's Cluster writes the newest cluster's address here and removes it on shutdown;
 # a scenario killed midway would leave it pointing at a dead cluster.

@@ -9,7 +9,7 @@ import yaml
 
 from pype.config import load_config
 from pype.errors import ConfigError
-from tests.conftest import run_script
+from tests.processes import run_script
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

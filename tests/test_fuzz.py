@@ -19,8 +19,8 @@ from hypothesis.stateful import (
 )
 
 import pype
-from pype.shards.queues import QueueOptions
-from tests.test_queues import Model
+from pype.options import QueueOptions
+from tests.model import Model
 
 DOCUMENTED = (TypeError, ValueError, pype.PypeError)
 

@@ -8,8 +8,8 @@ import stat
 import pytest
 
 from pype.errors import PypeError
+from pype.options import QueueOptions
 from pype.shards.journal import Journal, safe_dir_name
-from pype.shards.queues import QueueOptions
 from pype.shards.store import QueueStore
 
 OPTIONS = [QueueOptions(kind="fifo"), QueueOptions(kind="lifo", maxsize=5, overflow="block"),

@@ -1,12 +1,12 @@
 """Large items travel by reference: the same data arrives, the shard holds no copy."""
 
-import time
 
 import numpy as np
 import ray
 
 import pype
 from pype.payloads import LARGE_ITEM
+from tests.events import until
 
 
 def test_large_arrays_and_frames_in_dicts_arrive_intact(server, names):
@@ -35,7 +35,9 @@ def test_an_item_whose_producer_died_is_a_clear_per_item_error(server, names):
     assert ray.get(camera.push.remote(server, q)) == 1
     ray.get(server.push.remote("small item after it", q))
     ray.kill(camera)
-    time.sleep(1)
+    # Ray frees a dead owner's objects soon after its death: peek until it has.
+    until(lambda: isinstance(ray.get(server.pull.remote(q, remove=False))[0], pype.ItemLostError),
+          "Ray to free the dead producer's object")
     lost, after = ray.get(server.pull.remote(q, batch_size=-1))
     assert isinstance(lost, pype.ItemLostError) and "died" in str(lost)
     assert after == "small item after it"

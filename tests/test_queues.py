@@ -14,17 +14,16 @@ from hypothesis.stateful import (
 )
 
 from pype.errors import QueueFullError
-from pype.shards.queues import (
+from pype.options import (
     QueueOptions,
     as_items,
     as_names,
     check_batch_size,
     check_name,
-    item_size,
-    item_sizes,
-    make_queue,
     resolve_capacity,
 )
+from pype.shards.queues import item_size, item_sizes, make_queue
+from tests.model import Model
 
 options_strategy = st.builds(
     QueueOptions,
@@ -37,98 +36,6 @@ options_strategy = st.builds(
     maxsize=st.sampled_from([1, 2, 3]),
     overflow=st.just("drop_oldest"),
 )
-
-
-class Model:
-    """The obvious, slow implementation: a list of (priority, arrival, item).
-
-    Leased entries wait in `leases`; one that comes back is remembered in `returned`
-    with the number of the pull that first took it: it goes to the head of the queue,
-    returned ones in the order they were first pulled.
-    """
-
-    def __init__(self, options: QueueOptions):
-        self.options = options
-        self.entries = []
-        self.arrivals = 0
-        self.parked = []  # [items, priority, deadline, state-cell]
-        self.dropped = 0
-        self.leases = {}  # lease id -> (entry, pull number)
-        self.returned = {}  # arrival of an entry -> pull number
-        self.pulls = 0
-        self.first_pulls = {}  # arrival of an entry -> number of the pull that first took it
-
-    def order(self):
-        if self.options.kind == "priority":
-            return sorted(self.entries, key=lambda e: (e[0], e[1]))
-        head = sorted((e for e in self.entries if e[1] in self.returned),
-                      key=lambda e: self.returned[e[1]])
-        rest = [e for e in self.entries if e[1] not in self.returned]
-        newest_first = self.options.kind == "lifo"
-        return head + sorted(rest, key=lambda e: -e[1] if newest_first else e[1])
-
-    def room(self):
-        return float("inf") if not self.options.maxsize else self.options.maxsize - len(self.entries)
-
-    def insert(self, items, priority):
-        for item in items:
-            while self.options.maxsize and len(self.entries) >= self.options.maxsize:
-                # a stack evicts from its bottom before the items returned to its top
-                candidates = [e for e in self.entries if e[1] not in self.returned]
-                if self.options.kind != "lifo" or not candidates:
-                    candidates = self.entries
-                oldest = min(candidates, key=lambda e: e[1])
-                self.entries.remove(oldest)
-                self.returned.pop(oldest[1], None)
-                self.dropped += 1
-            self.entries.append((0 if priority is None else priority, self.arrivals, item))
-            self.arrivals += 1
-
-    def take_entries(self, n):
-        ordered = self.order()
-        taken = ordered if n == -1 else ordered[:n]
-        for entry in taken:
-            self.entries.remove(entry)
-            self.returned.pop(entry[1], None)
-        return taken
-
-    def take(self, n):
-        return [e[2] for e in self.take_entries(n)]
-
-    def lease(self, n, first_id):
-        taken = self.take_entries(n)
-        leased = []
-        for lease_id, entry in enumerate(taken, first_id):
-            self.pulls += 1
-            leased.append((lease_id, entry[2], entry[1] in self.first_pulls))
-            self.first_pulls.setdefault(entry[1], self.pulls)  # its place in the original order
-            self.leases[lease_id] = (entry, self.first_pulls[entry[1]])
-        return leased
-
-    def settle(self, ids, requeue):
-        missing = []
-        for lease_id in ids:
-            if lease_id not in self.leases:
-                missing.append(lease_id)
-                continue
-            entry, pull = self.leases.pop(lease_id)
-            if requeue:
-                self.entries.append(entry)
-                self.returned[entry[1]] = pull
-        return missing
-
-    def admit(self, now):
-        while self.parked:
-            items, priority, deadline, cell = self.parked[0]
-            late = deadline is not None and now >= deadline
-            if not late and len(items) > self.room():
-                break
-            self.parked.pop(0)
-            if late:
-                cell[0] = "expired"
-            else:
-                self.insert(items, priority)
-                cell[0] = "admitted"
 
 
 class QueueMachine(RuleBasedStateMachine):

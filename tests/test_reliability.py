@@ -11,6 +11,7 @@ import pytest
 import ray
 
 import pype
+from tests.events import until
 
 
 def shard_pid(server, queue):
@@ -25,17 +26,14 @@ def kill_shard(server, queue):
     return pid
 
 
-def until_restarted(server, queue, old_pid, timeout=60.0):
+def until_restarted(server, queue, old_pid):
     """Wait until the shard of `queue` answers from a new process."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def restarted():
         try:
-            if shard_pid(server, queue) != old_pid:
-                return
+            return shard_pid(server, queue) != old_pid
         except ray.exceptions.RayActorError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the shard did not come back")
+            return False
+    until(restarted, "the shard to come back", interval=0.2)
 
 
 def durable(tmp_path, **options):
@@ -75,8 +73,8 @@ def test_a_consumer_killed_mid_lease_loses_nothing(server, names):
     assert ray.get(doomed.take.remote(server, q)) == [0, 1, 2, 3]
     ray.kill(doomed)  # dies holding the lease
     assert ray.get(server.pull.remote(q, -1, ack=True))[0][1] == 4  # the rest, not yet the leased
-    time.sleep(1.5)
-    back = ray.get(server.pull.remote(q, -1, ack=True))
+    # Both leases expire after 1 s; this pull waits, in the shard, until all 10 are back.
+    back = ray.get(server.pull.remote(q, 10, ack=True, block=True, timeout=60))
     assert [item for _, item, _ in back] == [0, 1, 2, 3, *range(4, 10)]  # original order, at the head
     assert all(redelivered for _, _, redelivered in back)
     assert ray.get(server.stats.remote())["queues"][q]["redelivered"] == 10
@@ -124,10 +122,11 @@ def test_no_acknowledged_push_is_lost_when_a_shard_is_killed_at_a_random_moment(
     producer.start()
     try:
         for _ in range(2):
-            time.sleep(random.uniform(0.3, 1.0))
+            time.sleep(random.uniform(0.3, 1.0))  # a random moment of the producer's run
             until_restarted(server, q, kill_shard(server, q))
+            pushed = len(acknowledged)
+            until(lambda n=pushed: len(acknowledged) > n + 10, "pushes to the restarted shard")
     finally:
-        time.sleep(0.3)
         stop.set()
         producer.join(60)
     drained = ray.get(server.pull.remote(q, -1))
@@ -142,7 +141,8 @@ def test_without_persistence_a_restarted_shard_reports_the_queues_it_lost(fresh_
     server = fresh_server(shards=1)
     q = names()
     ray.get(server.push.remote([1, 2, 3], q, expand=True))
-    time.sleep(0.5)  # the shard reports new queue names to the router within 0.1 s
+    until(lambda: q in ray.get(server._router.stats.remote())["reported_queues"].get(0, ()),
+          "the shard to report its queue to the router")
     until_restarted(server, q, kill_shard(server, q))
     with pytest.raises(pype.ShardLostError, match=f"queue '{q}' lost its items.*not applied"):
         ray.get(server.pull.remote(q))
@@ -212,6 +212,7 @@ def test_with_persistence_large_items_survive_their_producers_death(fresh_server
     camera = Camera.remote()
     assert ray.get(camera.push.remote(server, q)) == 1
     ray.kill(camera)
-    time.sleep(1)
+    with pytest.raises(ray.exceptions.RayActorError):  # returns once the process is gone
+        ray.get(camera.push.remote(server, q))
     [item] = ray.get(server.pull.remote(q))
     assert isinstance(item, np.ndarray) and item.sum() == 3_500_000

@@ -1,7 +1,7 @@
 """The original README's examples, unchanged, against the new server.
 
 The two long examples call ray.init() and ray.shutdown() themselves, so each runs
-as its own script (tests/seed_examples/) with its own Ray.
+as its own script (bench/seed_examples/, where the bench measures them too) with its own Ray.
 """
 
 import ast
@@ -12,9 +12,12 @@ import pytest
 import ray
 
 import pype
-from tests.conftest import run_script
+from tests.processes import run_script
 
-EXAMPLES = Path(__file__).parent / "seed_examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "bench" / "seed_examples"
+# What Ray prints for a fire-and-forget call that failed in the shard ("Unhandled error"):
+# the seed's scripts never ray.get their pushes, so a refused one would show only so.
+PYPE_ERRORS = re.compile(r"pype\.errors\.\w+|QueueFullError|QueueTimeoutError|ShardLostError")
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "SEED-README.md"
 
 
@@ -29,7 +32,7 @@ def test_start_push_pull(ray_session):
 def test_locking_mechanisms_example():
     code, output = run_script(EXAMPLES / "locking_mechanisms.py", timeout=180)
     assert code == 0, output
-    assert "Error" not in output, output  # a refused fire-and-forget push shows as "Unhandled error"
+    assert not PYPE_ERRORS.search(output), output  # a refused fire-and-forget push shows up so
     # print_queue after each push shows the item just pushed, or nothing if f took it already
     shown = [ast.literal_eval(m) for m in re.findall(r"queue 'data' \(fifo, \d of 1 items\): (\[.*\])",
                                                      output)]
@@ -41,7 +44,7 @@ def test_locking_mechanisms_example():
 def test_data_communication_chains_example():
     code, output = run_script(EXAMPLES / "data_communication_chains.py", timeout=240)
     assert code == 0, output
-    assert "Error" not in output, output
+    assert not PYPE_ERRORS.search(output), output
     # Each of the 6 stages and the driver's pull wrap the item in a list: the driver
     # prints "Received  [[[[[[[i]]]]]]]". Ray forwards the shards' print_queue lines into
     # the same stream, sometimes in the middle of a print, so match the nested item

@@ -10,6 +10,12 @@ import ray
 
 import pype
 from pype.hashing import shard_for
+from tests.events import until
+
+
+def waiting_calls(server, queue):
+    """Calls waiting in the shard of `queue` (blocking pulls and pushes, can_pull, ...)."""
+    return ray.get(server.stats.remote())["shards"][server.shard_of(queue)]["waiting_calls"]
 
 
 def names_on_different_shards(server, base, count=2):
@@ -76,14 +82,13 @@ def test_batch_queue_waits_for_a_full_batch_then_returns_a_partial_one(server, n
     assert ray.get(server.pull.remote(q)) == [0, 1, 2, 3]  # a full batch: at once
     started = time.monotonic()
     assert ray.get(server.pull.remote(q)) == [4, 5]
-    assert 0.18 <= time.monotonic() - started < 2.0
-    # a consumer that waits gets the batch as soon as it is full
-    pending = server.pull.remote(q, block=True, timeout=10)
-    time.sleep(0.1)
-    started = time.monotonic()
+    assert time.monotonic() - started >= 0.18  # it waited for the batch_timeout
+    # a consumer that waits gets the batch as soon as it is full, long before its timeout
+    pending = server.pull.remote(q, block=True, timeout=60)
+    until(lambda: waiting_calls(server, q), "the pull to wait in the shard")
     ray.get(server.push.remote(list(range(4)), q, expand=True))
-    assert ray.get(pending) == [0, 1, 2, 3]
-    assert time.monotonic() - started < 1.0
+    ready, _ = ray.wait([pending], timeout=30)
+    assert ready and ray.get(pending) == [0, 1, 2, 3]
 
 
 def test_fan_out_to_queues_on_different_shards(server, names):
@@ -106,8 +111,9 @@ def test_full_queue_raises_and_blocking_push_waits(server, names):
     with pytest.raises(pype.QueueTimeoutError) as caught:
         ray.get(server.push.remote(3, q, block=True, timeout=0.1))
     assert isinstance(caught.value, TimeoutError)
-    waiting = server.push.remote(4, q, block=True, timeout=10)
-    time.sleep(0.1)
+    waiting = server.push.remote(4, q, block=True, timeout=60)
+    until(lambda: ray.get(server.stats.remote())["queues"][q]["waiting_producers"],
+          "the push to wait in line")
     assert ray.get(server.pull.remote(q)) == [1]
     assert ray.get(waiting) == 1
     assert ray.get(server.pull.remote(q, batch_size=-1)) == [4]  # 2 and 3 were never accepted
@@ -148,24 +154,35 @@ def test_can_pull_and_can_push_see_this_processes_earlier_pushes(server, names):
         assert ray.get(server.pull.remote(q)) == [i]
 
 
-def test_pull_wait_and_push_wait(server, names):
+@ray.remote(num_cpus=0)
+def wait_with(helper, server, queue, timeout):
+    return helper(server, queue, timeout=timeout)
+
+
+def test_pull_wait_and_push_wait_return_true_or_raise_at_their_timeout(server, names):
     q = names()
     ray.get(server.add.remote(q, maxsize=1))
     started = time.monotonic()
-    assert pype.pull_wait(server, q, timeout=0.2) is False
+    with pytest.raises(pype.QueueTimeoutError, match=f"pull_wait: queue '{q}'") as caught:
+        pype.pull_wait(server, q, timeout=0.2)
     assert time.monotonic() - started >= 0.19
+    assert isinstance(caught.value, TimeoutError)  # the original Pype's code catches this
 
-    @ray.remote(num_cpus=0)
-    def push_later(server, q):
-        time.sleep(0.2)
-        return ray.get(server.push.remote("x", q))
+    # timeout=None waits as long as it takes: past the shard's poll_wait, until the push
+    waiting = wait_with.remote(pype.pull_wait, server, q, None)
+    until(lambda: waiting_calls(server, q), "pull_wait to wait in the shard")
+    assert ray.wait([waiting], timeout=0.5)[0] == []
+    assert ray.get(server.push.remote("x", q)) == 1
+    assert ray.get(waiting) is True
+    assert pype.pull_wait(server, q, timeout=0) is True  # it holds now: no wait
 
-    ref = push_later.remote(server, q)
-    assert pype.pull_wait(server, q, timeout=30) is True
-    assert pype.push_wait(server, q, timeout=0.1) is False
-    assert ray.get(ref) == 1
+    with pytest.raises(pype.QueueTimeoutError, match=f"push_wait: queue '{q}' had no room"):
+        pype.push_wait(server, q, timeout=0.1)
+    waiting = wait_with.remote(pype.push_wait, server, q, 60)
+    until(lambda: waiting_calls(server, q), "push_wait to wait in the shard")
     assert ray.get(server.pull.remote(q)) == ["x"]
-    assert pype.push_wait(server, q, timeout=1) is True
+    assert ray.get(waiting) is True
+    assert pype.push_wait(server, q, timeout=0) is True
 
 
 # -- ordering and integrity -----------------------------------------------------------
@@ -206,13 +223,14 @@ def test_blocking_pull_wakes_within_milliseconds(server, names):
     delays = []
     for i in range(7):
         waiter = wait_once.remote(server, q)
-        time.sleep(0.3)
+        until(lambda: waiting_calls(server, q), "the pull to wait in the shard")
         sent = time.time()
         server.push.remote(i, q)
         items, woke = ray.get(waiter)
         assert items == [i]
         delays.append(woke - sent)
-    assert statistics.median(delays) < 0.05, delays
+    # A few ms here (the bench measures it); the bound only catches a shard that polls.
+    assert statistics.median(delays) < 0.25, delays
 
 
 # -- errors ------------------------------------------------------------------------------

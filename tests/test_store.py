@@ -13,8 +13,9 @@ from pype.errors import (
     QueueNotFoundError,
     QueueTimeoutError,
 )
-from pype.shards.queues import QueueOptions
+from pype.options import QueueOptions
 from pype.shards.store import PendingPush, QueueStore
+from tests.events import until
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_push_creates_queue_and_pull_takes_in_order(store):
 
 def test_blocking_pull_wakes_on_push(store, in_thread):
     join = in_thread(store.pull, "q", 1, True, None, True, True)
-    time.sleep(0.05)
+    until(lambda: store.stats()["waiting_calls"], "the pull to wait")
     started = time.monotonic()
     store.push(("q",), ["x"])
     assert join() == ["x"]
@@ -164,7 +165,7 @@ def test_can_pull_and_can_push_wait_for_their_condition(store, in_thread):
     assert store.can_pull("q", wait=0.05) is False
     assert time.monotonic() - started >= 0.045
     join = in_thread(store.can_pull, "q", None, 5.0)
-    time.sleep(0.02)
+    until(lambda: store.stats()["waiting_calls"], "can_pull to wait")
     store.push(("q",), [1])
     assert join() is True
     assert store.can_push("q", wait=0) is False
@@ -175,11 +176,10 @@ def test_can_pull_and_can_push_wait_for_their_condition(store, in_thread):
 
 def test_catch_up_waits_for_the_callers_earlier_call(store, in_thread):
     join = in_thread(store.catch_up, ("caller", 2))
-    time.sleep(0.05)
+    until(lambda: store.stats()["waiting_calls"], "catch_up to wait")
     store.record(("caller", 1))
-    time.sleep(0.05)
     with pytest.raises(AssertionError, match="still blocked"):
-        join(timeout=0.05)
+        join(timeout=0.1)
     store.record(("caller", 2))
     assert join() is True
     assert store.catch_up(("someone else", 0))  # nothing sent yet: no wait
@@ -271,9 +271,9 @@ def test_a_blocked_pull_wakes_when_a_lease_expires(store, in_thread):
     store.add("q", QueueOptions(visibility_timeout=0.2))
     store.push(("q",), ["x"])
     assert [item for _, item, _ in store.pull("q", ack=True)] == ["x"]
-    join = in_thread(store.pull, "q", 1, True, 5.0, True, True)
-    time.sleep(0.3)
-    store.expire_leases()
+    join = in_thread(store.pull, "q", 1, True, 30.0, True, True)
+    until(lambda: store.stats()["waiting_calls"], "the pull to wait")
+    assert store.expire_leases(now=time.time() + 0.5) == 1
     assert join() == ["x"]
 
 

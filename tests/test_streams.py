@@ -1,10 +1,11 @@
 """consume() and producer(): one item at a time in the code, batches on the wire."""
 
 import logging
-import time
 
 import pytest
 import ray
+
+from tests.events import until
 
 
 @ray.remote(num_cpus=0)
@@ -38,9 +39,7 @@ def test_producer_flushes_after_linger_without_more_pushes(server, names):
     q = names()
     producer = server.producer(q, batch_size=1000, linger=0.05)
     producer.push("lonely")
-    deadline = time.monotonic() + 5
-    while not ray.get(server.queue_len.remote(q)) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: ray.get(server.queue_len.remote(q)), "the linger flush")
     assert ray.get(server.pull.remote(q)) == ["lonely"]
     producer.close()
     with pytest.raises(RuntimeError):

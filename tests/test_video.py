@@ -8,6 +8,7 @@ import pytest
 import ray
 
 import pype
+from tests.events import until
 
 FRAMES = 24
 
@@ -86,10 +87,7 @@ def test_drop_oldest_keeps_the_freshest_frames_of_a_slow_consumer(server, names,
     q = names()
     video = pype.VideoServer.remote(server, file=clip, output_queues=q, policy="drop_oldest",
                                     queue_size=3)
-    deadline = time.monotonic() + 30
-    while ray.get(video.stats.remote())["finished"] is None:  # nobody pulls meanwhile
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    until(lambda: ray.get(video.stats.remote())["finished"], "the stream to end")  # nobody pulls
     assert ray.get(server.queue_len.remote(q)) <= 3
     items = ray.get(server.pull.remote(q, batch_size=-1))
     assert items[-1] == pype.EndOfStream(str(clip), FRAMES)
@@ -103,10 +101,7 @@ def test_drop_newest_skips_frames_while_the_queue_is_full(server, names, clip):
     q = names()
     video = pype.VideoServer.remote(server, file=clip, output_queues=q, policy="drop_newest",
                                     queue_size=2)
-    deadline = time.monotonic() + 30
-    while ray.get(video.stats.remote())["finished"] is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    until(lambda: ray.get(video.stats.remote())["finished"], "the stream to end")
     first = ray.get(server.pull.remote(q, batch_size=-1))
     assert [r["index"] for r in first] == [0, 1]  # the queue kept the first frames
     assert ray.get(video.stats.remote())["dropped"] == FRAMES - 2
@@ -117,7 +112,7 @@ def test_stop_ends_a_looping_stream(server, names, clip):
     q = names()
     video = pype.VideoServer.remote(server, file=clip, output_queues=q, loop=True,
                                     policy="drop_oldest")
-    time.sleep(0.5)
+    until(lambda: ray.get(video.stats.remote())["read"] > FRAMES, "the stream to loop")
     stats = ray.get(video.stop.remote())
     assert stats["finished"] == "stopped"
     assert stats["read"] > FRAMES  # it went round the clip

@@ -30,14 +30,16 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from pype.options import FSYNC_MODES
+
 logger = logging.getLogger("pype")
 
-FSYNC_MODES = ("always", "batch", "never")
 FSYNC_INTERVAL = 0.05  # seconds between syncs in "batch" mode
 _HEADER = struct.Struct("<II")  # length, crc32 of the pickled record
 _FILE_MODE = 0o600
@@ -81,33 +83,13 @@ class Journal:
 
         Opens that generation's log for appending, cut back to its last whole record.
         """
-        generation, state = self._newest_snapshot()
-        self.generation = generation
-        path = self._log_path(generation)
-        records, good_bytes = [], 0
-        if path.exists():
-            data = path.read_bytes()
-            for record, end in _frames(data):
-                records.append(record)
-                good_bytes = end
-            if good_bytes < len(data):
-                logger.warning("pype journal %s: dropped %d bytes of a record cut short by a crash",
-                               path, len(data) - good_bytes)
-        self._open_log(path, truncate_to=good_bytes)
-        return state, records
-
-    def _newest_snapshot(self) -> tuple[int, Any]:
-        generations = sorted(
-            (int(match.group(1)) for match in
-             (re.fullmatch(r"snapshot-(\d+)\.pkl", p.name) for p in self.directory.iterdir())
-             if match), reverse=True)
-        for generation in generations:
-            try:
-                return generation, pickle.loads(self._snapshot_path(generation).read_bytes())
-            except (OSError, pickle.UnpicklingError, EOFError) as error:
-                logger.warning("pype journal: snapshot %d unreadable (%s); trying an older one",
-                               generation, error)
-        return 0, None
+        contents = read_journal(self.directory)
+        if contents.torn_bytes:
+            logger.warning("pype journal %s: dropped %d bytes of a record cut short by a crash",
+                           self._log_path(contents.generation), contents.torn_bytes)
+        self.generation = contents.generation
+        self._open_log(self._log_path(contents.generation), truncate_to=contents.log_bytes)
+        return contents.state, contents.records
 
     # -- writing --------------------------------------------------------------------
 
@@ -179,6 +161,44 @@ class Journal:
 
     def _snapshot_path(self, generation: int) -> Path:
         return self.directory / f"snapshot-{generation}.pkl"
+
+
+@dataclass
+class JournalContents:
+    """What a journal directory holds, as read_journal() found it."""
+
+    generation: int
+    state: Any          # the newest readable snapshot's state, None before the first
+    records: list       # the whole records logged after it
+    log_bytes: int      # bytes of those records
+    torn_bytes: int     # bytes after them: a record cut short by a crash
+
+
+def read_journal(directory: Path) -> JournalContents:
+    """Read a shard's journal without changing it (Journal.load, and tools that inspect one)."""
+    directory = Path(directory)
+    generation, state = _newest_snapshot(directory)
+    path = directory / f"wal-{generation}.log"
+    data = path.read_bytes() if path.exists() else b""
+    records, good_bytes = [], 0
+    for record, end in _frames(data):
+        records.append(record)
+        good_bytes = end
+    return JournalContents(generation, state, records, good_bytes, len(data) - good_bytes)
+
+
+def _newest_snapshot(directory: Path) -> tuple[int, Any]:
+    generations = sorted(
+        (int(match.group(1)) for match in
+         (re.fullmatch(r"snapshot-(\d+)\.pkl", p.name) for p in directory.iterdir()) if match),
+        reverse=True)
+    for generation in generations:
+        try:
+            return generation, pickle.loads((directory / f"snapshot-{generation}.pkl").read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError) as error:
+            logger.warning("pype journal: snapshot %d unreadable (%s); trying an older one",
+                           generation, error)
+    return 0, None
 
 
 def _frames(data: bytes) -> Iterator[tuple[Any, int]]:

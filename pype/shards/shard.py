@@ -25,6 +25,7 @@ metrics once a second (pype.metrics).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import threading
@@ -38,9 +39,9 @@ import ray
 from pype.config import Config
 from pype.errors import ShardLostError
 from pype.metrics import ShardMetrics
+from pype.options import QueueOptions
 from pype.payloads import keep_references_here
 from pype.shards.journal import Journal
-from pype.shards.queues import QueueOptions
 from pype.shards.store import Caller, PendingPush, QueueStore
 
 logger = logging.getLogger("pype")
@@ -222,10 +223,10 @@ class Shard:
 
     @ray.method(concurrency_group=PUSH_WAITS)
     def can_push(self, after: Caller, name: str, wait: float | None = None) -> bool:
-        """wait: seconds to wait for room; None = the configured poll_wait."""
+        """wait: seconds to wait for room (math.inf: no limit); None = the configured poll_wait."""
         with self._waiting(PUSH_WAITS):
             self._store.catch_up(after)
-            return self._store.can_push(name, self._poll_wait if wait is None else wait)
+            return self._store.can_push(name, self._wait_limit(wait))
 
     @ray.method(concurrency_group=PULL_WAITS)
     def pull_waiting(self, after: Caller, name, batch_size, block, timeout, remove, ack) -> list:
@@ -237,7 +238,13 @@ class Shard:
     @ray.method(concurrency_group=PULL_WAITS)
     def can_pull(self, after: Caller, name: str, batch_size: int | None,
                  wait: float | None = None) -> bool:
-        """wait: seconds to wait for a full pull; None = the configured poll_wait."""
+        """wait: seconds to wait for a full pull (math.inf: no limit); None = the configured poll_wait."""
         with self._waiting(PULL_WAITS):
             self._store.catch_up(after)
-            return self._store.can_pull(name, batch_size, self._poll_wait if wait is None else wait)
+            return self._store.can_pull(name, batch_size, self._wait_limit(wait))
+
+    def _wait_limit(self, wait: float | None) -> float | None:
+        """The store's wait (None: no limit) for a caller's (None: poll_wait; inf: no limit)."""
+        if wait is None:
+            return self._poll_wait
+        return None if wait == math.inf else wait

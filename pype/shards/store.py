@@ -46,8 +46,9 @@ from pype.errors import (
     QueueTimeoutError,
     ShardLostError,
 )
+from pype.options import QueueOptions
 from pype.shards.journal import Journal
-from pype.shards.queues import ParkedPush, Queue, QueueOptions, item_sizes, make_queue
+from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
 
 Caller = tuple[str, int]  # (caller id, sequence number of one of its calls)
 
@@ -107,38 +108,58 @@ class QueueStore:
     def restore(self) -> int:
         """Load the journal's snapshot and replay its log; return the records replayed."""
         state, records = self._journal.load()
+        self.replay(state, records)
+        return len(records)
+
+    def replay(self, state: dict | None, records: list, observe=None) -> None:
+        """Load a snapshot's `state`, then apply the journal `records` logged after it.
+
+        observe(record, moved), if given, sees each record and the items it moved:
+        the items pushed, parked, admitted or taken, (lease_id, item, redelivered)
+        for a lease, (lease_id, item) of the leases a settle found held. Tools that
+        trace items through a journal use it (pype bench soak).
+        """
         with self._lock:
             if state is not None:
                 self._queues = state["queues"]
                 self._retired = state["retired"]
                 self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
             for record in records:
-                self._replay(*record)
+                moved = self._replay(*record)
+                if observe is not None:
+                    observe(record, moved)
             self._nbytes = sum(queue.nbytes for queue in self._queues.values())
-        return len(records)
 
-    def _replay(self, operation: str, name: str, *args: Any) -> None:
+    def _replay(self, operation: str, name: str, *args: Any) -> list:
+        queue = self._queues.get(name)
         if operation == "add":
             self._queues[name] = make_queue(args[0])
         elif operation == "remove":
             self._retire(name)
         elif operation == "insert":
-            self._queues[name].insert(*args)
+            queue.insert(*args)
+            return args[0]
         elif operation == "park":
             items, priority, nbytes = args
-            self._queues[name].parked.append(
-                ParkedPush(items, priority, None, nbytes, acknowledged=True))
+            queue.parked.append(ParkedPush(items, priority, None, nbytes, acknowledged=True))
+            return items
         elif operation == "admit":
-            ticket = self._queues[name].parked.popleft()
-            self._queues[name].insert(ticket.items, ticket.priority, ticket.nbytes)
+            ticket = queue.parked.popleft()
+            queue.insert(ticket.items, ticket.priority, ticket.nbytes)
+            return ticket.items
         elif operation == "take":
-            self._queues[name].take(*args)
+            return queue.take(*args)
         elif operation == "lease":
             count, first_id, deadline = args
-            self._queues[name].lease(count, first_id, deadline)
             self._next_lease_id = max(self._next_lease_id, first_id + count)
+            return queue.lease(count, first_id, deadline)
         elif operation == "settle":
-            self._queues[name].settle(*args)
+            lease_ids, requeue = args
+            held = [(lease_id, queue.leases[lease_id].item) for lease_id in lease_ids
+                    if lease_id in queue.leases]
+            queue.settle(lease_ids, requeue)
+            return held
+        return []
 
     def _log(self, *record: Any) -> None:
         """Journal one change (lock held); compact when the log has grown large."""

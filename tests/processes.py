@@ -1,0 +1,52 @@
+"""Running scripts the way a user would, and stopping exactly what they started."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+
+def run_script(*args, timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """Run `python *args` in its own session; return (exit code, output).
+
+    The script may start its own Ray. Whatever it leaves running (Ray's workers
+    start sessions of their own) is found through the process tree and killed by
+    pid, also when the script fails or times out.
+    """
+    process = subprocess.Popen(
+        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, **(env or {})})
+    descendants: dict[int, psutil.Process] = {}
+
+    def note_descendants():
+        try:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                descendants[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+
+    try:
+        while True:
+            note_descendants()
+            try:
+                output, _ = process.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                timeout -= 0.5
+                if timeout <= 0:
+                    process.kill()
+                    output, _ = process.communicate()
+                    output += "\n[run_script: timed out]"
+                    break
+    finally:
+        with_suppressed = (psutil.NoSuchProcess, ProcessLookupError)
+        for child in descendants.values():
+            try:
+                if child.is_running():
+                    child.send_signal(signal.SIGKILL)
+            except with_suppressed:
+                pass
+        psutil.wait_procs(list(descendants.values()), timeout=10)
+    return process.returncode, output
