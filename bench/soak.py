@@ -3,14 +3,21 @@
 Producers push numbered items, (producer, queue, sequence), in batches and note
 which pushes were acknowledged (their reference resolved) and which are unsure
 (the shard died with the push in flight: Ray cannot say whether it ran).
-Consumers pull with ack=True, report each delivery to a ledger actor, sometimes
-dawdle past the visibility timeout, and ack. Meanwhile the driver SIGKILLs shard
-processes (Ray restarts them; persistence restores them) and ray.kills consumers
-(their leases expire and the items go to the others).
+Consumers pull with ack=True and tell a ledger actor, synchronously, each
+delivery, each ack before they send it, and its answer; they sometimes dawdle past
+the visibility timeout. Meanwhile the driver SIGKILLs shard processes (Ray
+restarts them; persistence restores them) and ray.kills consumers (their leases
+expire and the items go to the others).
+
+An ack whose answer never came (its consumer or its shard died with it in flight)
+is "unsure": the judge asks the shards' journals, which it replays item by item,
+whether the shard applied it. So a consumer killed between its ack and its
+ledger record cannot look like a lost item.
 
 At the end, after the queues drained:
-- lost: acknowledged pushes that were never acked (must be 0 with persistence);
-- acked twice: items whose ack succeeded twice (must be 0: an expired lease cannot be acked);
+- lost: acknowledged pushes never acked (must be 0 with persistence); each lost
+  item is listed with its deliveries, acks (by whom) and journal history;
+- acked twice: items acked twice (must be 0: an expired lease cannot be acked);
 - phantoms: acked items nobody pushed (must be 0);
 - per-producer order: in each queue, the items of one producer were first
   delivered in the order they were pushed (first deliveries, by lease id);
@@ -35,6 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 import pype
+from pype.options import QueueOptions
+from pype.shards.journal import read_journal
+from pype.shards.store import QueueStore
 
 RESULTS = Path(__file__).parent / "results"
 VISIBILITY_TIMEOUT = 2.0
@@ -44,20 +54,32 @@ QUEUES = ("soak-a", "soak-b", "soak-c")
 
 @ray.remote(num_cpus=0)
 class Ledger:
-    """What the consumers saw; it lives in its own process, so it outlives them."""
+    """What the consumers saw and did; it lives in its own process, so it outlives them.
+
+    Consumers tell it synchronously, and before they act: a consumer killed at any
+    moment leaves an ack it began but never saw answered as an open attempt, which
+    the judge resolves from the shard's journal, never as a loss.
+    """
 
     def __init__(self):
-        self.deliveries = []   # (queue, lease_id, item, redelivered)
-        self.acked = []        # items whose ack succeeded
-        self.unsure_acks = []  # items whose ack was in flight when their shard died
+        self.deliveries = []  # (consumer, queue, lease_id, item, redelivered)
+        # (consumer, queue, lease_id, item, outcome): "acked", "not held", "unsure" (the ack
+        # failed with the shard's death) or "unanswered" (the consumer died first)
+        self.outcomes = []
+        self.attempts = {}    # (consumer, queue, lease_id) -> item: acks begun, not yet answered
         self.stop = False
 
-    def delivered(self, records):
-        self.deliveries.extend(records)
+    def delivered(self, consumer, queue, leased):
+        self.deliveries.extend((consumer, queue, lease, item, again) for lease, item, again in leased)
 
-    def settled(self, acked, unsure):
-        self.acked.extend(acked)
-        self.unsure_acks.extend(unsure)
+    def acking(self, consumer, queue, items_by_lease):
+        for lease, item in items_by_lease.items():
+            self.attempts[(consumer, queue, lease)] = item
+
+    def settled(self, consumer, queue, outcome_by_lease):
+        for lease, outcome in outcome_by_lease.items():
+            item = self.attempts.pop((consumer, queue, lease))
+            self.outcomes.append((consumer, queue, lease, item, outcome))
 
     def stopping(self):
         return self.stop
@@ -66,7 +88,9 @@ class Ledger:
         self.stop = True
 
     def report(self):
-        return self.deliveries, self.acked, self.unsure_acks
+        """Deliveries, answered acks, and acks whose consumer died before the answer."""
+        unanswered = [(*key, item, "unanswered") for key, item in self.attempts.items()]
+        return self.deliveries, self.outcomes + unanswered
 
 
 @ray.remote(num_cpus=0)
@@ -96,7 +120,7 @@ class Producer:
 
 @ray.remote(num_cpus=0)
 class Consumer:
-    def run(self, server, ledger, seed):
+    def run(self, server, ledger, name, seed):
         rng = random.Random(seed)
         rounds = 0
         while rounds % 10 or not ray.get(ledger.stopping.remote()):
@@ -111,18 +135,20 @@ class Consumer:
                 continue
             if not leased:
                 continue
-            ledger.delivered.remote([(queue, lease, item, again) for lease, item, again in leased])
+            ray.get(ledger.delivered.remote(name, queue, leased))
             if rng.random() < 0.01:
                 time.sleep(VISIBILITY_TIMEOUT + 0.5)  # too slow: the lease expires
-            ids = {lease: item for lease, item, _ in leased}
+            items = {lease: item for lease, item, _ in leased}
+            ray.get(ledger.acking.remote(name, queue, items))  # before the ack, never after
             try:
-                ray.get(server.ack.remote(queue, list(ids)))
-                ledger.settled.remote(list(ids.values()), [])
+                ray.get(server.ack.remote(queue, list(items)))
+                outcome = dict.fromkeys(items, "acked")
             except pype.LeaseNotHeldError as error:  # those went back to the queue
                 late = set(error.lease_ids)
-                ledger.settled.remote([item for lease, item in ids.items() if lease not in late], [])
+                outcome = {lease: "not held" if lease in late else "acked" for lease in items}
             except (ray.exceptions.RayActorError, pype.ShardLostError):
-                ledger.settled.remote([], list(ids.values()))
+                outcome = dict.fromkeys(items, "unsure")
+            ray.get(ledger.settled.remote(name, queue, outcome))
 
 
 def shard_pids(server) -> list[int]:
@@ -143,15 +169,16 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
     server = pype.Server.remote(
         shards=shards, shard={"max_restarts": -1},
+        # a log that is never compacted holds every item's whole history, for the trace
         persistence={"dir": journal_dir if fsync != "off" else None,
-                     "fsync": fsync if fsync != "off" else "always"},
+                     "fsync": fsync if fsync != "off" else "always", "compact_mb": 1 << 20},
         queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT})
     ledger = Ledger.remote()
     seconds = minutes * 60
     running = [Producer.remote().run.remote(server, p, seconds, rate / producers)
                for p in range(producers)]
     crew = {c: Consumer.remote() for c in range(consumers)}
-    runs = {c: consumer.run.remote(server, ledger, c) for c, consumer in crew.items()}
+    runs = {c: consumer.run.remote(server, ledger, f"consumer {c}", c) for c, consumer in crew.items()}
     faults = Counter()
     rng = random.Random(0)
     ends = time.monotonic() + seconds
@@ -164,9 +191,10 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
         else:
             victim = rng.choice(list(crew))
             ray.kill(crew[victim])
-            crew[victim] = Consumer.remote()
-            runs[victim] = crew[victim].run.remote(server, ledger, rng.randrange(1 << 30))
             faults["consumers killed"] += 1
+            crew[victim] = Consumer.remote()
+            name = f"consumer {victim}, incarnation {faults['consumers killed']}"
+            runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30))
         console.print(f"  {time.strftime('%H:%M:%S')}  faults so far: {dict(faults)}")
     outcomes = ray.get(running)
     backlog, progress_at = None, time.monotonic()
@@ -187,29 +215,75 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     else:
         console.print(f"[red]the queues stopped draining for {DRAIN_PATIENCE:.0f} s[/]")
     ray.get(ledger.finish.remote())
-    time.sleep(1)
-    deliveries, acked, unsure_acks = ray.get(ledger.report.remote())
+    ray.wait(list(runs.values()), num_returns=len(runs), timeout=60)  # their last acks answered
+    deliveries, acks = ray.get(ledger.report.remote())
     stats = with_retries(lambda: ray.get(server.stats.remote()))
     for consumer in crew.values():
         ray.kill(consumer)
     server.shutdown()
-    return judge(outcomes, deliveries, acked, unsure_acks, faults, stats, minutes, fsync)
+    journal = trace_journals(Path(journal_dir)) if fsync != "off" else None
+    return judge(outcomes, deliveries, acks, journal, faults, stats, minutes, fsync)
 
 
 def left_in_queues(stats: dict) -> int:
     return stats["totals"]["depth"] + stats["totals"]["leased"]
 
 
-def judge(outcomes, deliveries, acked, unsure_acks, faults, stats, minutes, fsync) -> dict:
+class JournalTrace:
+    """Every item's history in the shards' journals, by replaying them (see QueueStore.replay)."""
+
+    def __init__(self):
+        self.events = defaultdict(list)  # item -> what the journal says happened to it
+        self.acked_leases = set()        # (queue, lease_id) of leases acked while held
+
+    def observe(self, shard: str, record: tuple, moved: list) -> None:
+        operation, queue, *args = record
+        if operation in ("insert", "park", "admit", "take"):
+            for item in moved:
+                self.events[item].append(f"{shard}: {operation} into/out of {queue}")
+        elif operation == "lease":
+            for lease, item, again in moved:
+                self.events[item].append(f"{shard}: leased as {lease}{' (again)' * again}")
+        elif operation == "settle":
+            requeue = args[1]
+            for lease, item in moved:
+                self.events[item].append(f"{shard}: lease {lease} {'returned' if requeue else 'acked'}")
+                if not requeue:
+                    self.acked_leases.add((queue, lease))
+
+
+def trace_journals(directory: Path) -> JournalTrace:
+    trace = JournalTrace()
+    for shard_dir in sorted(directory.glob("*/shard-*")):
+        contents = read_journal(shard_dir)
+        store = QueueStore(QueueOptions())
+        store.replay(contents.state, contents.records,
+                     lambda record, moved, shard=shard_dir.name: trace.observe(shard, record, moved))
+    return trace
+
+
+def judge(outcomes, deliveries, acks, journal: JournalTrace | None, faults, stats, minutes,
+          fsync) -> dict:
+    """The verdict: every acknowledged push acked exactly once, in per-producer order.
+
+    An ack is settled by the consumer's answer; one whose answer never came (the
+    shard or the consumer died with it in flight) is resolved by the shard's
+    journal: applied if the journal acked that lease. Without a journal it counts
+    as applied. Each lost item is listed with its deliveries, acks and journal
+    history.
+    """
     acknowledged = Counter(item for done, _ in outcomes for item in done)
     unsure_pushes = {item for _, unsure in outcomes for item in unsure}
-    acked_count = Counter(acked)
-    settled = set(acked) | set(unsure_acks)
-    # An unsure ack counts once, unless the item came back and was acked after all.
-    effective = acked_count + Counter(item for item in set(unsure_acks) if item not in acked_count)
-    lost = [item for item in acknowledged if item not in settled]
+    cut_off = {"unsure": "the shard's death", "unanswered": "the consumer's death"}
+    unsure = [(queue, lease, item, outcome) for _, queue, lease, item, outcome in acks
+              if outcome in cut_off]
+    applied = [(item, outcome) for queue, lease, item, outcome in unsure
+               if journal is None or (queue, lease) in journal.acked_leases]
+    applied_unsure = [item for item, _ in applied]
+    settled = Counter(item for *_, item, outcome in acks if outcome == "acked") + Counter(applied_unsure)
+    lost = sorted(item for item in acknowledged if item not in settled)
     first_delivery = {}
-    for queue, lease, item, redelivered in sorted(deliveries, key=lambda d: d[1]):
+    for _, queue, lease, item, redelivered in sorted(deliveries, key=lambda d: d[2]):
         if not redelivered:
             first_delivery.setdefault(item, (queue, lease))
     order_breaks = 0
@@ -224,24 +298,37 @@ def judge(outcomes, deliveries, acked, unsure_acks, faults, stats, minutes, fsyn
         "faults": dict(faults),
         "acknowledged pushes (items)": sum(acknowledged.values()),
         "unsure pushes (items)": len(unsure_pushes),
-        "items of unsure pushes that arrived": len(set(acked) & unsure_pushes),
+        "items of unsure pushes that arrived": len(set(settled) & unsure_pushes),
         "deliveries": len(deliveries),
-        "redelivered": sum(1 for d in deliveries if d[3]),
-        "acked": len(acked),
-        "unsure acks": len(unsure_acks),
+        "redelivered": sum(1 for d in deliveries if d[4]),
+        "acked": sum(settled.values()),
+        **{f"acks cut off by {why}: applied per the journal / all": (
+            f"{sum(o == outcome for _, o in applied) if journal else '?'} / "
+            f"{sum(o == outcome for *_, o in unsure)}") for outcome, why in cut_off.items()},
         "left in the queues (not drained)": left_in_queues(stats),
         "lost": len(lost),
-        "acked twice": sum(1 for count in acked_count.values() if count > 1),
-        "phantoms": len(set(acked) - set(acknowledged) - unsure_pushes),
+        "acked twice": sum(1 for count in settled.values() if count > 1),
+        "phantoms": len(set(settled) - set(acknowledged) - unsure_pushes),
         "per-producer order breaks": order_breaks,
-        "acked multiset equals acknowledged pushes": Counter(
-            {item: count for item, count in effective.items() if item in acknowledged}) == acknowledged,
         "shards marked restarted at the end": sum(shard["restarted"] for shard in stats["shards"]),
         "lost queues reported": stats["lost"],
+        "lost items": [explain(item, deliveries, acks, journal) for item in lost[:200]],
     }
-    result["passed"] = (result["lost"] == 0 and left_in_queues(stats) == 0 and result["acked twice"] == 0 and result["phantoms"] == 0
-                        and order_breaks == 0)
+    result["passed"] = (result["lost"] == 0 and left_in_queues(stats) == 0 and result["acked twice"] == 0
+                        and result["phantoms"] == 0 and order_breaks == 0)
     return result
+
+
+def explain(item, deliveries, acks, journal: JournalTrace | None) -> dict:
+    """Everything the ledger and the journal know about one item."""
+    return {
+        "item": item,
+        "delivered": [f"{consumer}: {queue} lease {lease}{' (redelivered)' * again}"
+                      for consumer, queue, lease, got, again in deliveries if got == item],
+        "acks": [f"{consumer}: {queue} lease {lease}: {outcome}"
+                 for consumer, queue, lease, got, outcome in acks if got == item],
+        "journal": journal.events.get(item, ["never seen"]) if journal else "no journal",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        table.add_row(key, str(value))
+        if key != "lost items":
+            table.add_row(key, str(value))
     console.print(table)
+    for explained in result["lost items"][:10]:
+        console.print(explained)
     return 0 if result["passed"] else 1
