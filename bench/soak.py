@@ -238,9 +238,12 @@ class JournalTrace:
 
     def observe(self, shard: str, record: tuple, moved: list) -> None:
         operation, queue, *args = record
-        if operation in ("insert", "park", "admit", "take"):
+        if operation in ("push", "insert", "admit", "take"):
+            where = ", ".join(queue) if operation == "push" else queue  # a push names its queues
+            verb = {"push": "pushed into", "insert": "inserted into", "admit": "admitted into",
+                    "take": "taken from"}[operation]
             for item in moved:
-                self.events[item].append(f"{shard}: {operation} into/out of {queue}")
+                self.events[item].append(f"{shard}: {verb} {where}")
         elif operation == "lease":
             for lease, item, again in moved:
                 self.events[item].append(f"{shard}: leased as {lease}{' (again)' * again}")

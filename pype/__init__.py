@@ -15,6 +15,8 @@ from pype.errors import (
     ServerExistsError,
     ServerNotFoundError,
     ShardLostError,
+    ShardRestartedError,
+    ShardUnavailableError,
     VideoSourceError,
 )
 from pype.video import EndOfStream, VideoServer
@@ -37,6 +39,8 @@ __all__ = [
     "ServerExistsError",
     "ServerNotFoundError",
     "ShardLostError",
+    "ShardRestartedError",
+    "ShardUnavailableError",
     "VideoServer",
     "VideoSourceError",
     "connect",

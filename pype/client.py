@@ -1,10 +1,21 @@
-"""The Server handle: the seed's API in front of the router and its shards.
+"""The Server handle: the seed's API in front of the router and its shards, on two paths.
 
-A Server is a plain picklable object, not an actor. Its methods have the shape of
-actor methods (server.push.remote(...) returns a ray.ObjectRef), so code written
-for the original single-actor Pype keeps working: pass `server` into tasks,
-ray.get what its calls return. Each handle routes by itself: it hashes the queue
-name (pype.hashing.shard_for) and calls the owning shard directly.
+A Server is a plain picklable object, not an actor. Each handle routes by itself:
+it hashes the queue name (pype.hashing.shard_for) and talks to the owning shard
+directly. Every data method can be called two ways:
+
+- server.push.remote(...) has the shape of an actor method, as in the original
+  single-actor Pype: it returns a ray.ObjectRef at once, errors come from
+  ray.get, fire-and-forget is fine, and the handle passes into tasks. These calls
+  are Ray actor calls to the shard.
+- server.push(...) is the native, synchronous form: it sends the same typed request
+  (pype.protocol) over the shard's ZeroMQ socket (pype.transport) and returns the
+  answer or raises the error, in about a tenth of a Ray call's time.
+
+Both reach the same loop in the shard (pype.shards.loop), so they share one set of
+semantics. Ordering: one thread's calls to one queue apply in the order it made
+them, on either path; a native call is held in the shard until the `.remote()`
+calls its process made before it have run.
 """
 
 from __future__ import annotations
@@ -23,7 +34,12 @@ from typing import Any
 import ray
 
 from pype.config import load_config
-from pype.errors import QueueTimeoutError, ServerExistsError, ServerNotFoundError
+from pype.errors import (
+    QueueTimeoutError,
+    ServerExistsError,
+    ServerNotFoundError,
+    ShardUnavailableError,
+)
 from pype.hashing import shard_for
 from pype.options import (
     as_items,
@@ -36,24 +52,44 @@ from pype.options import (
 )
 from pype.payloads import by_reference
 from pype.placement import shard_options
+from pype.protocol import (
+    Add,
+    CanPull,
+    CanPush,
+    Describe,
+    Length,
+    Names,
+    Pull,
+    Push,
+    Remove,
+    Render,
+    Settle,
+)
 from pype.router import Router, Topology
 from pype.shards.store import COUNTERS
 from pype.streams import Consumer, Producer
+from pype.transport import DataAddress, Pipeline
 
 logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
+PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
 
-# Read-your-writes (see pype.shards.store): this process numbers the calls it sends
-# to each shard's main thread. The lock keeps the numbers in the order Ray sends.
+# Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
+# sends to each shard's main thread. The lock keeps the numbers in the order Ray sends.
 _sequence_lock = threading.Lock()
 _sent: dict[tuple[str, int], int] = {}
 _caller = {"pid": -1, "id": ""}
+# Where each shard's current incarnation listens, learned from the shard (per process).
+_addresses: dict[tuple[str, int], DataAddress] = {}
+_this_thread = threading.local()  # pid, and server id -> this thread's Pipeline
 
 
 def _caller_id() -> str:
     if _caller["pid"] != os.getpid():
         _caller.update(pid=os.getpid(), id=uuid.uuid4().hex)
+        _sent.clear()
+        _addresses.clear()
     return _caller["id"]
 
 
@@ -62,37 +98,42 @@ def _total(*counts: int) -> int:
     return sum(counts)
 
 
-class _RemoteMethod:
-    """Gives a handle method the shape of an actor method: handle.method.remote(...)."""
+class _Operation:
+    """A data method of the handle: called directly it runs natively, .remote() through Ray."""
 
-    def __init__(self, function):
-        self._function = function
-        functools.update_wrapper(self, function)
+    def __init__(self, native, remote):
+        self._native, self._remote = native, remote
+        functools.update_wrapper(self, native)
 
     def __get__(self, handle, owner=None):
-        if handle is None:
-            return self
-        return _BoundRemoteMethod(self._function, handle)
+        return self if handle is None else _BoundOperation(self, handle)
 
 
-class _BoundRemoteMethod:
-    __slots__ = ("_function", "_handle")
+class _BoundOperation:
+    __slots__ = ("_handle", "_operation")
 
-    def __init__(self, function, handle):
-        self._function = function
-        self._handle = handle
+    def __init__(self, operation: _Operation, handle: Server):
+        self._operation, self._handle = operation, handle
 
-    def remote(self, *args, **kwargs) -> Any:
-        return self._function(self._handle, *args, **kwargs)
+    def __call__(self, *args, **kwargs) -> Any:
+        return self._operation._native(self._handle, *args, **kwargs)
 
+    def remote(self, *args, **kwargs) -> ray.ObjectRef:
+        return self._operation._remote(self._handle, *args, **kwargs)
+
+    @property
+    def __doc__(self) -> str | None:
+        return self._operation.__doc__
 
 
 class Server:
     """Handle to a Pype server: a router and the shard actors that hold its queues.
 
-    Make one with Server.remote(...) or connect(name). Argument errors (TypeError,
-    ValueError) are raised by .remote() itself; errors of the operation (a full
-    queue, a timeout, ...) by ray.get of the reference it returns.
+    Make one with Server.remote(...) or connect(name). Each data method runs
+    natively when called (server.push(x, q)) and through Ray with .remote()
+    (server.push.remote(x, q)). Argument errors (TypeError, ValueError) are raised
+    by either call itself; errors of the operation (a full queue, a timeout, ...)
+    by the native call, or by ray.get of the reference .remote() returns.
     """
 
     def __init__(self, router: ray.actor.ActorHandle, topology: Topology, name: str | None = None):
@@ -146,6 +187,8 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop the server's shards and router; its queues and their items are gone."""
+        closing = [shard.close.remote() for shard in self._shards]  # removes socket files
+        ray.wait(closing, num_returns=len(closing), timeout=5)
         for shard in self._shards:
             ray.kill(shard)
         ray.kill(self._router)
@@ -164,66 +207,141 @@ class Server:
         label = f"name={self.name!r}, " if self.name else ""
         return f"pype.Server({label}shards={len(self._shards)})"
 
-    # -- routing --------------------------------------------------------------------------
+    # -- routing and the two paths -----------------------------------------------------------
 
     def shard_of(self, queue: str) -> int:
         """Index of the shard that owns `queue`."""
         return shard_for(queue, len(self._shards), self._seed)
 
-    def _call(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
-        """Call a main-thread method of shard `index`, numbering the call."""
+    def _call(self, index: int, request: tuple) -> ray.ObjectRef:
+        """Send `request` to the main thread of shard `index` through Ray, numbering the call."""
         key = (self._topology.server_id, index)
+        caller = _caller_id()
         with _sequence_lock:
             sequence = _sent.get(key, 0) + 1
-            ref = getattr(self._shards[index], method).remote((_caller_id(), sequence), *args)
+            ref = self._shards[index].call.remote(request, (caller, sequence))
             _sent[key] = sequence  # only once sent: a number never sent would never be run
             return ref
 
-    def _wait_call(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
-        """Call a waiting method of shard `index`, after this process's earlier calls."""
-        after = (_caller_id(), _sent.get((self._topology.server_id, index), 0))
-        return getattr(self._shards[index], method).remote(after, *args)
+    def _after(self, index: int) -> tuple[str, int]:
+        """(this process, its last `.remote()` call to shard `index`), which must run first."""
+        caller = _caller_id()
+        return caller, _sent.get((self._topology.server_id, index), 0)
 
-    def _call_each(self, method: str) -> list:
-        return ray.get([self._call(index, method) for index in range(len(self._shards))])
+    def _wait_call(self, index: int, request: tuple, group: str) -> ray.ObjectRef:
+        """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
+        shard = self._shards[index]
+        method = shard.wait_pull if group == PULLS else shard.wait_push
+        return method.remote(request, self._after(index))
+
+    def _call_each(self, request: tuple) -> list:
+        return ray.get([self._call(index, request) for index in range(len(self._shards))])
+
+    def pipeline(self) -> Pipeline:
+        """This thread's pipeline of native requests to the server's shards (pype.transport)."""
+        pipelines = getattr(_this_thread, "pipelines", None)
+        if pipelines is None or _this_thread.pid != os.getpid():
+            pipelines = _this_thread.pipelines = {}
+            _this_thread.pid = os.getpid()
+        pipeline = pipelines.get(self._topology.server_id)
+        if pipeline is None:
+            pipeline = pipelines[self._topology.server_id] = self.new_pipeline()
+        return pipeline
+
+    def new_pipeline(self) -> Pipeline:
+        """A pipeline of native requests of its own (a Producer's or a Consumer's)."""
+        if not ray.is_initialized():
+            ray.init()
+        return Pipeline(self._topology.keys, self._locate, ray.get_runtime_context().get_node_id(),
+                        self._topology.config.transport.request_timeout)
+
+    def _native(self, index: int, request: tuple, wait: float | None = 0.0) -> Any:
+        """Run `request` natively on shard `index`; `wait`: seconds it may wait there."""
+        return self.pipeline().call(index, self._after(index), request, wait)
+
+    def _locate(self, index: int, fresh: bool = False) -> DataAddress:
+        """Where shard `index` listens; fresh=True asks it again (after a restart)."""
+        key = (self._topology.server_id, index)
+        _caller_id()  # forgets the addresses of a parent process
+        address = _addresses.get(key)
+        if address is not None and not fresh:
+            return address
+        timeout = self._topology.config.transport.request_timeout
+        try:
+            address = ray.get(self._shards[index].data_address.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ShardUnavailableError(
+                f"shard {index} did not answer within {timeout:g} s (transport.request_timeout); "
+                f"Ray may still be restarting it") from None
+        except ray.exceptions.RayActorError as error:
+            raise ShardUnavailableError(f"shard {index} is gone: {error}") from None
+        _addresses[key] = address
+        return address
 
     # -- data -------------------------------------------------------------------------------
 
-    @_RemoteMethod
-    def push(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
-             block: bool = False, timeout: float | None = None,
-             priority: float | None = None) -> ray.ObjectRef:
-        """Push `data` (or with expand=True, each element of a list) to one or more queues.
-
-        The reference resolves to the number of items accepted (items x queues).
-        Each queue takes all the items or none. A full queue raises QueueFullError,
-        unless block=True (wait for room; QueueTimeoutError after `timeout` s) or
-        its overflow policy is "block" (the push waits in line) or "drop_oldest".
-        Missing queues are created. Large items (numpy arrays, bytes) travel by
-        reference through Ray's object store (see pype.payloads).
-        """
+    def _push_requests(self, data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
+                       priority: Any, by_reference_: bool = False) -> dict[int, Push]:
         names = as_names(queues)
         items = as_items(data, expand)
-        if self._by_reference:
+        if by_reference_:
             items = by_reference(items)
-        timeout = check_timeout(timeout)
-        priority = check_priority(priority)
-        block = bool(block)
+        timeout, priority = check_timeout(timeout), check_priority(priority)
         by_shard: dict[int, list[str]] = defaultdict(list)
         for name in names:
             by_shard[self.shard_of(name)].append(name)
+        return {index: Push(tuple(group), items, priority, bool(block), timeout)
+                for index, group in by_shard.items()}
+
+    def _push_native(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
+                     block: bool = False, timeout: float | None = None,
+                     priority: float | None = None) -> int:
+        """Push `data` (or with expand=True, each element of a list) to one or more queues.
+
+        Returns the number of items accepted (items x queues). Each queue takes all
+        the items or none. A full queue raises QueueFullError, unless block=True
+        (wait for room; QueueTimeoutError after `timeout` s) or its overflow policy
+        is "block" (the push waits in line) or "drop_oldest". Missing queues are
+        created. server.push.remote(...) does the same through Ray and returns a
+        reference to the count; large items (numpy arrays, bytes) then travel by
+        reference through Ray's object store (see pype.payloads), natively by value.
+        """
+        requests = self._push_requests(data, queues, expand, block, timeout, priority)
+        pipeline = self.pipeline()
+        tickets = [pipeline.send(index, self._after(index), request)
+                   for index, request in requests.items()]
+        wait = (None if timeout is None else timeout) if block else 0.0
+        return sum(pipeline.result(ticket, wait) for ticket in tickets)
+
+    def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
+                     block: bool = False, timeout: float | None = None,
+                     priority: float | None = None) -> ray.ObjectRef:
+        requests = self._push_requests(data, queues, expand, block, timeout, priority,
+                                       self._by_reference)
         refs = []
-        for index, group in by_shard.items():
-            ref = self._call(index, "push", tuple(group), items, priority, block, timeout)
-            if block:  # second half: waits among the shard's "pushes" threads for room
-                ref = self._shards[index].await_push.remote(ref)
+        for index, request in requests.items():
+            ref = self._call(index, request)
+            if request.block:  # second half: waits among the shard's "pushes" threads for room
+                ref = self._shards[index].await_push.remote(ref, self._after(index))
             refs.append(ref)
         return refs[0] if len(refs) == 1 else _total.remote(*refs)
 
-    @_RemoteMethod
-    def pull(self, queue: str, batch_size: int | None = None, block: bool | None = None,
-             timeout: float | None = None, remove: bool = True, ack: bool = False) -> ray.ObjectRef:
-        """Pull up to batch_size items (-1: all) from `queue`; resolves to a list.
+    push = _Operation(_push_native, _push_remote)
+
+    def _pull_request(self, queue: str, batch_size: int | None, block: bool | None,
+                      timeout: float | None, remove: bool, ack: bool) -> tuple[int, Pull]:
+        check_name(queue)
+        batch_size = check_batch_size(batch_size)
+        timeout = check_timeout(timeout)
+        if ack and not remove:
+            raise ValueError("ack=True leases items and remove=False only looks at them; "
+                             "pass one of them")
+        block = block if block is None else bool(block)
+        return self.shard_of(queue), Pull(queue, batch_size, block, timeout, bool(remove), bool(ack))
+
+    def _pull_native(self, queue: str, batch_size: int | None = None, block: bool | None = None,
+                     timeout: float | None = None, remove: bool = True, ack: bool = False) -> list:
+        """Pull up to batch_size items (-1: all) from `queue`; returns a list.
 
         [] when nothing is there. batch_size None means 1 (a batch queue's batch_size
         for batch queues). block=True waits in the shard until a full batch (one item
@@ -232,91 +350,105 @@ class Server:
         their batch_timeout. remove=False peeks.
 
         ack=False (the default) removes the items: at-most-once delivery. ack=True
-        leases them instead and resolves to a list of (lease_id, item, redelivered)
+        leases them instead and returns a list of (lease_id, item, redelivered)
         triples (redelivered: the item was leased before and came back): ack() the
         ids when done, nack() to hand the items back; a lease neither acked nor
         nacked within the queue's visibility_timeout returns its items to the head
         of the queue for another consumer (at-least-once delivery).
+        server.pull.remote(...) does the same through Ray.
         """
-        check_name(queue)
-        batch_size = check_batch_size(batch_size)
-        timeout = check_timeout(timeout)
-        if ack and not remove:
-            raise ValueError("ack=True leases items and remove=False only looks at them; "
-                             "pass one of them")
-        ack = bool(ack)
-        index = self.shard_of(queue)
-        if block or (block is None and self._kind(index, queue) == "batch"):
-            return self._wait_call(index, "pull_waiting", queue, batch_size, block, timeout, remove,
-                                   ack)
-        return self._call(index, "pull", queue, batch_size, False, timeout, remove, ack)
+        index, request = self._pull_request(queue, batch_size, block, timeout, remove, ack)
+        wait = request.timeout if request.block is not False else 0.0
+        return self._native(index, request, wait)
 
-    @_RemoteMethod
-    def ack(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
+    def _pull_remote(self, queue: str, batch_size: int | None = None, block: bool | None = None,
+                     timeout: float | None = None, remove: bool = True,
+                     ack: bool = False) -> ray.ObjectRef:
+        index, request = self._pull_request(queue, batch_size, block, timeout, remove, ack)
+        if request.block or (request.block is None and self._kind(index, queue) == "batch"):
+            return self._wait_call(index, request, PULLS)
+        return self._call(index, request._replace(block=False))
 
-        Resolves to the number acked. Raises LeaseNotHeldError for ids whose lease
-        expired (their items went back to the queue), were settled before, or were
-        never issued; the other ids are acked.
-        """
-        return self._settle(queue, lease_ids, requeue=False)
-
-    @_RemoteMethod
-    def nack(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        """Hand leased items back: they return to the head of `queue` at once, in their
-        original order, for the next pull. Resolves and raises like ack()."""
-        return self._settle(queue, lease_ids, requeue=True)
-
-    def _settle(self, queue: str, lease_ids: Any, requeue: bool) -> ray.ObjectRef:
-        check_name(queue)
-        ids = [lease_ids] if isinstance(lease_ids, int) else lease_ids
-        if not isinstance(ids, (list, tuple)) or any(
-                isinstance(i, bool) or not isinstance(i, int) for i in ids):
-            raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
-        return self._call(self.shard_of(queue), "settle", queue, list(ids), requeue)
+    pull = _Operation(_pull_native, _pull_remote)
 
     def _kind(self, index: int, queue: str) -> str | None:
         """The kind of `queue`, asked of its shard once (None while it does not exist)."""
         kind = self._kinds.get(queue)
         if kind is None:
-            options = ray.get(self._call(index, "describe", queue))
+            options = ray.get(self._call(index, Describe(queue)))
             if options is not None:
                 kind = self._kinds[queue] = options["kind"]
         return kind
 
-    @_RemoteMethod
-    def can_pull(self, queue: str, batch_size: int | None = None) -> ray.ObjectRef:
-        """Resolves to True if a pull of batch_size items would be full.
+    def _settle_request(self, queue: str, lease_ids: Any, requeue: bool) -> tuple[int, Settle]:
+        check_name(queue)
+        ids = [lease_ids] if isinstance(lease_ids, int) else lease_ids
+        if not isinstance(ids, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
+        return self.shard_of(queue), Settle(queue, list(ids), requeue)
+
+    def _ack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
+        """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
+
+        Returns the number acked. Raises LeaseNotHeldError for ids whose lease
+        expired (their items went back to the queue), were settled before, or were
+        never issued; the other ids are acked.
+        """
+        return self._native(*self._settle_request(queue, lease_ids, requeue=False))
+
+    def _ack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
+        return self._call(*self._settle_request(queue, lease_ids, requeue=False))
+
+    ack = _Operation(_ack_native, _ack_remote)
+
+    def _nack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
+        """Hand leased items back: they return to the head of `queue` at once, in their
+        original order, for the next pull. Returns and raises like ack()."""
+        return self._native(*self._settle_request(queue, lease_ids, requeue=True))
+
+    def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
+        return self._call(*self._settle_request(queue, lease_ids, requeue=True))
+
+    nack = _Operation(_nack_native, _nack_remote)
+
+    # -- conditions ---------------------------------------------------------------------------
+
+    def _can_pull_native(self, queue: str, batch_size: int | None = None) -> bool:
+        """True if a pull of batch_size items would be full.
 
         Waits in the shard up to shard.poll_wait seconds for that before answering
         False, so polling loops do not spin; sees this process's earlier calls.
         """
-        return self._wait_until("can_pull", queue, check_batch_size(batch_size))
+        check_name(queue)
+        return self._native(self.shard_of(queue), CanPull(queue, check_batch_size(batch_size)))
 
-    @_RemoteMethod
-    def can_push(self, queue: str) -> ray.ObjectRef:
-        """Resolves to True if a push of one item would be accepted (waits like can_pull)."""
-        return self._wait_until("can_push", queue)
+    def _can_pull_remote(self, queue: str, batch_size: int | None = None) -> ray.ObjectRef:
+        check_name(queue)
+        return self._wait_call(self.shard_of(queue), CanPull(queue, check_batch_size(batch_size)),
+                               PULLS)
+
+    can_pull = _Operation(_can_pull_native, _can_pull_remote)
+
+    def _can_push_native(self, queue: str) -> bool:
+        """True if a push of one item would be accepted (waits like can_pull)."""
+        check_name(queue)
+        return self._native(self.shard_of(queue), CanPush(queue))
+
+    def _can_push_remote(self, queue: str) -> ray.ObjectRef:
+        check_name(queue)
+        return self._wait_call(self.shard_of(queue), CanPush(queue), PUSHES)
+
+    can_push = _Operation(_can_push_native, _can_push_remote)
 
     # -- queues -----------------------------------------------------------------------------
 
-    @_RemoteMethod
-    def add(self, queue: str, kind: str | None = None, maxsize: int | None = None,
-            use_locking: bool = False, semaphore: int | None = None, batch_lock: int | None = None,
-            overflow: str | None = None, batch_size: int | None = None,
-            batch_timeout: float | None = None, max_bytes: int | None = None,
-            visibility_timeout: float | None = None, exist_ok: bool = False) -> ray.ObjectRef:
-        """Create `queue`. Options left None come from the config's queue_defaults.
-
-        Flow control: maxsize bounds the queue; use_locking=True means maxsize 1,
-        semaphore=N and batch_lock=N mean maxsize N, with overflow "block" unless
-        given (the seed's producers push to locked queues without checking, so a
-        push that does not fit waits in line instead of failing). max_bytes bounds
-        the bytes of its items. batch_size and batch_timeout belong to kind="batch".
-        visibility_timeout: seconds a pull with ack=True leases items. The queue
-        exists once this returns, for every process; the reference raises
-        QueueExistsError if it existed (unless exist_ok).
-        """
+    def _add_request(self, queue: str, kind: str | None = None, maxsize: int | None = None,
+                     use_locking: bool = False, semaphore: int | None = None,
+                     batch_lock: int | None = None, overflow: str | None = None,
+                     batch_size: int | None = None, batch_timeout: float | None = None,
+                     max_bytes: int | None = None, visibility_timeout: float | None = None,
+                     exist_ok: bool = False) -> tuple[int, Add]:
         check_name(queue)
         kind = kind or self._topology.config.queue_defaults.kind
         if kind != "batch" and (batch_size is not None or batch_timeout is not None):
@@ -330,14 +462,54 @@ class Server:
         options = dataclasses.replace(self._topology.config.queue_defaults,
                                       **{key: value for key, value in given.items() if value is not None})
         self._kinds.pop(queue, None)
-        return self._settled(self._call(self.shard_of(queue), "add", queue, options, bool(exist_ok)))
+        return self.shard_of(queue), Add(queue, options, bool(exist_ok))
 
-    @_RemoteMethod
-    def remove(self, queue: str) -> ray.ObjectRef:
-        """Delete `queue` and its items; resolves to how many items it held."""
+    def _add_native(self, queue: str, kind: str | None = None, maxsize: int | None = None,
+                    use_locking: bool = False, semaphore: int | None = None,
+                    batch_lock: int | None = None, overflow: str | None = None,
+                    batch_size: int | None = None, batch_timeout: float | None = None,
+                    max_bytes: int | None = None, visibility_timeout: float | None = None,
+                    exist_ok: bool = False) -> bool:
+        """Create `queue`; True if created, False if it existed (with exist_ok).
+
+        Options left None come from the config's queue_defaults. Flow control:
+        maxsize bounds the queue; use_locking=True means maxsize 1, semaphore=N and
+        batch_lock=N mean maxsize N, with overflow "block" unless given (the seed's
+        producers push to locked queues without checking, so a push that does not
+        fit waits in line instead of failing). max_bytes bounds the bytes of its
+        items. batch_size and batch_timeout belong to kind="batch".
+        visibility_timeout: seconds a pull with ack=True leases items. Raises
+        QueueExistsError if it existed (unless exist_ok). The .remote() form returns
+        once the queue exists, for every process.
+        """
+        return self._native(*self._add_request(
+            queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
+            batch_timeout, max_bytes, visibility_timeout, exist_ok))
+
+    def _add_remote(self, queue: str, kind: str | None = None, maxsize: int | None = None,
+                    use_locking: bool = False, semaphore: int | None = None,
+                    batch_lock: int | None = None, overflow: str | None = None,
+                    batch_size: int | None = None, batch_timeout: float | None = None,
+                    max_bytes: int | None = None, visibility_timeout: float | None = None,
+                    exist_ok: bool = False) -> ray.ObjectRef:
+        return self._settled(self._call(*self._add_request(
+            queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
+            batch_timeout, max_bytes, visibility_timeout, exist_ok)))
+
+    add = _Operation(_add_native, _add_remote)
+
+    def _remove_native(self, queue: str) -> int:
+        """Delete `queue` and its items; returns how many items it held."""
         check_name(queue)
         self._kinds.pop(queue, None)
-        return self._settled(self._call(self.shard_of(queue), "remove", queue))
+        return self._native(self.shard_of(queue), Remove(queue))
+
+    def _remove_remote(self, queue: str) -> ray.ObjectRef:
+        check_name(queue)
+        self._kinds.pop(queue, None)
+        return self._settled(self._call(self.shard_of(queue), Remove(queue)))
+
+    remove = _Operation(_remove_native, _remove_remote)
 
     @staticmethod
     def _settled(ref: ray.ObjectRef) -> ray.ObjectRef:
@@ -345,43 +517,64 @@ class Server:
         ray.wait([ref], fetch_local=False)
         return ref
 
-    @_RemoteMethod
-    def queue_len(self, queue: str) -> ray.ObjectRef:
-        """Resolves to the number of items in `queue` (0 if it does not exist)."""
+    def _queue_len_native(self, queue: str) -> int:
+        """The number of items in `queue` ready to pull (0 if it does not exist)."""
         check_name(queue)
-        return self._call(self.shard_of(queue), "queue_len", queue)
+        return self._native(self.shard_of(queue), Length(queue))
 
-    @_RemoteMethod
-    def print_queue(self, queue: str) -> ray.ObjectRef:
+    def _queue_len_remote(self, queue: str) -> ray.ObjectRef:
+        check_name(queue)
+        return self._call(self.shard_of(queue), Length(queue))
+
+    queue_len = _Operation(_queue_len_native, _queue_len_remote)
+
+    def _print_queue_native(self, queue: str) -> str:
         """Print `queue` and its items from its shard (Ray shows it in the driver's output)."""
         check_name(queue)
-        return self._call(self.shard_of(queue), "print_queue", queue)
+        return self._native(self.shard_of(queue), Render(queue))
 
-    @_RemoteMethod
-    def queues(self) -> ray.ObjectRef:
-        """Resolves to the sorted names of all queues of the server."""
-        return ray.put(sorted(name for names in self._call_each("queues") for name in names))
+    def _print_queue_remote(self, queue: str) -> ray.ObjectRef:
+        check_name(queue)
+        return self._call(self.shard_of(queue), Render(queue))
 
-    @_RemoteMethod
-    def stats(self) -> ray.ObjectRef:
-        """Resolves to counters: {"totals": ..., "shards": [one per shard], "queues": {name: ...}}.
+    print_queue = _Operation(_print_queue_native, _print_queue_remote)
+
+    def _queues_native(self) -> list[str]:
+        """The sorted names of all queues of the server."""
+        return sorted(name for names in self._call_each(Names()) for name in names)
+
+    def _queues_remote(self) -> ray.ObjectRef:
+        return ray.put(self._queues_native())
+
+    queues = _Operation(_queues_native, _queues_remote)
+
+    def _stats_native(self) -> dict:
+        """Counters: {"totals": ..., "shards": [one per shard], "queues": {name: ...}}.
 
         Counters: queues, depth (items ready to pull), leased (items pulled with ack=True
         and not yet settled), bytes (held, see README: Limits), pushed, pulled, dropped
         (evicted by drop_oldest), acked, redelivered (leases nacked or expired); per
-        queue also kind, maxsize, max_bytes, waiting_producers and shard. "lost" lists
-        shard restarts that lost queues (no persistence).
+        queue also kind, maxsize, max_bytes, waiting_producers and shard; per shard
+        also native_requests and ray_requests (requests served on each path) and
+        waiting_calls (requests parked now). "lost" lists shard restarts that lost
+        queues (no persistence).
         """
-        shards = self._call_each("stats")
+        shards = ray.get([shard.stats.remote() for shard in self._shards])
         queues = {}
         for shard in shards:
             for name, counters in shard.pop("per_queue").items():
                 queues[name] = {"shard": shard["shard"], **counters}
         totals = {key: sum(shard[key] for shard in shards)
-                  for key in ("queues", "depth", "leased", "bytes", *COUNTERS)}
+                  for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
+                              "native_requests", "ray_requests")}
         router = ray.get(self._router.stats.remote())
-        return ray.put({"server": self.name, "router": router, "totals": totals, "shards": shards,
-                        "queues": queues, "lost": router["lost"]})
+        return {"server": self.name, "router": router, "totals": totals, "shards": shards,
+                "queues": queues, "lost": router["lost"]}
+
+    def _stats_remote(self) -> ray.ObjectRef:
+        return ray.put(self._stats_native())
+
+    stats = _Operation(_stats_native, _stats_remote)
 
     # -- batching helpers -------------------------------------------------------------------
 
@@ -395,16 +588,10 @@ class Server:
                         check_timeout(timeout))
 
     def producer(self, queue: str, batch_size: int = 1000, linger: float = 0.005,
-                 block: bool = False) -> Producer:
+                 block: bool = False, window: int = 8) -> Producer:
         """A buffer that pushes items to `queue` in batches (see pype.streams.Producer)."""
         check_name(queue)
-        return Producer(self, queue, batch_size, check_timeout(linger, "linger"), block)
-
-    # -- waiting for conditions -----------------------------------------------------------
-
-    def _wait_until(self, method: str, queue: str, *args: Any) -> ray.ObjectRef:
-        check_name(queue)
-        return self._wait_call(self.shard_of(queue), method, queue, *args)
+        return Producer(self, queue, batch_size, check_timeout(linger, "linger"), block, window)
 
 
 def connect(name: str = "pype", namespace: str | None = None, address: str | None = None) -> Server:
@@ -437,8 +624,10 @@ def pull_wait(server: Server, queue: str, batch_size: int | None = None,
     (None: wait forever), as the original Pype's helper did. The wait happens in
     the shard, without polling, and sees this process's earlier pushes.
     """
-    if ray.get(server._wait_until("can_pull", queue, check_batch_size(batch_size),
-                                  _wait_limit(timeout))):
+    check_name(queue)
+    wait = _wait_limit(timeout)
+    request = CanPull(queue, check_batch_size(batch_size), wait)
+    if server._native(server.shard_of(queue), request, None if wait == math.inf else wait):
         return True
     raise QueueTimeoutError(f"pull_wait: queue {queue!r} held no full pull "
                             f"(batch_size={batch_size}) within {timeout} s")
@@ -450,7 +639,9 @@ def push_wait(server: Server, queue: str, timeout: float | None = 300) -> bool:
     Raises QueueTimeoutError if there is no room after `timeout` seconds (None:
     wait forever), as the original Pype's helper did.
     """
-    if ray.get(server._wait_until("can_push", queue, _wait_limit(timeout))):
+    check_name(queue)
+    wait = _wait_limit(timeout)
+    if server._native(server.shard_of(queue), CanPush(queue, wait), None if wait == math.inf else wait):
         return True
     raise QueueTimeoutError(f"push_wait: queue {queue!r} had no room within {timeout} s")
 

@@ -9,7 +9,9 @@ raise ConfigError naming the key and where it came from.
 from __future__ import annotations
 
 import math
+import os
 import sysconfig
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ DEFAULT_CONFIG = "default.yaml"
 # merged key by key: `placement: {resource: NAME}` then `placement: spread`.
 WHOLE_VALUES = ("placement",)
 MB = 1 << 20
+LOCAL_TRANSPORTS = ("ipc", "tcp")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,16 @@ class Persistence:
 
 
 @dataclass(frozen=True)
+class Transport:
+    """How shards serve the native data path (see pype.transport)."""
+
+    local: str               # ipc | tcp: how clients on a shard's own node connect
+    ipc_dir: Path            # where the ipc socket files lie (mode 0700)
+    tcp_port: int            # port of shard 0 (shard i: tcp_port + i); 0 = any free port
+    request_timeout: float   # seconds before a native call to a silent shard fails
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where the shards go: "spread" or "pack", or spread over nodes with `resource`."""
 
@@ -63,6 +76,7 @@ class Config:
     hash_seed: int
     placement: Placement
     shard: ShardConfig
+    transport: Transport
     persistence: Persistence
     queue_defaults: QueueOptions
     source: str  # the files and arguments it was read from, for messages
@@ -144,7 +158,18 @@ def _build(raw: dict, source: str) -> Config:
             raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value!r}")
         return value
 
-    shard, persistence = raw["shard"], raw["persistence"]
+    shard, persistence, transport = raw["shard"], raw["persistence"], raw["transport"]
+    if transport["local"] not in LOCAL_TRANSPORTS:
+        raise ConfigError(f"{source}: transport.local must be one of {', '.join(LOCAL_TRANSPORTS)}, "
+                          f"got {transport['local']!r}")
+    ipc_dir = transport["ipc_dir"]
+    if ipc_dir is not None and not isinstance(ipc_dir, (str, Path)):
+        raise ConfigError(f"{source}: transport.ipc_dir must be a path or null, got {ipc_dir!r}")
+    shards = number("shards", raw["shards"], int, 1)
+    tcp_port = number("transport.tcp_port", transport["tcp_port"], int, 0)
+    if tcp_port + shards > 65536:
+        raise ConfigError(f"{source}: transport.tcp_port + shards must stay below 65536, "
+                          f"got {tcp_port} + {shards}")
     if persistence["fsync"] not in FSYNC_MODES:
         raise ConfigError(f"{source}: persistence.fsync must be one of {', '.join(FSYNC_MODES)}, "
                           f"got {persistence['fsync']!r}")
@@ -156,7 +181,7 @@ def _build(raw: dict, source: str) -> Config:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: queue_defaults: {error}") from None
     return Config(
-        shards=number("shards", raw["shards"], int, 1),
+        shards=shards,
         hash_seed=number("hash_seed", raw["hash_seed"], int, 0),
         placement=_placement(raw["placement"], source),
         shard=ShardConfig(
@@ -167,6 +192,14 @@ def _build(raw: dict, source: str) -> Config:
             memory_budget=int(number("shard.memory_budget_mb", shard["memory_budget_mb"], float, 0)
                               * MB),
             max_item_bytes=int(number("shard.max_item_mb", shard["max_item_mb"], float, 0) * MB),
+        ),
+        transport=Transport(
+            local=transport["local"],
+            ipc_dir=Path(ipc_dir).expanduser().resolve() if ipc_dir is not None
+            else Path(tempfile.gettempdir()) / f"pype-{os.getuid()}",
+            tcp_port=tcp_port,
+            request_timeout=number("transport.request_timeout", transport["request_timeout"], float,
+                                   0.001),
         ),
         persistence=Persistence(
             # Relative to where the config is loaded: shard processes may run elsewhere.

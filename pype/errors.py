@@ -8,7 +8,8 @@ Where a built-in exception fits, a class also derives from it, so code that
 catches the built-in catches the Pype error too: QueueExistsError, ConfigError and
 ServerExistsError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
 ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
-VideoSourceError is an OSError. QueueFullError, ShardLostError and ItemLostError
+VideoSourceError is an OSError; ShardUnavailableError and ShardRestartedError are
+ConnectionErrors. QueueFullError, ShardLostError and ItemLostError
 name states no built-in exception describes, and derive from PypeError alone.
 """
 
@@ -55,6 +56,21 @@ class ShardLostError(PypeError):
     queue it held raises this once, naming the queue; later calls work on the new,
     empty queue. A blocking push that waited for room in a shard that restarted
     raises it too. Retry the call (push the items again) if that is what you want.
+    """
+
+
+class ShardUnavailableError(PypeError, ConnectionError):
+    """A native call could not reach its shard within transport.request_timeout seconds.
+
+    The shard's process died and Ray did not bring it back in time (or will not:
+    max_restarts is spent), or its node is unreachable. The message names the shard.
+    """
+
+
+class ShardRestartedError(PypeError, ConnectionError):
+    """A native call was in flight when its shard's process died, and it is not safe to
+    send again: it may or may not have been applied (a plain pull's items may be gone,
+    an ack may have been applied). Like Ray's RayActorError on the `.remote()` path.
     """
 
 

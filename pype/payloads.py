@@ -59,6 +59,10 @@ class ByReference:
 def _restore(ref: ray.ObjectRef, nbytes: int) -> Any:
     if not _resolve_in_this_process:
         return ByReference(ref, nbytes)
+    return _fetch(ref, nbytes)
+
+
+def _fetch(ref: ray.ObjectRef, nbytes: int) -> Any:
     try:
         return ray.get(ref)
     except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as error:
@@ -94,4 +98,27 @@ def _by_reference(item: Any) -> Any:
         return ByReference(ray.put(item), size)
     if isinstance(item, dict) and any(_size(v) >= LARGE_ITEM for v in item.values()):
         return {k: _by_reference(v) for k, v in item.items()}
+    return item
+
+
+def resolved(items: list) -> list:
+    """`items` with every ByReference replaced by its item, fetched from the object store.
+
+    A shard sends items by value over its data socket (pype.transport): a Ray
+    ObjectRef pickled outside Ray's own calls would be pinned until its owner
+    dies. For arrays the fetch is a zero-copy view of the object store's memory.
+    """
+    if not any(issubclass(kind, (ByReference, dict, tuple)) for kind in set(map(type, items))):
+        return items
+    return [_resolve(item, 0) for item in items]
+
+
+def _resolve(item: Any, depth: int) -> Any:
+    """Leased items come as (lease_id, item, redelivered): one tuple level is looked into."""
+    if isinstance(item, ByReference):
+        return _fetch(item.ref, item.nbytes)
+    if isinstance(item, dict) and any(isinstance(v, ByReference) for v in item.values()):
+        return {k: _resolve(v, depth + 1) for k, v in item.items()}
+    if type(item) is tuple and depth == 0 and any(isinstance(v, (ByReference, dict)) for v in item):
+        return tuple(_resolve(v, depth + 1) for v in item)
     return item

@@ -2,7 +2,10 @@
 
 It starts the shard actors (so they live exactly as long as it does) and hands
 out a Topology, from which every client computes shard_for(name) itself. After
-that first call no data operation touches the router.
+that first call no data operation touches the router. The topology also carries
+the CURVE keys of the native data path (pype.transport): only processes that can
+call the router, members of the Ray cluster, get them. Where each shard listens
+a client asks the shard itself (Shard.data_address), again after a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ray
 from pype.config import Config
 from pype.shards.journal import safe_dir_name
 from pype.shards.shard import shard_actor
+from pype.transport import Keys
 
 logger = logging.getLogger("pype")
 
@@ -28,6 +32,7 @@ class Topology:
     server_id: str
     shards: tuple  # of Shard actor handles; index i serves the names shard_for() maps to i
     config: Config
+    keys: Keys     # for native calls over TCP
 
 
 @ray.remote(num_cpus=0)
@@ -45,11 +50,13 @@ class Router:
         shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
                                   max_restarts=config.shard.max_restarts)
         me = ray.get_runtime_context().current_actor
+        keys, server_secret = Keys.generate()
         shards = tuple(
             shard_class.options(**placements[index]).remote(
-                index, config, None if journals is None else journals / f"shard-{index}", me, label)
+                index, config, None if journals is None else journals / f"shard-{index}", me, label,
+                keys, server_secret)
             for index in range(config.shards))
-        self._topology = Topology(server_id=server_id, shards=shards, config=config)
+        self._topology = Topology(server_id=server_id, shards=shards, config=config, keys=keys)
         self._topology_requests = 0
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []

@@ -5,13 +5,19 @@
     with server.producer("out") as out:           # buffers items, pushes batches
         out.push(item)
 
+Both use the native path (pype.transport), each with a pipeline of its own, so
+that a request can be in flight while the code works: a Consumer's next pull
+(prefetch), a Producer's last `window` batches.
+
 Delivery: both are at-most-once, like a plain pull. A Consumer has taken from the
 queue the items of the batch it is yielding and the next batch (it prefetches):
 if its process dies they are gone. Items it took but never yielded (the loop broke
 out early) are handed back by close() and, if nobody asks, logged as a warning.
 A Producer holds items for at most `linger` seconds or `batch_size` items before
-it pushes them; if its process dies they are gone. close() (and leaving the
-with-block) pushes what is left and raises the first push error, if any.
+it pushes them, and waits for a batch's answer only when `window` later batches
+are out; if its process dies, what it holds is gone. A failed batch is raised by
+the next push(), flush() or close(); close() (and leaving the with-block) pushes
+what is left and waits for every answer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self
 
-import ray
+from pype.protocol import Pull, Push
 
 if TYPE_CHECKING:
     from pype.client import Server
@@ -46,20 +52,25 @@ class Consumer(Iterator):
         # Each pull waits at most PULL_WAIT in the shard, so close() never waits long
         # for the prefetched one; the iterator adds up idle time against `timeout`.
         self._wait = PULL_WAIT if timeout is None else min(PULL_WAIT, timeout)
-        self._pull = lambda: server.pull.remote(queue, batch_size=batch_size, block=True,
-                                                timeout=self._wait)
+        self._server = server
+        self._index = server.shard_of(queue)
+        self._request = Pull(queue, batch_size, True, self._wait)
+        self._pipeline = server.new_pipeline()
         self._queue = queue
         self._timeout = timeout
         self._idle = 0.0
         self._buffer: deque = deque()
-        self._next: ray.ObjectRef | None = self._pull()
+        self._next: tuple | None = self._pull()
         self._closed = False
+
+    def _pull(self) -> tuple:
+        return self._pipeline.send(self._index, self._server._after(self._index), self._request)
 
     def __next__(self) -> Any:
         while not self._buffer:
             if self._next is None:
                 raise StopIteration
-            items = ray.get(self._next)
+            items = self._pipeline.result(self._next, self._wait)
             self._idle = 0.0 if items else self._idle + self._wait
             if self._timeout is not None and self._idle >= self._timeout:
                 self._next = None
@@ -76,8 +87,9 @@ class Consumer(Iterator):
         left = list(self._buffer)
         self._buffer.clear()
         if self._next is not None:
-            left += ray.get(self._next)
+            left += self._pipeline.result(self._next, self._wait)
             self._next = None
+        self._pipeline.close()
         return left
 
     def __enter__(self) -> Self:
@@ -87,7 +99,7 @@ class Consumer(Iterator):
         self._warn_if_left(self.close())
 
     def __del__(self) -> None:
-        # no Ray calls here: the process may be shutting down
+        # no calls here: the process may be shutting down
         if not self._closed and (self._buffer or self._next is not None):
             logger.warning("consume(%r) was dropped unclosed: %d items taken but not yielded, "
                            "and a prefetched batch, are discarded", self._queue, len(self._buffer))
@@ -103,24 +115,32 @@ class Producer:
 
     A batch goes out when it holds batch_size items, when its first item has
     waited `linger` seconds (a background thread sees to that), on flush(), and on
-    close(). Batches keep the order of push() calls. block=True makes every batch
-    a blocking push (see Server.push).
+    close(). Batches keep the order of push() calls. At most `window` batches are
+    unanswered at a time. block=True makes every batch a blocking push (see
+    Server.push). The linger thread and the caller's thread take turns on the
+    Producer's socket under its lock.
     """
 
     def __init__(self, server: Server, queue: str, batch_size: int = 1000,
-                 linger: float = 0.005, block: bool = False):
+                 linger: float = 0.005, block: bool = False, window: int = 8):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self._server = server
         self._queue = queue
+        self._index = server.shard_of(queue)
         self._batch_size = batch_size
         self._linger = linger
         self._block = block
+        self._window = window
+        self._pipeline = server.new_pipeline()
         self._lock = threading.Lock()
         self._items: list = []
         self._first_at = 0.0
-        self._sent: deque[ray.ObjectRef] = deque()
+        self._sent: deque[tuple] = deque()
         self._accepted = 0
+        self._failure: Exception | None = None
         self._closed = threading.Event()
         self._timer = threading.Thread(target=self._flush_when_stale, daemon=True,
                                        name=f"pype-producer-{queue}")
@@ -131,6 +151,7 @@ class Producer:
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("push() on a closed Producer")
+            self._raise_failure()
             if not self._items:
                 self._first_at = time.monotonic()
             self._items.append(item)
@@ -141,9 +162,10 @@ class Producer:
         """Send the current batch now."""
         with self._lock:
             self._send()
+            self._raise_failure()
 
     def close(self) -> int:
-        """Send what is left, wait for every batch to be accepted; return the item count.
+        """Send what is left, wait for every batch's answer; return the items accepted.
 
         Raises the first error a batch met (QueueFullError, ...).
         """
@@ -151,8 +173,11 @@ class Producer:
             self._send()
             self._closed.set()
         self._timer.join()
-        while self._sent:
-            self._accepted += ray.get(self._sent.popleft())
+        with self._lock:
+            while self._sent:
+                self._settle_oldest()
+            self._pipeline.close()
+            self._raise_failure()
         return self._accepted
 
     def __enter__(self) -> Self:
@@ -162,16 +187,26 @@ class Producer:
         self.close()
 
     def _send(self) -> None:
-        if self._items:
-            self._sent.append(self._server.push.remote(self._items, self._queue, expand=True,
-                                                       block=self._block))
-            self._items = []
-            self._raise_early_errors()
+        """Send the current batch (lock held); settle the oldest beyond the window."""
+        if not self._items:
+            return
+        request = Push((self._queue,), self._items, block=self._block)
+        self._sent.append(self._pipeline.send(self._index, self._server._after(self._index), request))
+        self._items = []
+        while len(self._sent) > self._window:
+            self._settle_oldest()
 
-    def _raise_early_errors(self) -> None:
-        """Surface a failed batch soon instead of at close(), and keep _sent short."""
-        while len(self._sent) > 64:
-            self._accepted += ray.get(self._sent.popleft())
+    def _settle_oldest(self) -> None:
+        try:
+            self._accepted += self._pipeline.result(self._sent.popleft(), None if self._block else 0.0)
+        except Exception as error:  # noqa: BLE001 - kept and raised to the caller, first one first
+            if self._failure is None:
+                self._failure = error
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
     def _flush_when_stale(self) -> None:
         while not self._closed.wait(self._linger):

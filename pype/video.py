@@ -9,11 +9,11 @@ cannot (FileNotFoundError, VideoSourceError, ValueError), and returns the actor'
 handle while a thread inside it reads frames and pushes them. At the end of a
 file (without loop) every output queue receives one pype.EndOfStream item.
 
-Frames are pushed by reference (see pype.payloads): the actor puts each frame
-into Ray's object store once, for all its queues, and owns it. The actor lives as
-long as its handle or the Server handle it streams into lives in the process that
-made it, so frames in the queues stay readable; do not ray.kill it while
-consumers still need its frames.
+Frames travel by value over the native data path (pype.transport): each frame
+goes to each output queue's shard without a copy in Python (pickle protocol 5
+out-of-band buffers), and the shard holds it until a consumer pulls it, so frames
+in the queues outlive the video actor. The actor lives as long as its handle or
+the Server handle it streams into lives in the process that made it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from pype.errors import QueueFullError, VideoSourceError
-from pype.payloads import by_reference
+from pype.protocol import Push
 
 logger = logging.getLogger("pype")
 
@@ -109,7 +109,8 @@ class _VideoActor:
         self._stop = threading.Event()
         self._server = None
         self._names: list[str] = []
-        self._in_flight: deque[list] = deque()  # refs of pushes not yet acknowledged
+        self._pipeline = None  # the capture thread's native requests
+        self._in_flight: deque[list] = deque()  # tickets of pushes not yet acknowledged
         self._counts = {"read": 0, "pushed": 0, "dropped": 0}
         self._started = time.monotonic()
         self._finished: str | None = None
@@ -158,6 +159,7 @@ class _VideoActor:
     def _run(self, server, capture, frame, is_file, names, scale, fps, loop, stream_name, policy):
         import cv2
 
+        self._pipeline = server.new_pipeline()
         index = 0
         began = time.monotonic()
         try:
@@ -177,17 +179,16 @@ class _VideoActor:
                     delay = began + index / fps - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                record = by_reference([{"frame": frame, "index": index, "time": time.time(),
-                                        "stream_name": stream_name}])[0]
+                record = {"frame": frame, "index": index, "time": time.time(),
+                          "stream_name": stream_name}
                 self._push(server, names, record, policy)
                 index += 1
                 frame = None
             while self._in_flight:
-                self._settle(self._in_flight.popleft())
+                self._settle(self._in_flight.popleft(), policy == "block")
             if not self._stop.is_set():
                 self._finished = "end of stream"
-                ray.get([server.push.remote(EndOfStream(stream_name, index), name, block=True)
-                         for name in names])
+                server.push(EndOfStream(stream_name, index), names, block=True)
             else:
                 self._finished = "stopped"
         except Exception as error:  # the thread's only report: stats() and the log
@@ -200,19 +201,22 @@ class _VideoActor:
         """Send the frame to every queue; wait only for frames older than PUSH_WINDOW.
 
         Waiting for each frame's acknowledgement would add a round trip per frame;
-        order holds anyway, since pushes that wait for room enter in line order.
+        order holds anyway, since one connection's pushes arrive in order and pushes
+        that wait for room enter in line order.
         """
-        # one push per queue, not a fan-out list: a list over several shards costs a task
-        self._in_flight.append([server.push.remote(record, name, block=policy == "block")
-                                for name in names])
+        block = policy == "block"
+        self._in_flight.append([
+            self._pipeline.send(server.shard_of(name), server._after(server.shard_of(name)),
+                                Push((name,), [record], block=block))
+            for name in names])
         while len(self._in_flight) > PUSH_WINDOW:
-            self._settle(self._in_flight.popleft())
+            self._settle(self._in_flight.popleft(), block)
 
-    def _settle(self, refs: list) -> None:
+    def _settle(self, tickets: list, block: bool = True) -> None:
         accepted = 0
-        for ref in refs:
+        for ticket in tickets:
             try:
-                accepted += ray.get(ref)
+                accepted += self._pipeline.result(ticket, None if block else 0.0)
             except QueueFullError:  # drop_newest: this queue skips the frame
                 self._counts["dropped"] += 1
         self._counts["pushed"] += accepted > 0

@@ -18,6 +18,8 @@ BUILTIN_BASES = {
     pype.VideoSourceError: OSError,
     pype.QueueFullError: None,
     pype.ShardLostError: None,
+    pype.ShardUnavailableError: ConnectionError,
+    pype.ShardRestartedError: ConnectionError,
     pype.ItemLostError: None,
 }
 

@@ -25,12 +25,12 @@ def open_store(directory, fsync="never", compact_bytes=1 << 20):
 
 
 def picture(store):
-    """Everything a client could observe of the store, leases included."""
-    with store._lock:
-        return {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
-                       [(t.items, t.priority) for t in queue.parked], queue.nbytes,
-                       queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
-                for name, queue in store._queues.items()}
+    """Everything a client could observe of the store, leases and producers' numbers included."""
+    queues = {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
+                     [(t.items, t.priority) for t in queue.parked], queue.nbytes,
+                     queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
+              for name, queue in store._queues.items()}
+    return queues, dict(store._producers)
 
 
 def random_operations(store, rng, count):
@@ -45,17 +45,19 @@ def random_operations(store, rng, count):
             elif roll < 0.45:
                 items = [rng.choice([rng.randint(0, 99), "s" * rng.randint(0, 300), (1, 2.5)])
                          for _ in range(rng.randint(1, 3))]
-                kind = store.describe(name)
-                priority = rng.randint(0, 3) if kind and kind["kind"] == "priority" else None
-                store.push((name,), items, priority)
+                names = (name,) if rng.random() < 0.8 else tuple(rng.sample(NAMES, 2))
+                kinds = [store.describe(each) for each in names]
+                priority = rng.randint(0, 3) if any(k and k["kind"] == "priority" for k in kinds) else None
+                # a native push's number; sometimes one sent again after a "restart"
+                producer = (rng.randint(1, 3), rng.randint(1, 60)) if rng.random() < 0.5 else None
+                store.push(names, items, priority, producer=producer)
             elif roll < 0.65:
                 store.pull(name, rng.choice([1, 2, -1]))
             elif roll < 0.85:
                 store.pull(name, rng.choice([1, 2]), ack=True)
             else:
-                with store._lock:
-                    queue = store._queues.get(name)
-                    held = list(queue.leases) if queue else []
+                queue = store._queues.get(name)
+                held = list(queue.leases) if queue else []
                 if held:
                     store.settle(name, rng.sample(held, rng.randint(1, len(held))), rng.random() < 0.5)
         except (PypeError, ValueError):
@@ -83,7 +85,7 @@ def test_a_restored_store_equals_the_one_that_wrote_the_log(tmp_path, seed):
 def test_a_record_cut_short_by_a_crash_is_dropped_and_the_log_goes_on(tmp_path, caplog):
     store = open_store(tmp_path)
     store.push(("q",), [1, 2, 3])
-    store.pull("q")
+    store.pull("q", 1)
     log = next(tmp_path.glob("wal-*.log"))
     whole = log.read_bytes()
     store.push(("q",), [4])
@@ -113,7 +115,7 @@ def test_fsync_modes_all_restore_and_bad_mode_is_refused(tmp_path):
         store = open_store(tmp_path / mode, fsync=mode)
         store.push(("q",), [mode])
         store.close()
-        assert open_store(tmp_path / mode).pull("q") == [mode]
+        assert open_store(tmp_path / mode).pull("q", 1) == [mode]
     with pytest.raises(ValueError, match="fsync must be one of"):
         Journal(tmp_path / "bad", "sometimes")
 

@@ -55,7 +55,7 @@ def test_an_item_nobody_acked_is_lost_and_its_history_is_named(tmp_path):
     assert lost["item"] == (0, QUEUE, 2)
     assert lost["delivered"] == [f"consumer 0: {QUEUE} lease {lease}"]
     assert lost["acks"] == [f"consumer 0: {QUEUE} lease {lease}: unsure"]
-    assert lost["journal"] == [f"shard-0: insert into/out of {QUEUE}", f"shard-0: leased as {lease}"]
+    assert lost["journal"] == [f"shard-0: pushed into {QUEUE}", f"shard-0: leased as {lease}"]
 
 
 def test_acks_answered_by_the_shard_count_without_the_journal(tmp_path):

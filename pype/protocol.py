@@ -1,0 +1,178 @@
+"""The requests a client sends a shard, on either path, and how they travel on the wire.
+
+Every call across the process boundary is one of the request types below: a
+named tuple whose fields are the call's arguments. A `.remote()` call hands one
+to the shard actor's Ray methods; a native call sends it over the shard's data
+socket (pype.transport). The shard answers both in the same way
+(pype.shards.loop), so both paths share one set of semantics.
+
+On the wire a request is an envelope, pickled with protocol 5:
+
+    (request_id, (caller id, after), type code, request's fields)
+
+request_id numbers the requests of one connection, so several may be in flight
+(a producer's window, a consumer's prefetch). `after` is the sequence number of
+the caller's last `.remote()` call to this shard, or 0: the shard holds the
+request until it has run that call (read-your-writes across the two paths, see
+pype.shards.loop). The request travels as a plain tuple with a type code, which
+pickles four times faster than the named tuple itself. The reply is
+
+    (request_id, status, value)
+
+with status RESULT (value is the result) or ERROR (value is the exception). A
+request that waits in the shard gets no answer until it is done; a client tells
+a long wait from a dead shard by its connection (see pype.transport). Large
+buffers (numpy arrays of LARGE_BUFFER bytes or more) travel out of band, as extra
+frames that ZeroMQ sends without a copy (pickle protocol 5).
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+from pype.options import QueueOptions
+
+RESULT, ERROR = 0, 1
+LARGE_BUFFER = 64 * 1024  # bytes; smaller buffers ride inside the pickle (ZeroMQ copies them anyway)
+
+
+# -- data ----------------------------------------------------------------------------
+
+class Push(NamedTuple):
+    """Push `items` to each of `queues` (see Server.push).
+
+    producer: (producer id, sequence number) of a native push, which the client may
+    send again after a shard restart; the shard applies each sequence number once.
+    """
+
+    queues: tuple[str, ...]
+    items: list
+    priority: float | None = None
+    block: bool = False
+    timeout: float | None = None
+    producer: tuple[int, int] | None = None
+
+
+class Pull(NamedTuple):
+    """Take (remove=False: peek at; ack=True: lease) up to batch_size items of `queue`."""
+
+    queue: str
+    batch_size: int | None = None
+    block: bool | None = None
+    timeout: float | None = None
+    remove: bool = True
+    ack: bool = False
+
+
+class Settle(NamedTuple):
+    """Ack (requeue=False) or nack (requeue=True) leased items of `queue`."""
+
+    queue: str
+    lease_ids: list[int]
+    requeue: bool
+
+
+class AwaitPush(NamedTuple):
+    """Wait for the parts of a blocking `.remote()` push that waited in line for room."""
+
+    pending: Any  # what the shard answered the Push: an int, or a PendingPush
+
+
+# -- conditions ------------------------------------------------------------------------
+
+class CanPull(NamedTuple):
+    """Would a pull of batch_size be full? wait: seconds to wait for it (None: the
+    shard's poll_wait; math.inf: no limit)."""
+
+    queue: str
+    batch_size: int | None = None
+    wait: float | None = None
+
+
+class CanPush(NamedTuple):
+    """Would a push of one item be accepted? wait: as for CanPull."""
+
+    queue: str
+    wait: float | None = None
+
+
+# -- queues and introspection ---------------------------------------------------------------
+
+class Add(NamedTuple):
+    queue: str
+    options: QueueOptions
+    exist_ok: bool = False
+
+
+class Remove(NamedTuple):
+    queue: str
+
+
+class Length(NamedTuple):
+    queue: str
+
+
+class Describe(NamedTuple):
+    """The options of `queue` as a dict, or None."""
+
+    queue: str
+
+
+class Render(NamedTuple):
+    """A one-line picture of `queue` (print_queue)."""
+
+    queue: str
+
+
+class Names(NamedTuple):
+    """The names of the shard's queues."""
+
+
+class Stats(NamedTuple):
+    """The shard's counters."""
+
+
+# -- wire format ---------------------------------------------------------------------------
+
+REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
+                 Render, Names, Stats)
+_CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
+
+
+def encode_request(request_id: int, caller: tuple[str, int], request: tuple) -> list:
+    """Frames of one request (see the module docstring)."""
+    return dumps((request_id, caller, _CODES[type(request)], tuple(request)))
+
+
+def decode_request(frames: list) -> tuple[int, tuple[str, int], tuple]:
+    """(request_id, caller, request) of frames made by encode_request.
+
+    Raises (TypeError, ValueError, IndexError, pickle errors, ...) for anything else.
+    """
+    request_id, caller, code, fields = loads(frames)
+    kind = REQUEST_TYPES[code]
+    if len(fields) != len(kind._fields):
+        raise ValueError(f"{kind.__name__} has {len(kind._fields)} fields, not {len(fields)}")
+    return request_id, caller, tuple.__new__(kind, fields)
+
+
+def dumps(message: tuple) -> list:
+    """Frames of one message: the pickle, then its large buffers, out of band."""
+    buffers: list = []
+
+    def keep_small(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < LARGE_BUFFER:
+            return True  # in band
+        buffers.append(buffer)
+        return False
+
+    return [pickle.dumps(message, protocol=5, buffer_callback=keep_small), *buffers]
+
+
+def loads(frames: list) -> tuple:
+    """The message of `frames` (as dumps() made them; bytes, memoryviews or zmq.Frames)."""
+    if len(frames) == 1:
+        return pickle.loads(frames[0])
+    first, *buffers = frames
+    return pickle.loads(first, buffers=[getattr(b, "buffer", b) for b in buffers])

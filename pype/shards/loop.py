@@ -1,0 +1,472 @@
+"""The shard's loop: the one thread that owns the shard's queues.
+
+Requests come from two places: the data sockets (native calls, pype.transport)
+and the shard actor's Ray methods (`.remote()` calls), which hand theirs in
+through an inbox and wait for the answer. The loop runs each request against
+the QueueStore, which never waits. A request that must wait (a blocking pull, a
+blocking push, can_pull/can_push with a wait) is parked: it costs no thread,
+only an entry in the list of its queue and, with a timeout, in a heap of
+deadlines. Whatever changes a queue wakes the requests parked on it, in the
+order they parked; a deadline answers a parked request with what its timeout
+means (a partial batch, False, QueueTimeoutError). This is the shape of Redis:
+one thread, no locks, blocked clients as data.
+
+Read-your-writes across the two paths. Ray runs one caller's calls to the
+actor's main thread in order, but not in order with its calls to the waiting
+groups, nor with its native calls. So every `.remote()` call to the main thread
+carries (caller id, sequence number), and every other request carries the
+sequence number of its caller's last such call: the loop holds it until that
+call has run. A shard that Ray restarted does not hold requests of callers it
+has not seen since: their earlier calls went to its predecessor.
+
+Without persistence a restarted shard lost its queues: each caller's first call
+to one of them raises ShardLostError once, and is not applied.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from pype import protocol
+from pype.errors import ShardLostError
+from pype.payloads import resolved
+from pype.protocol import (
+    Add,
+    AwaitPush,
+    CanPull,
+    CanPush,
+    Describe,
+    Length,
+    Names,
+    Pull,
+    Push,
+    Remove,
+    Render,
+    Settle,
+    Stats,
+)
+from pype.shards.store import PendingPush, QueueStore
+from pype.transport import EVENTS, POLLIN, ShardSockets, receive_frames, send_frames
+
+logger = logging.getLogger("pype")
+
+HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks for expired leases and new queue names
+MAX_BATCH = 256              # messages read from one socket before the loop looks elsewhere
+
+Reply = Callable[[int, Any], None]  # reply(status, value)
+
+
+class RayReply:
+    """The answer to a request from a Ray method's thread, which waits for it."""
+
+    __slots__ = ("_event", "status", "value")
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.status, self.value = None, None
+
+    def __call__(self, status: int, value: Any) -> None:
+        self.status, self.value = status, value
+        self._event.set()
+
+    def result(self) -> Any:
+        self._event.wait()
+        if self.status == protocol.ERROR:
+            raise self.value
+        return self.value
+
+
+class _NativeReply:
+    """Sends the answer to a native request back over the socket it came on."""
+
+    __slots__ = ("identity", "request_id", "socket")
+
+    def __init__(self, socket: zmq.Socket, identity: bytes, request_id: int):
+        self.socket, self.identity, self.request_id = socket, identity, request_id
+
+    def __call__(self, status: int, value: Any) -> None:
+        if status == protocol.RESULT and type(value) is list and value:
+            value = resolved(value)  # items pushed by reference travel by value here
+        try:
+            frames = protocol.dumps((self.request_id, status, value))
+        except Exception as error:  # noqa: BLE001 - an answer that cannot be pickled
+            frames = protocol.dumps((self.request_id, protocol.ERROR, TypeError(
+                f"the shard's answer could not be sent: {error!r}")))
+        try:
+            send_frames(self.socket, frames, self.identity)
+        except zmq.ZMQError as error:  # the client is gone (ROUTER_MANDATORY): nobody to tell
+            logger.debug("pype shard: a client left before its answer: %s", error)
+
+
+# -- parked requests ----------------------------------------------------------------------
+
+class _Parked:
+    """A request waiting in the shard on queues `names`; poll() answers it once it can.
+
+    A handler returns one instead of an answer; the loop attaches the reply.
+    """
+
+    __slots__ = ("deadline", "done", "names", "reply")
+
+    def __init__(self, names: tuple[str, ...], deadline: float | None):
+        self.names, self.deadline, self.done = names, deadline, False
+        self.reply: Reply | None = None
+
+    def finish(self, status: int, value: Any) -> None:
+        self.done = True
+        self.reply(status, value)
+
+
+class _PullWait(_Parked):
+    __slots__ = ("ack", "name", "remove", "size")
+
+    def __init__(self, deadline, name, size, remove, ack):
+        super().__init__((name,), deadline)
+        self.name, self.size, self.remove, self.ack = name, size, remove, ack
+
+    def poll(self, loop: ShardLoop, late: bool) -> bool:
+        if not (late or loop.store.pull_ready(self.name, self.size)):
+            return False
+        items = loop.store.pull(self.name, self.size, self.remove, self.ack)
+        if items:
+            loop.changed(self.name)
+        self.finish(protocol.RESULT, items)
+        return True
+
+
+class _ConditionWait(_Parked):
+    """can_pull / can_push with a wait: True once the condition holds, False at the deadline."""
+
+    __slots__ = ("condition",)
+
+    def __init__(self, name, deadline, condition: Callable[[], bool]):
+        super().__init__((name,), deadline)
+        self.condition = condition
+
+    def poll(self, loop: ShardLoop, late: bool) -> bool:
+        if self.condition():
+            self.finish(protocol.RESULT, True)
+        elif late:
+            self.finish(protocol.RESULT, False)
+        else:
+            return False
+        return True
+
+
+class _PushWait(_Parked):
+    """The parts of a blocking push that wait in their queues' lines for room."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: PendingPush):
+        super().__init__(tuple(pending.tickets), pending.deadline)
+        self.pending = pending
+
+    def poll(self, loop: ShardLoop, late: bool) -> bool:
+        try:
+            outcome = loop.store.push_outcome(self.pending, time.monotonic())
+        except Exception as error:  # noqa: BLE001 - the push's own error, for its caller
+            self.finish(protocol.ERROR, error)
+            return True
+        if outcome is None:
+            return False
+        self.finish(protocol.RESULT, outcome)
+        return True
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+class ShardLoop:
+    """Serves one shard's requests on a thread of its own; see the module docstring."""
+
+    def __init__(self, store: QueueStore, sockets: ShardSockets, index: int, poll_wait: float,
+                 restarted: bool = False, lost: set[str] = frozenset(),
+                 housekeeping: Callable[[ShardLoop], None] | None = None):
+        self.store = store
+        self.index = index
+        self.counts = {"native_requests": 0, "ray_requests": 0}
+        self._sockets = sockets
+        self._poll_wait = poll_wait
+        self._restarted = restarted
+        self._lost = {name: set() for name in lost}  # queue lost in a restart -> callers told
+        self._housekeeping = housekeeping
+        self._inbox: deque = deque()
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK)
+        self._parked: dict[str, list[_Parked]] = {}
+        self._deadlines: list = []
+        self._tiebreak = itertools.count()
+        self._changed: list[str] = []
+        self._applied: dict[str, int] = {}           # caller id -> last main-thread call run
+        self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
+        self._stopping = False
+        self._handlers = {
+            Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
+            CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
+            Length: lambda _, r, __: self.store.length(r.queue),
+            Describe: lambda _, r, __: self.store.describe(r.queue),
+            Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
+        }
+        self._thread = threading.Thread(target=self._run, name=f"pype-shard-{index}", daemon=True)
+        self._thread.start()
+
+    # -- entry points from other threads ------------------------------------------------
+
+    def submit(self, request: tuple, caller_id: str, sequence: int | None = None,
+               after: int = 0, may_wait: bool = True) -> Any:
+        """Run `request` for a Ray method's thread and return its answer (or raise its error).
+
+        sequence: the number of a main-thread call (recorded once it ran); after:
+        the caller's last main-thread call, which must run first; may_wait=False
+        (the main thread) answers at once, never parking the request.
+        """
+        reply = RayReply()
+        self._inbox.append((request, caller_id, sequence, after, may_wait, reply))
+        os.eventfd_write(self._wakeup, 1)
+        return reply.result()
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._wakeup, 1)
+        self._thread.join(timeout=5)
+        self._sockets.close()
+
+    @property
+    def address(self):
+        """Where the data sockets listen (a pype.transport.DataAddress)."""
+        return self._sockets.address
+
+    def stats(self) -> dict:
+        """The store's counters, requests served per path, requests parked now, lost queues.
+
+        Call it on the loop's thread (housekeeping does), or send a Stats request.
+        """
+        waiting = sum(not parked.done for parked_on in self._parked.values() for parked in parked_on)
+        return {**self.store.stats(), **self.counts, "waiting_calls": waiting,
+                "lost_queues": sorted(self._lost)}
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for socket in self._sockets.sockets:
+            poller.register(socket, zmq.POLLIN)
+        poller.register(self._wakeup, zmq.POLLIN)
+        next_housekeeping = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            until = next_housekeeping
+            if self._deadlines:
+                until = min(until, self._deadlines[0][0])
+            try:
+                events = poller.poll(max(0.0, until - now) * 1000)
+                for source, _ in events:
+                    if source == self._wakeup:
+                        os.eventfd_read(self._wakeup)
+                        self._drain_inbox()
+                    else:
+                        self._serve(source)
+                now = time.monotonic()
+                self._expire(now)
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    for name in self.store.expire_leases():
+                        self.changed(name)
+                    self._wake()
+                    if self._housekeeping is not None:
+                        self._housekeeping(self)
+            except Exception:  # the loop must outlive any one request's bug
+                logger.exception("pype shard %d: the loop failed; it goes on", self.index)
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            request, caller_id, sequence, after, may_wait, reply = inbox.popleft()
+            self.counts["ray_requests"] += 1
+            self._dispatch(request, caller_id, after, may_wait, reply)
+            if sequence is not None:
+                self._record(caller_id, sequence)
+
+    def _serve(self, socket: zmq.Socket) -> None:
+        """Run up to MAX_BATCH requests that wait on `socket`."""
+        ready, receive = socket.getsockopt, socket.recv
+        for _ in range(MAX_BATCH):
+            if not ready(EVENTS) & POLLIN:
+                return
+            identity = receive()
+            frames = receive_frames(socket)
+            self.counts["native_requests"] += 1
+            try:
+                request_id, (caller_id, after), request = protocol.decode_request(frames)
+            except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
+                logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
+                continue
+            self._dispatch(request, caller_id, after, True, _NativeReply(socket, identity, request_id))
+
+    # -- running requests -------------------------------------------------------------------
+
+    def _dispatch(self, request, caller_id: str, after: int, may_wait: bool, reply: Reply) -> None:
+        if after and self._applied.get(caller_id, 0) < after and not (
+                self._restarted and caller_id not in self._applied):
+            self._behind.setdefault(caller_id, []).append((after, request, may_wait, reply))
+            return
+        try:
+            answer = self._handlers[type(request)](caller_id, request, may_wait)
+        except Exception as error:  # noqa: BLE001 - the request's own error, for its caller
+            reply(protocol.ERROR, error)
+        else:
+            if isinstance(answer, _Parked):
+                answer.reply = reply
+                self._park(answer)
+            else:
+                reply(protocol.RESULT, answer)
+        self._wake()
+
+    def _record(self, caller_id: str, sequence: int) -> None:
+        """The caller's main-thread call `sequence` has run: release what waited for it."""
+        if sequence > self._applied.get(caller_id, 0):
+            self._applied[caller_id] = sequence
+        behind = self._behind.get(caller_id)
+        if behind:
+            ready = [entry for entry in behind if entry[0] <= sequence]
+            self._behind[caller_id] = [entry for entry in behind if entry[0] > sequence]
+            for _, request, may_wait, reply in ready:
+                self._dispatch(request, caller_id, 0, may_wait, reply)
+
+    def _park(self, parked: _Parked) -> None:
+        for name in parked.names:
+            self._parked.setdefault(name, []).append(parked)
+        if parked.deadline is not None:
+            heapq.heappush(self._deadlines, (parked.deadline, next(self._tiebreak), parked))
+
+    def changed(self, name: str) -> None:
+        """Queue `name` changed: its parked requests get another look."""
+        self._changed.append(name)
+
+    def _wake(self) -> None:
+        """Answer the parked requests of changed queues that can be answered now, in order."""
+        while self._changed:
+            name = self._changed.pop()
+            waiting = self._parked.get(name)
+            if not waiting:
+                continue
+            still = [parked for parked in waiting if not parked.done and not parked.poll(self, False)]
+            if still:
+                self._parked[name] = still
+            else:
+                del self._parked[name]
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            parked = heapq.heappop(deadlines)[2]
+            if not parked.done:
+                parked.poll(self, True)
+        self._wake()
+
+    def _check_lost(self, caller_id: str, names) -> None:
+        """Raise ShardLostError if `caller_id` has not been told that a queue of `names` was lost."""
+        if not self._lost:
+            return
+        for name in names:
+            told = self._lost.get(name)
+            if told is not None and caller_id not in told:
+                told.add(caller_id)
+                raise ShardLostError(
+                    f"queue {name!r} lost its items: shard {self.index} restarted without "
+                    f"persistence. This call was not applied; the next one works on the new, "
+                    f"empty queue")
+
+    @staticmethod
+    def _deadline(timeout: float | None) -> float | None:
+        return None if timeout is None else time.monotonic() + timeout
+
+    # -- handlers: (caller id, request, may_wait) -> answer or PARKED -------------------------
+
+    def _push(self, caller_id, request: Push, may_wait: bool):
+        self._check_lost(caller_id, request.queues)
+        try:
+            result = self.store.push(request.queues, request.items, request.priority, request.block,
+                                     request.timeout, request.producer)
+        finally:
+            for name in request.queues:
+                self.changed(name)
+        if isinstance(result, PendingPush) and may_wait:
+            return self._await_push(caller_id, AwaitPush(result), True)
+        return result
+
+    def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
+        outcome = self.store.push_outcome(request.pending, time.monotonic())
+        return _PushWait(request.pending) if outcome is None else outcome
+
+    def _pull(self, caller_id, request: Pull, may_wait: bool):
+        name = request.queue
+        self._check_lost(caller_id, (name,))
+        options = self.store.options(name)
+        is_batch = options.kind == "batch"
+        size = options.pull_size if request.batch_size is None else request.batch_size
+        block = is_batch if request.block is None else request.block
+        timeout = options.batch_timeout if is_batch and request.timeout is None else request.timeout
+        if may_wait and block and not self.store.pull_ready(name, size):
+            return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack)
+        items = self.store.pull(name, size, request.remove, request.ack)
+        if items:
+            self.changed(name)
+        return items
+
+    def _settle(self, caller_id, request: Settle, may_wait: bool):
+        try:
+            return self.store.settle(request.queue, request.lease_ids, request.requeue)
+        finally:
+            self.changed(request.queue)
+
+    def _wait_limit(self, wait: float | None) -> float | None:
+        """Seconds a condition may wait: None is the shard's poll_wait, math.inf no limit."""
+        if wait is None:
+            return self._poll_wait
+        return None if wait == math.inf else wait
+
+    def _can_pull(self, caller_id, request: CanPull, may_wait: bool):
+        condition = lambda: self.store.can_pull(request.queue, request.batch_size)
+        return self._condition(request.queue, condition, request.wait, may_wait)
+
+    def _can_push(self, caller_id, request: CanPush, may_wait: bool):
+        condition = lambda: self.store.can_push(request.queue)
+        return self._condition(request.queue, condition, request.wait, may_wait)
+
+    def _condition(self, name, condition, wait, may_wait):
+        if condition():
+            return True
+        wait = self._wait_limit(wait)
+        if not may_wait or wait == 0:
+            return False
+        return _ConditionWait(name, self._deadline(wait), condition)
+
+    def _add(self, caller_id, request: Add, may_wait: bool):
+        created = self.store.add(request.queue, request.options, request.exist_ok)
+        self._lost.pop(request.queue, None)
+        return created
+
+    def _remove(self, caller_id, request: Remove, may_wait: bool):
+        try:
+            return self.store.remove(request.queue)
+        finally:
+            self.changed(request.queue)
+
+    def _render(self, caller_id, request: Render, may_wait: bool) -> str:
+        text = self.store.render(request.queue)
+        print(text, flush=True)  # the seed's debugging habit: Ray shows it in the driver
+        return text
+
+    def _stats(self, caller_id, request: Stats, may_wait: bool) -> dict:
+        return self.stats()
