@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -73,7 +74,8 @@ from pype.transport import DataAddress, Pipeline
 logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
-PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
+PULLS, PUSHES = "pulls", "pushes"
+RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting  # the shard's groups of threads for `.remote()` calls that wait
 
 # Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
 # sends to each shard's main thread. The lock keeps the numbers in the order Ray sends.
@@ -267,14 +269,24 @@ class Server:
         if address is not None and not fresh:
             return address
         timeout = self._topology.config.transport.request_timeout
-        try:
-            address = ray.get(self._shards[index].data_address.remote(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ShardUnavailableError(
-                f"shard {index} did not answer within {timeout:g} s (transport.request_timeout); "
-                f"Ray may still be restarting it") from None
-        except ray.exceptions.RayActorError as error:
-            raise ShardUnavailableError(f"shard {index} is gone: {error}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                address = ray.get(self._shards[index].data_address.remote(),
+                                  timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise ShardUnavailableError(
+                    f"shard {index} did not answer within {timeout:g} s "
+                    f"(transport.request_timeout); Ray may still be restarting it") from None
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
+                if time.monotonic() >= deadline:
+                    raise ShardUnavailableError(
+                        f"shard {index} did not come back within {timeout:g} s "
+                        f"(transport.request_timeout)") from None
+                time.sleep(RESTART_POLL)
+            except ray.exceptions.RayActorError as error:
+                raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
         _addresses[key] = address
         return address
 

@@ -2,6 +2,7 @@
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -53,3 +54,43 @@ def names():
     """Queue names unique to this test: names("q") -> "q-<random>"."""
     tag = uuid.uuid4().hex[:8]
     return lambda base="q": f"{base}-{tag}"
+
+
+class Api:
+    """One path's view of a server: each data method returns its result.
+
+    path "native" calls server.push(...) directly; path "remote" calls
+    ray.get(server.push.remote(...)). Tests written against an Api run on both
+    paths, so both keep one set of semantics.
+    """
+
+    def __init__(self, server, path: str):
+        self.server, self.path = server, path
+
+    def __getattr__(self, name):
+        method = getattr(self.server, name)
+        if self.path == "native":
+            return method
+        import ray
+
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+    def start(self, name, *args, **kwargs):
+        """Begin a call that may wait; return a function that waits for its result."""
+        method = getattr(self.server, name)
+        if self.path == "native":
+            future = _background.submit(method, *args, **kwargs)
+            return lambda: future.result(timeout=120)
+        import ray
+
+        ref = method.remote(*args, **kwargs)
+        return lambda: ray.get(ref, timeout=120)
+
+
+_background = ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-native-call")
+
+
+@pytest.fixture(params=["remote", "native"])
+def api(server, request):
+    """The shared server on each path in turn (see Api)."""
+    return Api(server, request.param)

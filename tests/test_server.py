@@ -1,9 +1,12 @@
 """The public API against a real Ray: semantics, ordering, waiting, errors, discovery."""
 
+import asyncio
+import functools
 import pickle
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -29,17 +32,23 @@ def names_on_different_shards(server, base, count=2):
 
 
 @ray.remote(num_cpus=0)
-def produce(server, queue, producer, count, block=False):
+def produce(server, queue, producer, count, block=False, native=False):
     for i in range(count):
-        server.push.remote((producer, i), queue, block=block)  # fire and forget
+        if native:
+            server.push((producer, i), queue, block=block)
+        else:
+            server.push.remote((producer, i), queue, block=block)  # fire and forget
     return count
 
 
 @ray.remote(num_cpus=0)
-def consume(server, queue, idle_timeout=2.0):
+def consume(server, queue, idle_timeout=2.0, native=False):
     got = []
     while True:
-        items = ray.get(server.pull.remote(queue, batch_size=16, block=True, timeout=idle_timeout))
+        if native:
+            items = server.pull(queue, batch_size=16, block=True, timeout=idle_timeout)
+        else:
+            items = ray.get(server.pull.remote(queue, batch_size=16, block=True, timeout=idle_timeout))
         if not items:
             return got
         got.extend(items)
@@ -47,89 +56,90 @@ def consume(server, queue, idle_timeout=2.0):
 
 # -- pull and push contract ----------------------------------------------------------
 
-def test_pull_returns_lists(server, names):
+def test_pull_returns_lists(api, names):
     q = names()
-    assert ray.get(server.pull.remote(q)) == []
-    assert ray.get(server.push.remote([1, 2, 3, 4, 5], q, expand=True)) == 5
-    assert ray.get(server.pull.remote(q)) == [1]
-    assert ray.get(server.pull.remote(q, batch_size=2, remove=False)) == [2, 3]
-    assert ray.get(server.pull.remote(q, batch_size=2)) == [2, 3]
-    assert ray.get(server.pull.remote(q, batch_size=-1)) == [4, 5]
-    assert ray.get(server.push.remote([1, 2], q)) == 1  # without expand a list is one item
-    assert ray.get(server.pull.remote(q, batch_size=-1)) == [[1, 2]]
+    assert api.pull(q) == []
+    assert api.push([1, 2, 3, 4, 5], q, expand=True) == 5
+    assert api.pull(q) == [1]
+    assert api.pull(q, batch_size=2, remove=False) == [2, 3]
+    assert api.pull(q, batch_size=2) == [2, 3]
+    assert api.pull(q, batch_size=-1) == [4, 5]
+    assert api.push([1, 2], q) == 1  # without expand a list is one item
+    assert api.pull(q, batch_size=-1) == [[1, 2]]
 
 
-def test_queue_kinds(server, names):
-    ray.get(server.add.remote(names("stack"), kind="lifo"))
-    ray.get(server.push.remote([1, 2, 3], names("stack"), expand=True))
-    assert ray.get(server.pull.remote(names("stack"), batch_size=-1)) == [3, 2, 1]
+def test_queue_kinds(api, names):
+    api.add(names("stack"), kind="lifo")
+    api.push([1, 2, 3], names("stack"), expand=True)
+    assert api.pull(names("stack"), batch_size=-1) == [3, 2, 1]
 
-    ray.get(server.add.remote(names("prio"), kind="priority"))
+    api.add(names("prio"), kind="priority")
     for item, priority in [("low", 5), ("first", -1), ("mid", 2), ("first-too", -1)]:
-        server.push.remote(item, names("prio"), priority=priority)
-    assert ray.get(server.pull.remote(names("prio"), batch_size=-1)) == ["first", "first-too", "mid", "low"]
+        api.push(item, names("prio"), priority=priority)
+    assert api.pull(names("prio"), batch_size=-1) == ["first", "first-too", "mid", "low"]
 
-    ray.get(server.add.remote(names("fresh"), maxsize=3, overflow="drop_oldest"))
-    ray.get(server.push.remote(list(range(10)), names("fresh"), expand=True))
-    assert ray.get(server.pull.remote(names("fresh"), batch_size=-1)) == [7, 8, 9]
-    assert ray.get(server.stats.remote())["queues"][names("fresh")]["dropped"] == 7
+    api.add(names("fresh"), maxsize=3, overflow="drop_oldest")
+    api.push(list(range(10)), names("fresh"), expand=True)
+    assert api.pull(names("fresh"), batch_size=-1) == [7, 8, 9]
+    assert api.stats()["queues"][names("fresh")]["dropped"] == 7
 
 
-def test_batch_queue_waits_for_a_full_batch_then_returns_a_partial_one(server, names):
+def test_batch_queue_waits_for_a_full_batch_then_returns_a_partial_one(api, names):
     q = names()
-    ray.get(server.add.remote(q, kind="batch", batch_size=4, batch_timeout=0.2))
-    ray.get(server.push.remote(list(range(6)), q, expand=True))
-    assert ray.get(server.pull.remote(q)) == [0, 1, 2, 3]  # a full batch: at once
+    api.add(q, kind="batch", batch_size=4, batch_timeout=0.2)
+    api.push(list(range(6)), q, expand=True)
+    assert api.pull(q) == [0, 1, 2, 3]  # a full batch: at once
     started = time.monotonic()
-    assert ray.get(server.pull.remote(q)) == [4, 5]
+    assert api.pull(q) == [4, 5]
     assert time.monotonic() - started >= 0.18  # it waited for the batch_timeout
     # a consumer that waits gets the batch as soon as it is full, long before its timeout
-    pending = server.pull.remote(q, block=True, timeout=60)
-    until(lambda: waiting_calls(server, q), "the pull to wait in the shard")
-    ray.get(server.push.remote(list(range(4)), q, expand=True))
-    ready, _ = ray.wait([pending], timeout=30)
-    assert ready and ray.get(pending) == [0, 1, 2, 3]
+    pending = api.start("pull", q, block=True, timeout=60)
+    until(lambda: waiting_calls(api.server, q), "the pull to wait in the shard")
+    api.push(list(range(4)), q, expand=True)
+    started = time.monotonic()
+    assert pending() == [0, 1, 2, 3]
+    assert time.monotonic() - started < 30  # woken by the push, not its 60 s timeout
 
 
-def test_fan_out_to_queues_on_different_shards(server, names):
-    a, b = names_on_different_shards(server, names("fan"))
-    assert ray.get(server.push.remote("x", [a, b])) == 2
-    assert ray.get(server.push.remote([1, 2], (a, b), expand=True)) == 4
-    assert ray.get(server.pull.remote(a, batch_size=-1)) == ["x", 1, 2]
-    assert ray.get(server.pull.remote(b, batch_size=-1)) == ["x", 1, 2]
+def test_fan_out_to_queues_on_different_shards(api, names):
+    a, b = names_on_different_shards(api.server, names("fan"))
+    assert api.push("x", [a, b]) == 2
+    assert api.push([1, 2], (a, b), expand=True) == 4
+    assert api.pull(a, batch_size=-1) == ["x", 1, 2]
+    assert api.pull(b, batch_size=-1) == ["x", 1, 2]
 
 
 # -- flow control ---------------------------------------------------------------------
 
-def test_full_queue_raises_and_blocking_push_waits(server, names):
+def test_full_queue_raises_and_blocking_push_waits(api, names):
     q = names()
-    ray.get(server.add.remote(q, maxsize=1))
-    assert ray.get(server.push.remote(1, q)) == 1
-    assert not ray.get(server.can_push.remote(q))
+    api.add(q, maxsize=1)
+    assert api.push(1, q) == 1
+    assert not api.can_push(q)
     with pytest.raises(pype.QueueFullError, match=q):
-        ray.get(server.push.remote(2, q))
+        api.push(2, q)
     with pytest.raises(pype.QueueTimeoutError) as caught:
-        ray.get(server.push.remote(3, q, block=True, timeout=0.1))
+        api.push(3, q, block=True, timeout=0.1)
     assert isinstance(caught.value, TimeoutError)
-    waiting = server.push.remote(4, q, block=True, timeout=60)
-    until(lambda: ray.get(server.stats.remote())["queues"][q]["waiting_producers"],
+    waiting = api.start("push", 4, q, block=True, timeout=60)
+    until(lambda: api.stats()["queues"][q]["waiting_producers"],
           "the push to wait in line")
-    assert ray.get(server.pull.remote(q)) == [1]
-    assert ray.get(waiting) == 1
-    assert ray.get(server.pull.remote(q, batch_size=-1)) == [4]  # 2 and 3 were never accepted
+    assert api.pull(q) == [1]
+    assert waiting() == 1
+    assert api.pull(q, batch_size=-1) == [4]  # 2 and 3 were never accepted
 
 
-def test_seed_lock_options_bound_the_queue_without_losing_pushes(server, names):
+def test_seed_lock_options_bound_the_queue_without_losing_pushes(api, names):
     for option in [{"use_locking": True}, {"semaphore": 2}, {"batch_lock": 3}]:
         q = names(next(iter(option)))
-        ray.get(server.add.remote(q, **option))
+        api.add(q, **option)
         capacity = 1 if "use_locking" in option else next(iter(option.values()))
-        refs = [server.push.remote(i, q) for i in range(capacity + 3)]
-        assert ray.get(refs) == [1] * (capacity + 3)  # accepted: the extra ones wait in line
-        assert ray.get(server.queue_len.remote(q)) == capacity
-        assert not ray.get(server.can_push.remote(q))
-        assert ray.get(server.pull.remote(q, batch_size=-1)) == list(range(capacity))
-        assert ray.get(server.pull.remote(q, batch_size=-1)) == list(range(capacity, capacity + 3))[:capacity]
+        accepted = [api.push(i, q) for i in range(capacity + 3)]
+        assert accepted == [1] * (capacity + 3)  # accepted: the extra ones wait in line
+        assert api.queue_len(q) == capacity
+        assert not api.can_push(q)
+        assert api.pull(q, batch_size=-1) == list(range(capacity))
+        assert api.pull(q, batch_size=-1) == list(range(capacity, capacity + 3))[:capacity]
 
 
 def test_add_takes_effect_before_other_processes_use_the_queue(server, names):
@@ -144,14 +154,14 @@ def test_add_takes_effect_before_other_processes_use_the_queue(server, names):
         assert ray.get(use.remote(server, q)) == [3]
 
 
-def test_can_pull_and_can_push_see_this_processes_earlier_pushes(server, names):
+def test_can_pull_and_can_push_see_this_processes_earlier_pushes(api, names):
     q = names()
-    ray.get(server.add.remote(q, maxsize=1))
+    api.add(q, maxsize=1)
     for i in range(30):
-        server.push.remote(i, q)  # fire and forget
-        assert not ray.get(server.can_push.remote(q))
-        assert ray.get(server.can_pull.remote(q))
-        assert ray.get(server.pull.remote(q)) == [i]
+        api.server.push.remote(i, q)  # fire and forget, then each path asks
+        assert not api.can_push(q)
+        assert api.can_pull(q)
+        assert api.pull(q) == [i]
 
 
 @ray.remote(num_cpus=0)
@@ -189,11 +199,13 @@ def test_pull_wait_and_push_wait_return_true_or_raise_at_their_timeout(server, n
 
 @pytest.mark.parametrize("maxsize, block", [(0, False), (5, True)])
 def test_many_producers_many_consumers_keep_per_producer_order(server, names, maxsize, block):
+    """Half the producers and one consumer of three on the native path, the rest on .remote()."""
     q = names()
     ray.get(server.add.remote(q, maxsize=maxsize))
     producers, count = 4, 400
-    consumers = [consume.remote(server, q) for _ in range(3)]
-    assert ray.get([produce.remote(server, q, p, count, block) for p in range(producers)]) == [count] * 4
+    consumers = [consume.remote(server, q, native=c == 1) for c in range(3)]
+    assert ray.get([produce.remote(server, q, p, count, block, native=p % 2 == 1)
+                    for p in range(producers)]) == [count] * 4
     results = ray.get(consumers)
     everything = [item for got in results for item in got]
     assert sorted(everything) == [(p, i) for p in range(producers) for i in range(count)]
@@ -212,12 +224,16 @@ def test_fire_and_forget_pushes_from_one_process_arrive_in_order(server, names):
         assert ray.get(server.pull.remote(q, batch_size=-1)) == list(range(2000))
 
 
-def test_blocking_pull_wakes_within_milliseconds(server, names):
+@pytest.mark.parametrize("native", [False, True])
+def test_blocking_pull_wakes_within_milliseconds(server, names, native):
     q = names()
 
     @ray.remote(num_cpus=0)
     def wait_once(server, q):
-        items = ray.get(server.pull.remote(q, block=True, timeout=30))
+        if native:
+            items = server.pull(q, block=True, timeout=30)
+        else:
+            items = ray.get(server.pull.remote(q, block=True, timeout=30))
         return items, time.time()
 
     delays = []
@@ -225,7 +241,10 @@ def test_blocking_pull_wakes_within_milliseconds(server, names):
         waiter = wait_once.remote(server, q)
         until(lambda: waiting_calls(server, q), "the pull to wait in the shard")
         sent = time.time()
-        server.push.remote(i, q)
+        if native:
+            server.push(i, q)
+        else:
+            server.push.remote(i, q)
         items, woke = ray.get(waiter)
         assert items == [i]
         delays.append(woke - sent)
@@ -233,56 +252,116 @@ def test_blocking_pull_wakes_within_milliseconds(server, names):
     assert statistics.median(delays) < 0.25, delays
 
 
+# -- the two paths together -------------------------------------------------------------
+
+def test_a_native_call_sees_its_processes_earlier_remote_calls(server, names):
+    q = names()
+    for i in range(50):
+        server.push.remote(i, q)  # fire and forget: Ray may still be carrying them
+    assert server.pull(q, batch_size=-1) == list(range(50))
+    server.push.remote("x", q)
+    assert server.can_pull(q) and server.queue_len(q) == 1
+
+
+def test_one_threads_calls_to_a_queue_apply_in_order_on_either_path(server, names):
+    q = names()
+    for i in range(300):
+        if i % 3:
+            server.push(i, q)
+        else:
+            server.push.remote(i, q)
+    assert ray.get(server.pull.remote(q, batch_size=-1)) == list(range(300))
+
+
+def test_many_threads_of_one_process_call_natively_at_once(server, names):
+    q = names()
+
+    def push_many(thread):
+        return sum(server.push((thread, i), q) for i in range(150))
+
+    with ThreadPoolExecutor(max_workers=8) as threads:
+        assert sum(threads.map(push_many, range(8))) == 1200
+    got = server.pull(q, batch_size=-1)
+    assert sorted(got) == sorted((t, i) for t in range(8) for i in range(150))
+    for thread in range(8):
+        assert [i for t, i in got if t == thread] == list(range(150))
+
+
+def test_an_async_actor_calls_natively_through_an_executor(server, names):
+    """The documented pattern: run the synchronous call in the event loop's executor."""
+    q = names()
+
+    @ray.remote(num_cpus=0)
+    class AsyncWorker:
+        def __init__(self, server):
+            self.server = server
+
+        async def relay(self, source, target, count):
+            loop = asyncio.get_running_loop()
+            for _ in range(count):
+                items = await loop.run_in_executor(
+                    None, functools.partial(self.server.pull, source, block=True, timeout=60))
+                await loop.run_in_executor(None, functools.partial(self.server.push, items[0], target))
+            return count
+
+    worker = AsyncWorker.remote(server)
+    relayed = worker.relay.remote(q, names("out"), 20)
+    for i in range(20):
+        server.push(i, q)
+    assert ray.get(relayed) == 20
+    assert server.pull(names("out"), batch_size=-1) == list(range(20))
+
+
 # -- errors ------------------------------------------------------------------------------
 
-def test_errors_survive_ray_get(server, names):
+def test_errors_survive_ray_get(api, names):
     q = names()
-    ray.get(server.add.remote(q))
+    api.add(q)
     with pytest.raises(pype.QueueExistsError):
-        ray.get(server.add.remote(q))
-    assert ray.get(server.add.remote(q, exist_ok=True)) is False
+        api.add(q)
+    assert api.add(q, exist_ok=True) is False
     with pytest.raises(pype.QueueNotFoundError):
-        ray.get(server.remove.remote(names("never")))
+        api.remove(names("never"))
     with pytest.raises(pype.PypeError):
-        ray.get(server.print_queue.remote(names("never")))
+        api.print_queue(names("never"))
 
 
 @pytest.mark.parametrize("call, error", [
-    (lambda s: s.push.remote(1, 5), TypeError),
-    (lambda s: s.push.remote(1, None), TypeError),
-    (lambda s: s.push.remote(1, ""), ValueError),
-    (lambda s: s.push.remote(1, "a\x00b"), ValueError),
-    (lambda s: s.push.remote(1, "x" * 300), ValueError),
-    (lambda s: s.push.remote(1, []), ValueError),
-    (lambda s: s.push.remote(5, "q", expand=True), TypeError),
-    (lambda s: s.push.remote(1, "q", timeout=-1), ValueError),
-    (lambda s: s.push.remote(1, "q", priority="high"), TypeError),
-    (lambda s: s.push.remote(threading.Lock(), "q"), TypeError),  # cannot be pickled
-    (lambda s: s.pull.remote(7), TypeError),
-    (lambda s: s.pull.remote(""), ValueError),
-    (lambda s: s.pull.remote("q", batch_size=0), ValueError),
-    (lambda s: s.pull.remote("q", batch_size=-2), ValueError),
-    (lambda s: s.pull.remote("q", batch_size=2.5), TypeError),
-    (lambda s: s.pull.remote("q", batch_size="3"), TypeError),
-    (lambda s: s.can_pull.remote(3), TypeError),
-    (lambda s: s.can_pull.remote("q", batch_size=0), ValueError),
-    (lambda s: s.can_push.remote(b"q"), TypeError),
-    (lambda s: s.add.remote(1), TypeError),
-    (lambda s: s.add.remote("q", kind="heap"), ValueError),
-    (lambda s: s.add.remote("q", maxsize=-1), ValueError),
-    (lambda s: s.add.remote("q", overflow="explode"), ValueError),
-    (lambda s: s.add.remote("q", kind="fifo", batch_size=4), ValueError),
-    (lambda s: s.add.remote("q", maxsize=3, use_locking=True), ValueError),
-    (lambda s: ray.get(s.push.remote(1, "bad-priority-target", priority=1)), ValueError),
-    (lambda s: s.queue_len.remote(None), TypeError),
-    (lambda s: s.remove.remote(""), ValueError),
+    (lambda s: s.push(1, 5), TypeError),
+    (lambda s: s.push(1, None), TypeError),
+    (lambda s: s.push(1, ""), ValueError),
+    (lambda s: s.push(1, "a\x00b"), ValueError),
+    (lambda s: s.push(1, "x" * 300), ValueError),
+    (lambda s: s.push(1, []), ValueError),
+    (lambda s: s.push(5, "q", expand=True), TypeError),
+    (lambda s: s.push(1, "q", timeout=-1), ValueError),
+    (lambda s: s.push(1, "q", priority="high"), TypeError),
+    (lambda s: s.push(threading.Lock(), "q"), TypeError),  # cannot be pickled
+    (lambda s: s.pull(7), TypeError),
+    (lambda s: s.pull(""), ValueError),
+    (lambda s: s.pull("q", batch_size=0), ValueError),
+    (lambda s: s.pull("q", batch_size=-2), ValueError),
+    (lambda s: s.pull("q", batch_size=2.5), TypeError),
+    (lambda s: s.pull("q", batch_size="3"), TypeError),
+    (lambda s: s.can_pull(3), TypeError),
+    (lambda s: s.can_pull("q", batch_size=0), ValueError),
+    (lambda s: s.can_push(b"q"), TypeError),
+    (lambda s: s.add(1), TypeError),
+    (lambda s: s.add("q", kind="heap"), ValueError),
+    (lambda s: s.add("q", maxsize=-1), ValueError),
+    (lambda s: s.add("q", overflow="explode"), ValueError),
+    (lambda s: s.add("q", kind="fifo", batch_size=4), ValueError),
+    (lambda s: s.add("q", maxsize=3, use_locking=True), ValueError),
+    (lambda s: s.push(1, "bad-priority-target", priority=1), ValueError),
+    (lambda s: s.queue_len(None), TypeError),
+    (lambda s: s.remove(""), ValueError),
 ])
-def test_bad_input_is_a_clear_error_and_the_server_stays_healthy(server, names, call, error):
+def test_bad_input_is_a_clear_error_and_the_server_stays_healthy(api, names, call, error):
     with pytest.raises(error):
-        call(server)
+        call(api)
     q = names()
-    assert ray.get(server.push.remote("ok", q)) == 1
-    assert ray.get(server.pull.remote(q)) == ["ok"]
+    assert api.push("ok", q) == 1
+    assert api.pull(q) == ["ok"]
 
 
 # -- servers, discovery, introspection ----------------------------------------------------

@@ -68,6 +68,15 @@ def log_to_stderr() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _resident_mb() -> float:
+    """This process's resident memory now, in MB (Linux; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def serve_at_normal_priority() -> None:
     """Run this process at nice 0, where the OS allows it.
 
@@ -148,6 +157,7 @@ class Shard:
     def stats(self) -> dict:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return {"shard": self._index, "pid": os.getpid(), **self._node, "peak_rss_mb": peak_rss_mb,
+                "rss_mb": _resident_mb(),
                 "restarted": self._restarted, "address": self.data_address(),
                 **self._loop.submit(Stats(), "", may_wait=False)}
 
