@@ -46,26 +46,34 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
         return max(10, int(count * scale))
 
     chain = {
-        "pype, seed README polling code": lambda: w.seed_chain(server),
-        "pype, one item per call": lambda: w.pype_chain(server, n(1500), "single"),
-        "pype, consume/producer": lambda: w.pype_chain(server, n(100_000), "helpers"),
-        "pype, batched": lambda: w.pype_chain(server, n(300_000), "batched"),
+        "pype .remote(), seed README polling code": lambda: w.seed_chain(server),
+        "pype .remote(), one item per call": lambda: w.pype_chain(server, n(600), "single"),
+        "pype .remote(), batched": lambda: w.pype_chain(server, n(300_000), "batched"),
+        "pype native, one item per call": lambda: w.pype_chain(server, n(5000), "native single"),
+        "pype native, batched": lambda: w.pype_chain(server, n(1_000_000), "native batched"),
+        "pype native, consume/producer": lambda: w.pype_chain(server, n(200_000), "helpers"),
         "ray.util.queue": lambda: w.ray_queue_chain(n(150)),
     }
     pingpong = {
         "raw floor (2 no-op actor calls)": lambda: w.ping_pong("raw floor", echo, n(400)),
-        "pype": lambda: w.ping_pong("pype", echo, n(400), server=server),
+        "pype .remote()": lambda: w.ping_pong("pype", echo, n(400), server=server),
+        "pype native": lambda: w.ping_pong("pype native", echo, n(2000), server=server),
         "ray.util.queue": lambda: w.ping_pong("ray.util.queue", echo, n(200)),
     }
     bulk = {
-        "pype": lambda: w.bulk("pype", n(1_000_000), server=server),
+        "pype .remote()": lambda: w.bulk("pype", n(1_000_000), server=server),
+        "pype native": lambda: w.bulk("pype native", n(1_000_000), server=server),
         "ray.util.queue": lambda: w.bulk("ray.util.queue", n(100_000)),
     }
     frames = {
-        "raw floor (ray.put + ray.get)": lambda: w.frames("raw floor", n(60)),
-        "ray.put, frames kept alive": lambda: w.frames("ray.put, frames kept alive", n(60)),
-        "pype": lambda: w.frames("pype", n(60), server=server),
+        "raw floor (ray.put + ray.get, one process)": lambda: w.frames("raw floor", n(60)),
+        "cross-process floor (a task's ray.put, handed over by Ray)":
+            lambda: w.frames("cross-process floor", n(60)),
+        "pype .remote() (by reference)": lambda: w.frames("pype", n(60), server=server),
+        "pype native (by value)": lambda: w.frames("pype native", n(60), server=server),
     }
+    capacity = {"pype native, 4 processes, one-item pushes, 64 in flight each":
+                lambda: w.capacity(per_process=n(20_000))}
     if port is not None:
         chain["redis, LPUSH/BRPOP"] = lambda: w.redis_chain(port, n(3000), batched=False)
         chain["redis, BLMPOP COUNT 1000"] = lambda: w.redis_chain(port, n(300_000), batched=True)
@@ -78,10 +86,11 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
              "pype VideoServer, one hop": lambda: w.video("pype", clip, server=server)}
     spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
               for shards in (1, 2, 4, 8)}
-    durability = {label: (lambda s=durable: w.durable_pushes(s, n(500)))
-                  for label, durable in durable_servers.items()}
-    return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames, "video": video,
-            "spread": spread, "durability": durability}
+    durability = {f"{label}, {path}": (lambda s=durable, native=path == "native":
+                                        w.durable_pushes(s, n(2000 if native else 500), native))
+                  for label, durable in durable_servers.items() for path in (".remote()", "native")}
+    return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames,
+            "capacity": capacity, "video": video, "spread": spread, "durability": durability}
 
 
 def start_durable_servers(journals: Path) -> dict[str, pype.Server]:
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
-                        help="chain, ping-pong, bulk, frames, video, spread, durability, memory")
+                        help="chain, ping-pong, bulk, frames, capacity, video, spread, durability, "
+                             "memory")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default bench/results/, or a temporary "
                              "directory with --only, so a partial run never replaces the full one)")

@@ -63,6 +63,14 @@ def pype_source(server, queue, items, mode):
         for first in range(0, items, 1000):
             server.push.remote(list(range(first, min(first + 1000, items))), queue, expand=True)
         server.push.remote(END, queue)
+    elif mode == "native single":
+        for i in range(items):
+            server.push(i, queue)
+        server.push(END, queue)
+    elif mode == "native batched":
+        for first in range(0, items, 1000):
+            server.push(list(range(first, min(first + 1000, items))), queue, expand=True)
+        server.push(END, queue)
     else:
         with server.producer(queue) as out:
             for i in range(items):
@@ -84,6 +92,18 @@ def pype_stage(server, source, output, mode):
             server.push.remote(items, output, expand=True)
             if items[-1] == END:
                 return
+    elif mode == "native single":
+        while True:
+            item = server.pull(source, block=True)[0]
+            server.push(item, output)
+            if item == END:
+                return
+    elif mode == "native batched":
+        while True:
+            items = server.pull(source, batch_size=-1, block=True)
+            server.push(items, output, expand=True)
+            if items[-1] == END:
+                return
     else:
         with server.producer(output) as out, \
                 server.consume(source) as items:
@@ -94,7 +114,9 @@ def pype_stage(server, source, output, mode):
 
 
 def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
-    """mode: single (one item per call), batched (all available per call), helpers."""
+    """mode: single (one item per call), batched (all available per call), each through
+    .remote() or natively ("native single", "native batched"), or helpers (consume and
+    producer, native)."""
     links = _links(f"chain-{mode}")
     arrivals = Arrivals()
     pype_source.remote(server, links[0], items, mode)
@@ -109,9 +131,12 @@ def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
                 received += 1
                 arrivals.add(1)
     else:
+        size = 1 if mode.endswith("single") else -1
         while True:
-            batch = ray.get(server.pull.remote(links[-1], batch_size=1 if mode == "single" else -1,
-                                               block=True))
+            if mode.startswith("native"):
+                batch = server.pull(links[-1], batch_size=size, block=True)
+            else:
+                batch = ray.get(server.pull.remote(links[-1], batch_size=size, block=True))
             count = len(batch) - (batch[-1] == END)
             received += count
             if count:
@@ -247,6 +272,10 @@ class Echo:
         for _ in range(count):
             server.push.remote(ray.get(server.pull.remote(ping, block=True))[0], pong)
 
+    def pype_native(self, server, ping, pong, count):
+        for _ in range(count):
+            server.push(server.pull(ping, block=True)[0], pong)
+
     def ray_queue(self, ping, pong, count):
         for _ in range(count):
             pong.put(ping.get())
@@ -282,6 +311,13 @@ def ping_pong(system: str, echo, count: int, server=None, port=None) -> dict:
         def once(i):
             server.push.remote(i, ping)
             ray.get(server.pull.remote(pong, block=True))
+    elif system == "pype native":
+        ping, pong = _links("ping")[:2]
+        done = echo.pype_native.remote(server, ping, pong, count)
+
+        def once(i):
+            server.push(i, ping)
+            server.pull(pong, block=True)
     elif system == "ray.util.queue":
         ping, pong = RayQueue(actor_options={"num_cpus": 0}), RayQueue(actor_options={"num_cpus": 0})
         done = echo.ray_queue.remote(ping, pong, count)
@@ -314,6 +350,11 @@ def bulk(system: str, items: int, server=None, port=None) -> dict:
         started = time.perf_counter()
         ray.get(server.push.remote(data, queue, expand=True))
         back = ray.get(server.pull.remote(queue, batch_size=-1))
+    elif system == "pype native":
+        queue = _links("bulk")[0]
+        started = time.perf_counter()
+        server.push(data, queue, expand=True)
+        back = server.pull(queue, batch_size=-1)
     elif system == "ray.util.queue":
         queue = RayQueue(actor_options={"num_cpus": 0})
         started = time.perf_counter()
@@ -344,6 +385,9 @@ def frame_source(system, count, server=None, queue=None, port=None):
     if system == "pype":
         for i in range(count):
             server.push.remote(frame, queue)  # a full queue: the push waits in its line
+    elif system == "pype native":
+        for i in range(count):
+            server.push(frame, queue)  # by value, out of band; a full queue: waits in line
     else:
         import redis
 
@@ -352,8 +396,22 @@ def frame_source(system, count, server=None, queue=None, port=None):
             client.lpush(queue, frame.tobytes())
 
 
+@ray.remote(num_cpus=0, num_returns="streaming", _generator_backpressure_num_objects=8)
+def frame_stream(count):
+    """Ray's own way to hand frames to another process: each yield is a ray.put."""
+    frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
+    for _ in range(count):
+        yield frame
+
+
 def frames(system: str, count: int, server=None, port=None) -> dict:
     """1080p uint8 BGR frames (6 MB) through one queue hop, from a task to the driver."""
+    if system == "cross-process floor":  # a task puts each frame, the driver gets it
+        started = time.perf_counter()
+        for ref in frame_stream.remote(count):
+            got = ray.get(ref)
+        assert got.shape == FRAME_SHAPE
+        return {"frames_per_s": count / (time.perf_counter() - started)}
     if system == "raw floor":  # ray.put + ray.get of the same array
         frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
         started = time.perf_counter()
@@ -361,22 +419,18 @@ def frames(system: str, count: int, server=None, port=None) -> dict:
             got = ray.get(ray.put(frame))
         assert got.shape == FRAME_SHAPE
         return {"frames_per_s": count / (time.perf_counter() - started)}
-    if system == "ray.put, frames kept alive":  # what a pipeline with frames in flight pays
-        frame = np.random.default_rng(0).integers(0, 255, FRAME_SHAPE, dtype=np.uint8)
-        started = time.perf_counter()
-        alive = [ray.put(frame) for _ in range(count)]
-        seconds = time.perf_counter() - started
-        del alive
-        return {"frames_per_s": count / seconds}
     queue = _links("frames")[0]
-    if system == "pype":  # bounded, as a video pipeline would be
+    if system.startswith("pype"):  # bounded, as a video pipeline would be
         ray.get(server.add.remote(queue, maxsize=8, overflow="block"))
     started = time.perf_counter()
     source = frame_source.remote(system, count, server, queue, port)
-    if system == "pype":
+    if system.startswith("pype"):
         received = 0
         while received < count:  # each pull takes every frame there (at least one)
-            batch = ray.get(server.pull.remote(queue, batch_size=-1, block=True))
+            if system == "pype":
+                batch = ray.get(server.pull.remote(queue, batch_size=-1, block=True))
+            else:
+                batch = server.pull(queue, batch_size=-1, block=True)
             received += len(batch)
         got = batch[-1]
     else:
@@ -465,17 +519,51 @@ def video(system: str, clip: str, server=None) -> dict:
 
 # -- durability ---------------------------------------------------------------------------------
 
-def durable_pushes(server, count: int, batch: int = 1000) -> dict:
+def durable_pushes(server, count: int, native: bool, batch: int = 1000) -> dict:
     """Acknowledged pushes to a server: one item per call, then batches of `batch`."""
     queue = _links("durable")[0]
+    push = server.push if native else (lambda *a, **k: ray.get(server.push.remote(*a, **k)))
     started = time.perf_counter()
     for item in range(count):
-        ray.get(server.push.remote(item, queue))
+        push(item, queue)
     single = count / (time.perf_counter() - started)
     data = list(range(batch))
     started = time.perf_counter()
     for _ in range(count // 10):
-        ray.get(server.push.remote(data, queue, expand=True))
+        push(data, queue, expand=True)
     batched = count // 10 * batch / (time.perf_counter() - started)
-    ray.get(server.remove.remote(queue))
+    server.remove(queue)
     return {"pushes_per_s": single, "items_per_s": batched}
+
+
+# -- one shard's capacity -----------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def pipelined_producer(server, queue, count, window):
+    """One-item pushes, `window` of them unanswered at a time (a Producer of batch_size 1)."""
+    with server.producer(queue, batch_size=1, window=window) as out:
+        server.push("ready", "capacity-ready")  # connected; now wait for the start
+        server.pull(f"{queue}-go", block=True)
+        for i in range(count):
+            out.push(i)
+    return count
+
+
+def capacity(processes: int = 4, per_process: int = 20_000, window: int = 64) -> dict:
+    """Pipelined one-item native pushes from `processes` processes into one shard."""
+    server = pype.Server.remote(shards=1)
+    try:
+        names = [f"capacity-{p}" for p in range(processes)]
+        done = [pipelined_producer.remote(server, name, per_process, window) for name in names]
+        ready = 0
+        while ready < processes:  # every process started and connected before the clock runs
+            ready += len(server.pull("capacity-ready", batch_size=-1, block=True))
+        started = time.perf_counter()
+        for name in names:
+            server.push("go", f"{name}-go")
+        done = ray.get(done)
+        seconds = time.perf_counter() - started
+        assert sum(done) == sum(server.queue_len(name) for name in names) == processes * per_process
+        return {"items_per_s": processes * per_process / seconds}
+    finally:
+        server.shutdown()

@@ -75,6 +75,7 @@ logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
 PULLS, PUSHES = "pulls", "pushes"
+MAX_REMEMBERED = 100_000  # queue names whose shard a handle remembers
 RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting  # the shard's groups of threads for `.remote()` calls that wait
 
 # Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
@@ -147,6 +148,7 @@ class Server:
         self._by_reference = topology.config.persistence.dir is None
         self.name = name
         self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
+        self._owners: dict[str, int] = {}  # queue name -> shard index
         self._companions: list = []  # actors that feed this server (video), kept alive with it
 
     # -- making and finding servers ----------------------------------------------------
@@ -212,8 +214,13 @@ class Server:
     # -- routing and the two paths -----------------------------------------------------------
 
     def shard_of(self, queue: str) -> int:
-        """Index of the shard that owns `queue`."""
-        return shard_for(queue, len(self._shards), self._seed)
+        """Index of the shard that owns `queue` (remembered: hashing costs microseconds)."""
+        index = self._owners.get(queue)
+        if index is None:
+            index = self._owners[queue] = shard_for(queue, len(self._shards), self._seed)
+            if len(self._owners) > MAX_REMEMBERED:
+                self._owners.clear()
+        return index
 
     def _call(self, index: int, request: tuple) -> ray.ObjectRef:
         """Send `request` to the main thread of shard `index` through Ray, numbering the call."""

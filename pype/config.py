@@ -26,7 +26,7 @@ DEFAULT_CONFIG = "default.yaml"
 # merged key by key: `placement: {resource: NAME}` then `placement: spread`.
 WHOLE_VALUES = ("placement",)
 MB = 1 << 20
-LOCAL_TRANSPORTS = ("ipc", "tcp")
+LOCAL_TRANSPORTS = ("unix", "tcp")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Persistence:
 class Transport:
     """How shards serve the native data path (see pype.transport)."""
 
-    local: str               # ipc | tcp: how clients on a shard's own node connect
-    ipc_dir: Path            # where the ipc socket files lie (mode 0700)
+    local: str               # unix | tcp: how clients on a shard's own node connect
+    socket_dir: Path         # where the Unix socket files lie (mode 0700)
     tcp_port: int            # port of shard 0 (shard i: tcp_port + i); 0 = any free port
     request_timeout: float   # seconds before a native call to a silent shard fails
 
@@ -162,9 +162,9 @@ def _build(raw: dict, source: str) -> Config:
     if transport["local"] not in LOCAL_TRANSPORTS:
         raise ConfigError(f"{source}: transport.local must be one of {', '.join(LOCAL_TRANSPORTS)}, "
                           f"got {transport['local']!r}")
-    ipc_dir = transport["ipc_dir"]
-    if ipc_dir is not None and not isinstance(ipc_dir, (str, Path)):
-        raise ConfigError(f"{source}: transport.ipc_dir must be a path or null, got {ipc_dir!r}")
+    socket_dir = transport["socket_dir"]
+    if socket_dir is not None and not isinstance(socket_dir, (str, Path)):
+        raise ConfigError(f"{source}: transport.socket_dir must be a path or null, got {socket_dir!r}")
     shards = number("shards", raw["shards"], int, 1)
     tcp_port = number("transport.tcp_port", transport["tcp_port"], int, 0)
     if tcp_port + shards > 65536:
@@ -195,7 +195,7 @@ def _build(raw: dict, source: str) -> Config:
         ),
         transport=Transport(
             local=transport["local"],
-            ipc_dir=Path(ipc_dir).expanduser().resolve() if ipc_dir is not None
+            socket_dir=Path(socket_dir).expanduser().resolve() if socket_dir is not None
             else Path(tempfile.gettempdir()) / f"pype-{os.getuid()}",
             tcp_port=tcp_port,
             request_timeout=number("transport.request_timeout", transport["request_timeout"], float,

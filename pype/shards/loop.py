@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -57,10 +58,19 @@ from pype.protocol import (
     Stats,
 )
 from pype.shards.store import PendingPush, QueueStore
-from pype.transport import EVENTS, POLLIN, ShardSockets, receive_frames, send_frames
+from pype.transport import (
+    EVENTS,
+    POLLIN,
+    ShardSockets,
+    UnixPeer,
+    receive_frames,
+    send_frames,
+    stream_message,
+)
 
 logger = logging.getLogger("pype")
 
+_WAKEUP, _ACCEPT, _TCP = object(), object(), object()  # what woke the loop, besides a peer
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks for expired leases and new queue names
 MAX_BATCH = 256              # messages read from one socket before the loop looks elsewhere
 
@@ -87,26 +97,44 @@ class RayReply:
         return self.value
 
 
-class _NativeReply:
-    """Sends the answer to a native request back over the socket it came on."""
+def _answer(request_id: int, status: int, value: Any) -> list:
+    """The frames of a native request's answer."""
+    if status == protocol.RESULT and type(value) is list and value:
+        value = resolved(value)  # items pushed by reference travel by value here
+    try:
+        return protocol.dumps((request_id, status, value))
+    except Exception as error:  # noqa: BLE001 - an answer that cannot be pickled
+        return protocol.dumps((request_id, protocol.ERROR, TypeError(
+            f"the shard's answer could not be sent: {error!r}")))
 
-    __slots__ = ("identity", "request_id", "socket")
 
-    def __init__(self, socket: zmq.Socket, identity: bytes, request_id: int):
-        self.socket, self.identity, self.request_id = socket, identity, request_id
+class _TcpReply:
+    """Sends the answer to a native request back over the ZeroMQ socket it came on."""
+
+    __slots__ = ("identity", "loop", "request_id", "socket")
+
+    def __init__(self, loop: ShardLoop, identity: bytes, request_id: int):
+        self.loop, self.identity, self.request_id = loop, identity, request_id
+        self.socket = loop.tcp_socket
 
     def __call__(self, status: int, value: Any) -> None:
-        if status == protocol.RESULT and type(value) is list and value:
-            value = resolved(value)  # items pushed by reference travel by value here
         try:
-            frames = protocol.dumps((self.request_id, status, value))
-        except Exception as error:  # noqa: BLE001 - an answer that cannot be pickled
-            frames = protocol.dumps((self.request_id, protocol.ERROR, TypeError(
-                f"the shard's answer could not be sent: {error!r}")))
-        try:
-            send_frames(self.socket, frames, self.identity)
+            send_frames(self.socket, _answer(self.request_id, status, value), self.identity)
+            self.loop.tcp_used()
         except zmq.ZMQError as error:  # the client is gone (ROUTER_MANDATORY): nobody to tell
             logger.debug("pype shard: a client left before its answer: %s", error)
+
+
+class _UnixReply:
+    """Sends the answer to a native request back to the Unix peer it came from."""
+
+    __slots__ = ("loop", "peer", "request_id")
+
+    def __init__(self, loop: ShardLoop, peer: UnixPeer, request_id: int):
+        self.loop, self.peer, self.request_id = loop, peer, request_id
+
+    def __call__(self, status: int, value: Any) -> None:
+        self.loop.send_to(self.peer, _answer(self.request_id, status, value))
 
 
 # -- parked requests ----------------------------------------------------------------------
@@ -203,6 +231,9 @@ class ShardLoop:
         self._housekeeping = housekeeping
         self._inbox: deque = deque()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK)
+        self._epoll = select.epoll()
+        self._sources: dict[int, object] = {}  # file descriptor -> _WAKEUP, _ACCEPT, _TCP or a peer
+        self._tcp_unread = True  # look at the ZeroMQ socket's EVENTS before sleeping
         self._parked: dict[str, list[_Parked]] = {}
         self._deadlines: list = []
         self._tiebreak = itertools.count()
@@ -257,11 +288,18 @@ class ShardLoop:
 
     # -- the thread -----------------------------------------------------------------------
 
+    def _watch(self, fd: int, source: object, mask: int = select.EPOLLIN) -> None:
+        self._sources[fd] = source
+        self._epoll.register(fd, mask)
+
     def _run(self) -> None:
-        poller = zmq.Poller()
-        for socket in self._sockets.sockets:
-            poller.register(socket, zmq.POLLIN)
-        poller.register(self._wakeup, zmq.POLLIN)
+        sources, poll = self._sources, self._epoll.poll
+        self._watch(self._wakeup, _WAKEUP)
+        # ZeroMQ's file descriptor is edge-triggered: it only says "look at the socket's
+        # EVENTS". _serve_tcp() does, whenever it fired or the socket was used since.
+        self._watch(self._sockets.tcp.getsockopt(zmq.FD), _TCP)
+        if self._sockets.unix is not None:
+            self._watch(self._sockets.unix.fileno(), _ACCEPT)
         next_housekeeping = time.monotonic()
         while not self._stopping:
             now = time.monotonic()
@@ -269,13 +307,22 @@ class ShardLoop:
             if self._deadlines:
                 until = min(until, self._deadlines[0][0])
             try:
-                events = poller.poll(max(0.0, until - now) * 1000)
-                for source, _ in events:
-                    if source == self._wakeup:
+                for fd, mask in poll(0 if self._tcp_unread else max(0.0, until - now)):
+                    source = sources.get(fd)
+                    if source is _WAKEUP:
                         os.eventfd_read(self._wakeup)
                         self._drain_inbox()
-                    else:
-                        self._serve(source)
+                    elif source is _ACCEPT:
+                        self._accept()
+                    elif source is _TCP:
+                        self._tcp_unread = True
+                    elif source is not None:
+                        if mask & select.EPOLLOUT:
+                            self._flush(source)
+                        if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                            self._serve_unix(source)
+                if self._tcp_unread:
+                    self._serve_tcp()
                 now = time.monotonic()
                 self._expire(now)
                 if now >= next_housekeeping:
@@ -297,21 +344,93 @@ class ShardLoop:
             if sequence is not None:
                 self._record(caller_id, sequence)
 
-    def _serve(self, socket: zmq.Socket) -> None:
-        """Run up to MAX_BATCH requests that wait on `socket`."""
+    def _serve_tcp(self) -> None:
+        """Run up to MAX_BATCH requests that wait on the ZeroMQ socket."""
+        socket = self._sockets.tcp
         ready, receive = socket.getsockopt, socket.recv
         for _ in range(MAX_BATCH):
             if not ready(EVENTS) & POLLIN:
+                self._tcp_unread = False
                 return
             identity = receive()
-            frames = receive_frames(socket)
-            self.counts["native_requests"] += 1
+            request = self._decode(receive_frames(socket))
+            if request is not None:
+                request_id, (caller_id, after), request = request
+                self._dispatch(request, caller_id, after, True, _TcpReply(self, identity, request_id))
+
+    @property
+    def tcp_socket(self) -> zmq.Socket:
+        return self._sockets.tcp
+
+    def tcp_used(self) -> None:
+        """A send on the ZeroMQ socket may have taken its descriptor's edge: look again."""
+        self._tcp_unread = True
+
+    def _accept(self) -> None:
+        while True:
             try:
-                request_id, (caller_id, after), request = protocol.decode_request(frames)
-            except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
-                logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
-                continue
-            self._dispatch(request, caller_id, after, True, _NativeReply(socket, identity, request_id))
+                sock, _ = self._sockets.unix.accept()
+            except BlockingIOError:
+                return
+            self._watch(sock.fileno(), UnixPeer(sock))
+
+    def _serve_unix(self, peer: UnixPeer) -> None:
+        """Run the requests a Unix peer sent; forget the peer if it left."""
+        try:
+            messages = peer.reader.read(peer.socket)
+        except (OSError, ValueError) as error:
+            logger.warning("pype shard %d: dropped a client: %r", self.index, error)
+            messages = None
+        if messages is None:
+            self._drop(peer)
+            return
+        peer.corked = True  # the answers to this read's requests leave in one write
+        for frames in messages:
+            request = self._decode(frames)
+            if request is not None:
+                request_id, (caller_id, after), request = request
+                self._dispatch(request, caller_id, after, True, _UnixReply(self, peer, request_id))
+        peer.corked = False
+        self._flush(peer)
+
+    def send_to(self, peer: UnixPeer, frames: list) -> None:
+        """Send an answer to a Unix peer; what the kernel cannot take now goes when it can."""
+        if peer.closed:
+            return  # it left: nobody to tell
+        peer.outgoing.extend(stream_message(frames))
+        if not peer.corked:
+            self._flush(peer)
+
+    def _flush(self, peer: UnixPeer) -> None:
+        """Write what waits for `peer`; watch for room in its socket while some still waits."""
+        if peer.closed:
+            return
+        was_waiting = peer.watching_output
+        try:
+            waiting = peer.flush()
+        except OSError:
+            self._drop(peer)
+            return
+        if waiting != was_waiting:
+            mask = select.EPOLLIN | select.EPOLLOUT if waiting else select.EPOLLIN
+            self._epoll.modify(peer.socket.fileno(), mask)
+            peer.watching_output = waiting
+
+    def _drop(self, peer: UnixPeer) -> None:
+        if not peer.closed:
+            peer.closed = True
+            fd = peer.socket.fileno()
+            self._epoll.unregister(fd)
+            del self._sources[fd]
+            peer.socket.close()
+
+    def _decode(self, frames: list) -> tuple | None:
+        self.counts["native_requests"] += 1
+        try:
+            return protocol.decode_request(frames)
+        except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
+            logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
+            return None
 
     # -- running requests -------------------------------------------------------------------
 

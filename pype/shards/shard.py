@@ -125,7 +125,7 @@ class Shard:
         transport = config.transport
         sockets = ShardSockets(
             self._node["node_id"], self._node["node_ip"], keys, server_secret,
-            transport.ipc_dir if transport.local == "ipc" else None,
+            transport.socket_dir if transport.local == "unix" else None,
             transport.tcp_port + index if transport.tcp_port else 0, f"{server[:40]}-{index}")
         self._metrics = ShardMetrics(server, index)
         self._reported: frozenset | None = None
@@ -162,7 +162,7 @@ class Shard:
                 **self._loop.submit(Stats(), "", may_wait=False)}
 
     def close(self) -> None:
-        """Stop serving: close the data sockets (and remove the ipc socket file)."""
+        """Stop serving: close the data sockets (and remove the Unix socket file)."""
         self._loop.stop()
 
     # -- waiting groups ("pulls", "pushes"): may block ----------------------------------
