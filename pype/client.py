@@ -574,8 +574,9 @@ class Server:
         and not yet settled), bytes (held, see README: Limits), pushed, pulled, dropped
         (evicted by drop_oldest), acked, redelivered (leases nacked or expired); per
         queue also kind, maxsize, max_bytes, waiting_producers and shard; per shard
-        also native_requests and ray_requests (requests served on each path) and
-        waiting_calls (requests parked now). "lost" lists shard restarts that lost
+        also native_requests and ray_requests (requests served on each path; of the
+        native ones, tcp_requests came over TCP from other nodes) and waiting_calls
+        (requests parked now). "lost" lists shard restarts that lost
         queues (no persistence).
         """
         shards = ray.get([shard.stats.remote() for shard in self._shards])
@@ -585,7 +586,7 @@ class Server:
                 queues[name] = {"shard": shard["shard"], **counters}
         totals = {key: sum(shard[key] for shard in shards)
                   for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
-                              "native_requests", "ray_requests")}
+                              "native_requests", "tcp_requests", "ray_requests")}
         router = ray.get(self._router.stats.remote())
         return {"server": self.name, "router": router, "totals": totals, "shards": shards,
                 "queues": queues, "lost": router["lost"]}

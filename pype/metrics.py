@@ -10,7 +10,9 @@ per-queue metrics.
 Gauges: pype_queue_depth, pype_queue_leased, pype_queue_bytes,
 pype_queue_waiting_producers, pype_shard_bytes, pype_shard_waiting_calls.
 Counters: pype_queue_pushed, pype_queue_pulled, pype_queue_dropped, pype_queue_acked,
-pype_queue_redelivered (items, since the shard started).
+pype_queue_redelivered (items, since the shard started); pype_shard_requests, tagged
+path="native" or "ray" (requests served on each path) and pype_shard_tcp_requests
+(native requests that came over TCP, from other nodes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SHARD_GAUGES = {
     "bytes": "Bytes of the items the shard holds",
     "waiting_calls": "Calls waiting in the shard (blocking pulls and pushes, can_pull, can_push)",
 }
+REQUEST_PATHS = {"native": "native_requests", "ray": "ray_requests"}
 
 
 class ShardMetrics:
@@ -48,12 +51,21 @@ class ShardMetrics:
                                 for key, text in QUEUE_COUNTERS.items()}
         self._shard_gauges = {key: Gauge(f"pype_shard_{key}", text, ("server", "shard"))
                               for key, text in SHARD_GAUGES.items()}
+        self._requests = Counter("pype_shard_requests", "Requests served, by path",
+                                 ("server", "shard", "path"))
+        self._tcp_requests = Counter("pype_shard_tcp_requests",
+                                     "Native requests that came over TCP (other nodes)",
+                                     ("server", "shard"))
         self._counted: dict[tuple[str, str], int] = {}  # (queue, counter) -> value exported
 
     def export(self, stats: dict) -> None:
         for key, gauge in self._shard_gauges.items():
             gauge.set(stats[key], self._tags)
-        for queue in {queue for queue, _ in self._counted} - set(stats["per_queue"]):
+        for path, key in REQUEST_PATHS.items():
+            self._count(self._requests, (None, key), stats[key], {**self._tags, "path": path})
+        self._count(self._tcp_requests, (None, "tcp_requests"), stats["tcp_requests"], self._tags)
+        counted_queues = {queue for queue, _ in self._counted if queue is not None}  # None: the shard
+        for queue in counted_queues - set(stats["per_queue"]):
             for gauge in self._queue_gauges.values():  # removed: its gauges read 0
                 gauge.set(0, {**self._tags, "queue": queue})
             for key in self._queue_counters:
@@ -63,9 +75,12 @@ class ShardMetrics:
             for key, gauge in self._queue_gauges.items():
                 gauge.set(counters[key], tags)
             for key, counter in self._queue_counters.items():
-                # A queue removed and made again starts from 0: count from there.
-                before = self._counted.get((queue, key), 0)
-                value = counters[key]
-                if value > before:
-                    counter.inc(value - before, tags)
-                self._counted[(queue, key)] = value
+                self._count(counter, (queue, key), counters[key], tags)
+
+    def _count(self, counter: Counter, key: tuple[str | None, str], value: int, tags: dict) -> None:
+        """Add to `counter` what `value` grew by since the last export. A queue removed and
+        made again starts from 0: it is counted from there."""
+        before = self._counted.get(key, 0)
+        if value > before:
+            counter.inc(value - before, tags)
+        self._counted[key] = value

@@ -29,7 +29,8 @@ import sys, ray, pype
 ray.init(address=sys.argv[1], log_to_driver=False)
 server = pype.connect(sys.argv[2], namespace=sys.argv[3])
 for q in range(16):
-    ray.get(server.push.remote([(q, i) for i in range(100)], f"orders-{q}", expand=True))
+    ray.get(server.push.remote([(q, i) for i in range(50)], f"orders-{q}", expand=True))
+    server.push([(q, i) for i in range(50, 100)], f"orders-{q}", expand=True)  # natively
 print("pushed", 1600)
 """
 
@@ -37,10 +38,39 @@ CONSUMER = """
 import sys, json, ray, pype
 ray.init(address=sys.argv[1], log_to_driver=False)
 server = pype.connect(sys.argv[2], namespace=sys.argv[3])
-got = {q: ray.get(server.pull.remote(f"orders-{q}", -1)) for q in range(16)}
+got = {q: server.pull(f"orders-{q}", -1) for q in range(16)}
 print(json.dumps({"counts": [len(v) for v in got.values()],
-                  "in_order": all(v == [[q, i] for i in range(100)] or v == [(q, i) for i in range(100)]
-                                  for q, v in got.items())}))
+                  "in_order": all(v == [(q, i) for i in range(100)] for q, v in got.items())}))
+"""
+
+# A task on another node than the drivers: native calls to shards off its node go over
+# TCP with CURVE, to shards on its node over their Unix socket.
+RELAY = """
+import sys, json, ray, pype
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], log_to_driver=False)
+server = pype.connect(sys.argv[2], namespace=sys.argv[3])
+here = ray.get_runtime_context().get_node_id()
+elsewhere = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)[0]
+
+@ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(elsewhere, soft=False))
+def relay(server):
+    moved = 0
+    for q in range(16):
+        items = server.pull(f"relay-in-{q}", -1, block=True, timeout=60)
+        moved += server.push(items, f"relay-out-{q}", expand=True)
+    return moved, ray.get_runtime_context().get_node_id()
+
+for q in range(16):
+    server.push(list(range(q, q + 10)), f"relay-in-{q}", expand=True)
+moved, node = ray.get(relay.remote(server))
+back = [server.pull(f"relay-out-{q}", -1) == list(range(q, q + 10)) for q in range(16)]
+shards = ray.get(server.stats.remote())["shards"]
+print(json.dumps({"moved": moved, "all back": all(back), "task node is not the driver's": node != here,
+                  "tcp requests on shards off the task's node": sum(
+                      s["tcp_requests"] for s in shards if s["node_id"] != node),
+                  "tcp requests on the task's node": sum(
+                      s["tcp_requests"] for s in shards if s["node_id"] == node)}))
 """
 
 
@@ -100,7 +130,12 @@ def main() -> None:
         print("ok:", run("-c", PRODUCER, address, NAME, NAMESPACE).strip(), "from one driver")
         consumed = json.loads(run("-c", CONSUMER, address, NAME, NAMESPACE).strip().splitlines()[-1])
         assert consumed == {"counts": [100] * 16, "in_order": True}, consumed
-        print("ok: another driver pulled all 1600 items, in order")
+        print("ok: another driver pulled all 1600 items natively, in order")
+        relayed = json.loads(run("-c", RELAY, address, NAME, NAMESPACE).strip().splitlines()[-1])
+        assert relayed["moved"] == 160 and relayed["all back"], relayed
+        assert relayed["task node is not the driver's"], relayed
+        assert relayed["tcp requests on shards off the task's node"] > 0, relayed
+        print(f"ok: a task on another node pulled and pushed natively over TCP with CURVE: {relayed}")
 
         stats = pype_cli("stats", "--address", address, "--name", NAME, "--namespace", NAMESPACE)
         assert "orders-0" in stats, stats

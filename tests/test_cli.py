@@ -5,15 +5,16 @@ import re
 from tests.processes import run_script
 
 
-def test_demo_runs_the_chain_and_reports_rate_and_spread():
-    code, output = run_script("-m", "pype.cli", "demo", "--items", "60", timeout=180)
+def test_demo_runs_the_chain_on_both_paths_and_reports_rates_and_spread():
+    code, output = run_script("-m", "pype.cli", "demo", "--items", "60", timeout=240)
     assert code == 0, output
-    match = re.search(r"6 locked stages, one item per call: 60 items in [\d.]+ s = ([\d,.]+) items/s",
-                      output)
-    assert match and float(match.group(1).replace(",", "")) > 0, output
-    assert "order: all items arrived in order" in output
-    assert "per-shard spread" in output
-    assert re.search(r"data_0", output)
+    assert "60 items through 6 locked stages, one item per call" in output, output
+    rates = {path: float(rate.replace(",", "")) for path, rate in re.findall(
+        r"│ (`\.remote\(\)`|native)[^│]*│\s+[\d.]+ │\s+([\d,]+) │", output)}
+    assert set(rates) == {"`.remote()`", "native"} and all(rates.values()), output
+    assert "remote: all items arrived in order" in output
+    assert "native: all items arrived in order" in output
+    assert "per-shard spread" in output and "data_native_0" in output
 
 
 def test_demo_with_a_missing_config_is_one_clear_line(tmp_path):

@@ -23,5 +23,5 @@ def test_serve_push_pull_stats_placement_metrics_and_shutdown_on_four_nodes():
             CURRENT_CLUSTER.write_text(before)
     assert code == 0, output[-6000:]
     checks = [line for line in output.splitlines() if line.startswith("ok: ")]
-    assert len(checks) == 9, output[-6000:]
+    assert len(checks) == 10, output[-6000:]
     assert "ray_pype_queue_pushed" in output and "ray_pype_queue_depth" in output

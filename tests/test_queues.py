@@ -96,7 +96,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(n=st.sampled_from([-1, 1, 2, 3]))
     def lease(self, n):
-        self.lease_ids += 10  # ids need not be dense
+        self.lease_ids += 10_000  # ids need not be dense, but never repeat
         assert self.queue.lease(n, self.lease_ids, deadline=0) == self.model.lease(n, self.lease_ids)
         self.queue.admit_parked(self.now)
         self.model.admit(self.now)

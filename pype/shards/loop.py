@@ -223,7 +223,7 @@ class ShardLoop:
                  housekeeping: Callable[[ShardLoop], None] | None = None):
         self.store = store
         self.index = index
-        self.counts = {"native_requests": 0, "ray_requests": 0}
+        self.counts = {"native_requests": 0, "tcp_requests": 0, "ray_requests": 0}
         self._sockets = sockets
         self._poll_wait = poll_wait
         self._restarted = restarted
@@ -353,6 +353,7 @@ class ShardLoop:
                 self._tcp_unread = False
                 return
             identity = receive()
+            self.counts["tcp_requests"] += 1
             request = self._decode(receive_frames(socket))
             if request is not None:
                 request_id, (caller_id, after), request = request

@@ -22,6 +22,8 @@ when they change, and exports the shard's metrics once a second (pype.metrics).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import resource
@@ -43,6 +45,7 @@ logger = logging.getLogger("pype")
 
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
 
 
@@ -77,6 +80,21 @@ def _resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def return_large_blocks_to_the_os() -> None:
+    """Make glibc allocate blocks of 1 MB and more with mmap, and unmap them when freed.
+
+    A shard holds large items (frames) only until they are pulled. By default glibc
+    raises its mmap threshold to the largest block freed so far (up to 32 MB), after
+    which 6 MB frames come from the heap and stay in the process when freed: measured
+    here, a shard that had streamed 2,000 frames through a queue of 8 kept 61 MB.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
 def serve_at_normal_priority() -> None:
     """Run this process at nice 0, where the OS allows it.
 
@@ -101,6 +119,7 @@ class Shard:
         keep_references_here()
         log_to_stderr()
         serve_at_normal_priority()
+        return_large_blocks_to_the_os()
         self._index = index
         self._router = router
         persistence = config.persistence
