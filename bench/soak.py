@@ -95,8 +95,13 @@ class Ledger:
 
 @ray.remote(num_cpus=0)
 class Producer:
-    def run(self, server, producer, seconds, rate, batch=10):
-        """Push `rate` items/s for `seconds`: a pace the consumers keep up with."""
+    def run(self, server, producer, seconds, rate, native, batch=10):
+        """Push `rate` items/s for `seconds`: a pace the consumers keep up with.
+
+        Natively, a push cut off by a shard's death is sent again by the client and
+        applied once (producer sequence numbers): no push is ever unsure. Through
+        Ray, it fails with RayActorError and may or may not have been applied.
+        """
         acknowledged, unsure = [], []
         sequence = defaultdict(int)
         started = time.monotonic()
@@ -108,11 +113,14 @@ class Producer:
                 items.append((producer, queue, sequence[queue]))
                 sequence[queue] += 1
             try:
-                ray.get(server.push.remote(items, queue, expand=True))
+                if native:
+                    server.push(items, queue, expand=True)
+                else:
+                    ray.get(server.push.remote(items, queue, expand=True))
                 acknowledged.extend(items)
             except pype.ShardLostError:  # not applied: the queue lost its items (no persistence)
                 sequence[queue] -= batch  # send these numbers again
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, pype.ShardUnavailableError):
                 unsure.extend(items)
                 time.sleep(0.2)  # the shard is restarting
         return acknowledged, unsure
@@ -120,17 +128,19 @@ class Producer:
 
 @ray.remote(num_cpus=0)
 class Consumer:
-    def run(self, server, ledger, name, seed):
+    def run(self, server, ledger, name, seed, native):
         rng = random.Random(seed)
+        pull = server.pull if native else lambda *a, **k: ray.get(server.pull.remote(*a, **k))
+        ack = server.ack if native else lambda *a, **k: ray.get(server.ack.remote(*a, **k))
         rounds = 0
         while rounds % 10 or not ray.get(ledger.stopping.remote()):
             rounds += 1
             queue = rng.choice(QUEUES)
             try:
-                leased = ray.get(server.pull.remote(queue, 50, block=True, timeout=0.2, ack=True))
+                leased = pull(queue, 50, block=True, timeout=0.2, ack=True)
             except pype.ShardLostError:
                 continue
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, pype.ShardUnavailableError):
                 time.sleep(0.2)
                 continue
             if not leased:
@@ -141,12 +151,13 @@ class Consumer:
             items = {lease: item for lease, item, _ in leased}
             ray.get(ledger.acking.remote(name, queue, items))  # before the ack, never after
             try:
-                ray.get(server.ack.remote(queue, list(items)))
+                ack(queue, list(items))
                 outcome = dict.fromkeys(items, "acked")
             except pype.LeaseNotHeldError as error:  # those went back to the queue
                 late = set(error.lease_ids)
                 outcome = {lease: "not held" if lease in late else "acked" for lease in items}
-            except (ray.exceptions.RayActorError, pype.ShardLostError):
+            except (ray.exceptions.RayActorError, pype.ShardLostError, pype.ShardRestartedError,
+                    pype.ShardUnavailableError):
                 outcome = dict.fromkeys(items, "unsure")
             ray.get(ledger.settled.remote(name, queue, outcome))
 
@@ -165,7 +176,7 @@ def with_retries(call, attempts=100):
 
 
 def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int, rate: int,
-         console: Console) -> dict:
+         native: bool, console: Console) -> dict:
     journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
     server = pype.Server.remote(
         shards=shards, shard={"max_restarts": -1},
@@ -175,10 +186,11 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
         queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT})
     ledger = Ledger.remote()
     seconds = minutes * 60
-    running = [Producer.remote().run.remote(server, p, seconds, rate / producers)
+    running = [Producer.remote().run.remote(server, p, seconds, rate / producers, native)
                for p in range(producers)]
     crew = {c: Consumer.remote() for c in range(consumers)}
-    runs = {c: consumer.run.remote(server, ledger, f"consumer {c}", c) for c, consumer in crew.items()}
+    runs = {c: consumer.run.remote(server, ledger, f"consumer {c}", c, native)
+            for c, consumer in crew.items()}
     faults = Counter()
     rng = random.Random(0)
     ends = time.monotonic() + seconds
@@ -194,7 +206,7 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
             faults["consumers killed"] += 1
             crew[victim] = Consumer.remote()
             name = f"consumer {victim}, incarnation {faults['consumers killed']}"
-            runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30))
+            runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30), native)
         console.print(f"  {time.strftime('%H:%M:%S')}  faults so far: {dict(faults)}")
     outcomes = ray.get(running)
     backlog, progress_at = None, time.monotonic()
@@ -222,7 +234,8 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
         ray.kill(consumer)
     server.shutdown()
     journal = trace_journals(Path(journal_dir)) if fsync != "off" else None
-    return judge(outcomes, deliveries, acks, journal, faults, stats, minutes, fsync)
+    result = judge(outcomes, deliveries, acks, journal, faults, stats, minutes, fsync)
+    return {"path": "native" if native else ".remote()", **result}
 
 
 def left_in_queues(stats: dict) -> int:
@@ -235,6 +248,7 @@ class JournalTrace:
     def __init__(self):
         self.events = defaultdict(list)  # item -> what the journal says happened to it
         self.acked_leases = set()        # (queue, lease_id) of leases acked while held
+        self.pushes = Counter()          # item -> how often a push brought it in
 
     def observe(self, shard: str, record: tuple, moved: list) -> None:
         operation, queue, *args = record
@@ -244,6 +258,8 @@ class JournalTrace:
                     "take": "taken from"}[operation]
             for item in moved:
                 self.events[item].append(f"{shard}: {verb} {where}")
+                if operation in ("push", "insert"):
+                    self.pushes[item] += 1
         elif operation == "lease":
             for lease, item, again in moved:
                 self.events[item].append(f"{shard}: leased as {lease}{' (again)' * again}")
@@ -312,14 +328,25 @@ def judge(outcomes, deliveries, acks, journal: JournalTrace | None, faults, stat
         "lost": len(lost),
         "acked twice": sum(1 for count in settled.values() if count > 1),
         "phantoms": len(set(settled) - set(acknowledged) - unsure_pushes),
+        "duplicated (pushed twice)": duplicated(deliveries, journal),
         "per-producer order breaks": order_breaks,
         "shards marked restarted at the end": sum(shard["restarted"] for shard in stats["shards"]),
         "lost queues reported": stats["lost"],
         "lost items": [explain(item, deliveries, acks, journal) for item in lost[:200]],
     }
     result["passed"] = (result["lost"] == 0 and left_in_queues(stats) == 0 and result["acked twice"] == 0
-                        and result["phantoms"] == 0 and order_breaks == 0)
+                        and result["phantoms"] == 0 and order_breaks == 0
+                        and result["duplicated (pushed twice)"] == 0)
     return result
+
+
+def duplicated(deliveries, journal: JournalTrace | None) -> int:
+    """Items that entered a queue twice: by the journal, else by first deliveries
+    (an item that came back from a lease is delivered again flagged redelivered)."""
+    if journal is not None:
+        return sum(1 for count in journal.pushes.values() if count > 1)
+    firsts = Counter(item for *_, item, redelivered in deliveries if not redelivered)
+    return sum(1 for count in firsts.values() if count > 1)
 
 
 def explain(item, deliveries, acks, journal: JournalTrace | None) -> dict:
@@ -343,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, default=3)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--rate", type=int, default=500, help="items/s pushed, all producers together")
+    parser.add_argument("--path", choices=("native", "remote"), default="native",
+                        help="how producers and consumers call: natively (clients resend across "
+                             "restarts) or with .remote() (default native)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where soak.json goes")
     args = parser.parse_args(argv)
     console = Console()
@@ -350,12 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         result = soak(args.minutes, args.fsync, args.producers, args.consumers, args.shards,
-                      args.rate, console)
+                      args.rate, args.path == "native", console)
     finally:
         ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"soak-{args.fsync}.json").write_text(json.dumps(result, indent=2, default=str))
-    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}")
+    (args.out / f"soak-{args.fsync}-{args.path}.json").write_text(
+        json.dumps(result, indent=2, default=str))
+    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}, {args.path}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():

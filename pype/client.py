@@ -74,9 +74,9 @@ from pype.transport import DataAddress, Pipeline
 logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
-PULLS, PUSHES = "pulls", "pushes"
+PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
 MAX_REMEMBERED = 100_000  # queue names whose shard a handle remembers
-RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting  # the shard's groups of threads for `.remote()` calls that wait
+RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
 
 # Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
 # sends to each shard's main thread. The lock keeps the numbers in the order Ray sends.
@@ -200,6 +200,7 @@ class Server:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_kinds"] = {}
+        state["_owners"] = {}  # caches: each process learns its own
         state["_companions"] = []
         return state
 

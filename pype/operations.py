@@ -85,9 +85,13 @@ class StatsView:
                           _rate(queue, before.get(name), "pushed", seconds),
                           _rate(queue, before.get(name), "pulled", seconds),
                           f"{queue['bytes']:,}", str(queue["waiting_producers"]))
+        totals = stats["totals"]
+        requests = (f"requests served: {totals['native_requests']:,} native "
+                    f"({totals['tcp_requests']:,} of them over TCP), {totals['ray_requests']:,} "
+                    f"through Ray (.remote())")
         lost = [f"shard {event['shard']} restarted and lost {', '.join(event['queues']) or 'nothing known'}"
                 for event in stats["lost"]]
-        return Group(table, *lost)
+        return Group(table, requests, *lost)
 
 
 def _node(shard: dict) -> str:

@@ -138,7 +138,7 @@ def main() -> None:
         print(f"ok: a task on another node pulled and pushed natively over TCP with CURVE: {relayed}")
 
         stats = pype_cli("stats", "--address", address, "--name", NAME, "--namespace", NAMESPACE)
-        assert "orders-0" in stats, stats
+        assert "orders-0" in stats and "requests served:" in stats and "over TCP" in stats, stats
         watch = subprocess.Popen([sys.executable, "-m", "pype.cli", "stats", "--watch", "--interval",
                                   "0.5", "--address", address, "--name", NAME, "--namespace",
                                   NAMESPACE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,8 +1,9 @@
 """Hypothesis drives the public API of a live server with random, often hostile, calls.
 
-Every call must either do what a reference model says or raise a documented error
-(TypeError or ValueError from .remote() for bad arguments, a pype.PypeError or
-ValueError from ray.get), and the server must answer correctly afterwards.
+Every call, on either path (drawn at random), must either do what a reference model
+says or raise a documented error (TypeError or ValueError for bad arguments, a
+pype.PypeError or ValueError from the operation), and the server must answer
+correctly afterwards.
 """
 
 import uuid
@@ -43,33 +44,38 @@ class ApiMachine(RuleBasedStateMachine):
     def queue(self, name):
         return f"{self.prefix}-{name}"
 
+    def call(self, method, native):
+        """The server's `method` on one path, returning its result either way."""
+        operation = getattr(self.server, method)
+        return operation if native else lambda *a, **k: ray.get(operation.remote(*a, **k))
+
     def model(self, name):
         return self.models.setdefault(name, Model(QueueOptions()))
 
-    @rule(name=names, data=st.lists(items, max_size=4), expand=st.booleans())
-    def push(self, name, data, expand):
+    @rule(name=names, data=st.lists(items, max_size=4), expand=st.booleans(), native=st.booleans())
+    def push(self, name, data, expand, native):
         model = self.model(name)
         priority = 1 if model.options.kind == "priority" else None
-        count = ray.get(self.server.push.remote(data, self.queue(name), expand=expand,
-                                                priority=priority))
+        count = self.call("push", native)(data, self.queue(name), expand=expand, priority=priority)
         pushed = data if expand else [data]
         assert count == len(pushed)
         model.insert(pushed, priority)
 
-    @rule(name=names, batch_size=batch_sizes)
-    def pull(self, name, batch_size):
+    @rule(name=names, batch_size=batch_sizes, native=st.booleans())
+    def pull(self, name, batch_size, native):
         model = self.models.get(name)  # a pull does not create a queue
         expected = [] if model is None else model.take(batch_size or model.options.pull_size)
-        assert ray.get(self.server.pull.remote(self.queue(name), batch_size)) == expected
+        assert self.call("pull", native)(self.queue(name), batch_size) == expected
 
-    @rule(name=names, batch_size=st.sampled_from([1, 3, -1]), requeue=st.booleans())
-    def lease_and_settle(self, name, batch_size, requeue):
+    @rule(name=names, batch_size=st.sampled_from([1, 3, -1]), requeue=st.booleans(),
+          native=st.booleans())
+    def lease_and_settle(self, name, batch_size, requeue, native):
         model = self.models.get(name) or Model(QueueOptions())
-        leased = ray.get(self.server.pull.remote(self.queue(name), batch_size, ack=True))
+        leased = self.call("pull", native)(self.queue(name), batch_size, ack=True)
         modelled = model.lease(batch_size, first_id=0)
         assert [pair[1:] for pair in leased] == [pair[1:] for pair in modelled]  # items, redelivered
-        settle = self.server.nack if requeue else self.server.ack
-        assert ray.get(settle.remote(self.queue(name), [lease for lease, _, _ in leased])) == len(leased)
+        settle = self.call("nack" if requeue else "ack", native)
+        assert settle(self.queue(name), [lease for lease, _, _ in leased]) == len(leased)
         assert model.settle([lease for lease, _, _ in modelled], requeue) == []
 
     @rule(name=names, kind=st.sampled_from(["fifo", "lifo", "priority", "batch", "bogus", 7]))
@@ -98,7 +104,10 @@ class ApiMachine(RuleBasedStateMachine):
     def bad_name(self, name, batch_size):
         for call in (lambda: self.server.push.remote(1, name),
                      lambda: self.server.pull.remote(name, batch_size),
-                     lambda: self.server.ack.remote(name, [1])):
+                     lambda: self.server.ack.remote(name, [1]),
+                     lambda: self.server.push(1, name),
+                     lambda: self.server.pull(name, batch_size),
+                     lambda: self.server.ack(name, [1])):
             with pytest.raises(DOCUMENTED):
                 call()
 
@@ -107,10 +116,11 @@ class ApiMachine(RuleBasedStateMachine):
         with pytest.raises(DOCUMENTED):
             self.server.pull.remote(self.queue(name), batch_size)
 
-    @rule(name=names, lease=st.integers(min_value=-(2**63), max_value=2**63 - 1))
-    def unknown_lease(self, name, lease):
+    @rule(name=names, lease=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+          native=st.booleans())
+    def unknown_lease(self, name, lease, native):
         with pytest.raises(DOCUMENTED):
-            ray.get(self.server.ack.remote(self.queue(name), [lease]))
+            self.call("ack", native)(self.queue(name), [lease])
 
     @rule(name=names)
     def priority_on_a_plain_queue(self, name):

@@ -86,6 +86,14 @@ def test_a_blocking_pull_returns_what_is_there_at_its_timeout(shard):
     assert time.monotonic() - started >= 0.19
 
 
+def test_requests_that_timed_out_leave_nothing_behind_on_an_idle_queue(shard):
+    """A consumer that polls an idle queue with short blocking pulls must not grow the shard."""
+    for _ in range(20):
+        assert shard.native(Pull("idle", 1, True, 0.01), wait=0.01) == []
+    assert shard.ray(Stats(), may_wait=False)["waiting_calls"] == 0
+    assert "idle" not in shard.loop._parked  # the loop's list of parked requests for the queue
+
+
 def test_a_blocking_pull_for_more_than_fits_returns_when_the_queue_is_full(shard):
     shard.native(Add("q", QueueOptions(maxsize=2)))
     shard.native(Push(("q",), [1, 2]))

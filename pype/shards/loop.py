@@ -492,6 +492,8 @@ class ShardLoop:
             parked = heapq.heappop(deadlines)[2]
             if not parked.done:
                 parked.poll(self, True)
+                for name in parked.names:  # _wake() also drops it from its queues' lists
+                    self.changed(name)
         self._wake()
 
     def _check_lost(self, caller_id: str, names) -> None:
