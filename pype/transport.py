@@ -50,6 +50,7 @@ from pype.errors import ShardRestartedError, ShardUnavailableError
 logger = logging.getLogger("pype")
 
 ZAP_DOMAIN = "pype"
+RECONNECT_ATTEMPTS = 10  # new incarnations of one shard a request is sent to before giving up
 # Plain ints: pyzmq's enum constants cost microseconds per use on the hot path.
 EVENTS, POLLIN, RCVMORE, SNDMORE = (int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE),
                                     int(zmq.SNDMORE))
@@ -586,8 +587,8 @@ class Pipeline:
         self._in_flight.setdefault(index, {})[ticket] = entry
         try:
             entry[0] = self._connection(index).send(caller, request)
-        except Disconnected:
-            self._reconnect(index)
+        except Disconnected:  # found broken before sending: this one is safe to send anew
+            self._reconnect(index, unsent=ticket)
         return index, ticket
 
     def result(self, ticket: tuple[int, int], wait: float | None = 0.0) -> object:
@@ -605,10 +606,11 @@ class Pipeline:
             except Disconnected:
                 self._reconnect(index)
                 continue
-            if reply is None:
-                del in_flight[number]
-                self._drop(index)
-                raise unreachable(index, self._timeout, "no answer")
+            if reply is None:  # connected, but no answer in time: give up on this connection
+                error = unreachable(index, self._timeout, "no answer")
+                self._fail_all(index, error)
+                del self._failures[number]
+                raise error
             del in_flight[number]
             status, value = reply
             if status == protocol.ERROR:
@@ -635,18 +637,48 @@ class Pipeline:
         if connection is not None:
             connection.close()
 
-    def _reconnect(self, index: int) -> None:
-        """The connection to shard `index` broke: connect to its new incarnation and resend."""
+    def _reconnect(self, index: int, unsent: int | None = None) -> None:
+        """The connection to shard `index` broke: connect to its new incarnation and send
+        again, in order, what is safe to send again (`unsent`: a ticket never sent).
+
+        What is not safe to send again fails with ShardRestartedError, or with the
+        ShardUnavailableError that says the shard did not come back."""
+        in_flight = self._in_flight.get(index, {})
+        unsafe = {ticket: type(entry[2]).__name__.lower() for ticket, entry in in_flight.items()
+                  if ticket != unsent and not retriable(entry[2])}
+        for ticket in unsafe:
+            del in_flight[ticket]
+        unavailable = self._send_again(index, in_flight)
+        for ticket, kind in unsafe.items():
+            self._failures[ticket] = unavailable or ShardRestartedError(
+                f"shard {index} restarted while this {kind} was in flight; "
+                f"it may or may not have been applied")
+
+    def _send_again(self, index: int, in_flight: dict) -> ShardUnavailableError | None:
+        """Send `in_flight` to the shard's new incarnation; on failure fail them all and
+        return the error."""
+        error = unreachable(index, self._timeout, "it keeps dying")
+        for _ in range(RECONNECT_ATTEMPTS):
+            self._drop(index)
+            try:
+                connection = self._connection(index, fresh=True)  # raises ShardUnavailableError
+                for entry in in_flight.values():
+                    entry[0] = connection.send(entry[1], entry[2])
+                return None
+            except Disconnected:  # the new incarnation died too: ask again
+                continue
+            except ShardUnavailableError as unavailable:
+                error = unavailable
+                break
+        self._fail_all(index, error)
+        return error
+
+    def _fail_all(self, index: int, error: Exception) -> None:
+        """Fail every request in flight to shard `index` with `error`; drop the connection."""
         self._drop(index)
-        connection = self._connection(index, fresh=True)
-        for ticket, entry in list(self._in_flight.get(index, {}).items()):
-            if retriable(entry[2]):
-                entry[0] = connection.send(entry[1], entry[2])
-            else:
-                del self._in_flight[index][ticket]
-                self._failures[ticket] = ShardRestartedError(
-                    f"shard {index} restarted while this {type(entry[2]).__name__.lower()} was in "
-                    f"flight; it may or may not have been applied")
+        for ticket in list(self._in_flight.get(index, {})):
+            del self._in_flight[index][ticket]
+            self._failures[ticket] = error
 
     def close(self) -> None:
         for index in list(self._connections):

@@ -42,11 +42,10 @@ class Model:
     def insert(self, items, priority):
         for item in items:
             while self.options.maxsize and len(self.entries) >= self.options.maxsize:
-                # a stack evicts from its bottom before the items returned to its top
-                candidates = [e for e in self.entries if e[1] not in self.returned]
-                if self.options.kind != "lifo" or not candidates:
-                    candidates = self.entries
-                oldest = min(candidates, key=lambda e: e[1])
+                if self.options.kind == "lifo":  # a stack evicts from its bottom
+                    oldest = self.order()[-1]
+                else:
+                    oldest = min(self.entries, key=lambda e: e[1])
                 self.entries.remove(oldest)
                 self.returned.pop(oldest[1], None)
                 self.dropped += 1

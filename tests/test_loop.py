@@ -342,15 +342,43 @@ def test_protocol_sends_large_buffers_out_of_band():
     assert np.array_equal(request.items[0], frame) and request.items[1] == b"small"
 
 
-def test_the_loop_thread_is_the_only_one_touching_the_store(shard):
-    seen = set()
+def test_no_two_threads_are_ever_in_the_store_at_once(shard):
+    """Native requests run on the loop's thread, Ray's on their own: one lock keeps them apart."""
+    inside, overlaps = [], []
     original = shard.loop.store.push
 
     def spy(*args, **kwargs):
-        seen.add(threading.get_ident())
-        return original(*args, **kwargs)
+        if inside:
+            overlaps.append(threading.get_ident())
+        inside.append(threading.get_ident())
+        time.sleep(0.0005)  # widen the window a second thread would use
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside.pop()
 
     shard.loop.store.push = spy
-    shard.native(Push(("q",), [1]))
-    shard.ray(Push(("q",), [2]), sequence=1, may_wait=False)
-    assert seen == {shard.loop._thread.ident}
+
+    def native_pushes():
+        pipeline = shard.pipeline()
+        for i in range(100):
+            pipeline.call(0, ("native", 0), Push(("q",), [i]))
+
+    def ray_pushes(thread):
+        for i in range(100):
+            shard.ray(Push(("q",), [(thread, i)]))
+
+    futures = [shard.in_thread(native_pushes) for _ in range(2)]
+    futures += [shard.in_thread(ray_pushes, t) for t in range(2)]
+    for future in futures:
+        future.result(timeout=60)
+    assert overlaps == []
+    assert len(shard.native(Pull("q", -1))) == 400
+
+
+def test_a_request_parked_by_a_ray_thread_is_answered_at_its_deadline(shard):
+    """The loop, asleep until its next tick, must learn of a deadline a Ray thread set."""
+    started = time.monotonic()
+    for _ in range(5):
+        assert shard.ray(Pull("empty", 1, True, 0.0)) == []
+    assert time.monotonic() - started < 0.25  # not a housekeeping tick (0.1 s) each

@@ -8,7 +8,7 @@ in the order they parked. Overflow policies:
 - reject: a push that does not fit raises QueueFullError and changes nothing.
 - block: it waits in line and enters as room appears; nothing is refused or lost.
 - drop_oldest: it enters at once; the items that waited longest are evicted and
-  counted in `dropped`.
+  counted in `dropped`: a FIFO's head, a stack's bottom (the item it would pull last).
 
 Independently of the policy, a producer may push with a deadline (block=True on
 the API): its push waits in line and is withdrawn, unaccepted, at the deadline.
@@ -408,7 +408,9 @@ class FifoQueue(Queue):
 
     def _pop_oldest(self):
         if self._returned:  # they were pulled before everything still stored
-            return heapq.heappop(self._returned)[1]
+            key, item = heapq.heappop(self._returned)
+            self._returned_keys.discard(key)
+            return item
         return self._items.popleft()
 
     def _peek(self, count):
@@ -432,7 +434,13 @@ class LifoQueue(FifoQueue):
     def _pop_oldest(self):
         if self._items:
             return self._items.popleft()
-        return heapq.heappop(self._returned)[1]
+        # Only items back from leases are left: they sit on top in pull order, so the
+        # bottom of the stack is the one that would be pulled last.
+        bottom = max(self._returned)
+        self._returned.remove(bottom)
+        heapq.heapify(self._returned)
+        self._returned_keys.discard(bottom[0])
+        return bottom[1]
 
     def _peek(self, count):
         return list(itertools.islice(reversed(self._items), count))
