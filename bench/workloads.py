@@ -6,6 +6,8 @@ chain is the seed README's: a source, 6 stages, a sink, one queue per link.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import statistics
 import time
@@ -28,27 +30,51 @@ def _links(prefix: str) -> list[str]:
 
 
 class Arrivals:
-    """Counts items at a chain's sink: the steady rate runs from the first arrival on.
+    """Counts items at a chain's sink and reports their rate and the first item's delay.
 
-    The first item waits for Ray to start the chain's task processes (seconds on a
-    2-core machine, the same for every system); that start is reported apart.
+    from_first=True: the rate runs from the first arrival on, leaving out the seconds
+    Ray takes to start processes before it (the seed's chain, video). Otherwise it runs
+    from the start to the last arrival: the chains below run warm (see warmed), and a
+    batched chain may deliver all its items in a few batches, where a rate from the
+    first arrival would measure nothing.
     """
 
-    def __init__(self):
+    def __init__(self, from_first: bool = False):
         self.started = time.perf_counter()
-        self.first_at = None
-        self.after_first = 0
+        self.from_first = from_first
+        self.first_at = self.last_at = None
+        self.counted = 0
 
     def add(self, count: int) -> None:
+        self.last_at = time.perf_counter()
         if self.first_at is None:
-            self.first_at = time.perf_counter()
-        else:
-            self.after_first += count
+            self.first_at = self.last_at
+            if self.from_first:
+                return
+        self.counted += count
 
     def result(self) -> dict:
-        seconds = time.perf_counter() - self.first_at
-        return {"items_per_s": self.after_first / seconds,
+        since = self.first_at if self.from_first else self.started
+        return {"items_per_s": self.counted / (self.last_at - since),
                 "first_item_s": self.first_at - self.started}
+
+
+WARM_ITEMS = 50
+
+
+def warmed(chain):
+    """Run `chain` with WARM_ITEMS items first, so that Ray has started the chain's
+    task processes (seconds on 2 cores) before the measured run reuses them."""
+    signature = inspect.signature(chain)
+
+    @functools.wraps(chain)
+    def run(*args, **kwargs):
+        warm = signature.bind(*args, **kwargs)
+        warm.arguments["items"] = WARM_ITEMS
+        chain(*warm.args, **warm.kwargs)
+        return chain(*args, **kwargs)
+
+    return run
 
 
 # -- chain: Pype ------------------------------------------------------------------------
@@ -113,6 +139,7 @@ def pype_stage(server, source, output, mode):
                     break
 
 
+@warmed
 def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
     """mode: single (one item per call), batched (all available per call), each through
     .remote() or natively ("native single", "native batched"), or helpers (consume and
@@ -159,7 +186,7 @@ def seed_chain(server: pype.Server) -> dict:
     links = _links("seed")
     for name in links:
         server.add.remote(name, use_locking=True)
-    arrivals = Arrivals()
+    arrivals = Arrivals(from_first=True)
     start.remote(server, links[0])
     stages = [f.remote(server, source, output) for source, output in itertools.pairwise(links)]
     for _ in range(100):
@@ -190,6 +217,7 @@ def ray_queue_stage(source, output):
             return
 
 
+@warmed
 def ray_queue_chain(items: int) -> dict:
     links = [RayQueue(actor_options={"num_cpus": 0}) for _ in range(STAGES + 1)]
     ray.get([q.actor.qsize.remote() for q in links])  # started before the clock runs
@@ -230,6 +258,7 @@ def redis_stage(port, source, output, batched):
                 return
 
 
+@warmed
 def redis_chain(port: int, items: int, batched: bool) -> dict:
     import redis
 
@@ -502,7 +531,7 @@ def video(system: str, clip: str, server=None) -> dict:
         capture.release()
         return {"frames_per_s": frames / (time.perf_counter() - started)}
     queue = _links("video")[0]
-    arrivals = Arrivals()  # the video actor's process start is reported apart
+    arrivals = Arrivals(from_first=True)  # the video actor's process start is reported apart
     stream = pype.VideoServer.remote(server, file=clip, output_queues=queue)
     while True:
         items = ray.get(server.pull.remote(queue, batch_size=-1, block=True))
