@@ -48,6 +48,13 @@ def check_targets(results: dict, original_seed_chain: float) -> list[dict]:
          ratio(_get(results, "video", "pype VideoServer, one hop", "frames_per_s"),
                _get(results, "video", "opencv decode only", "frames_per_s")), ">=", 0.8),
     ]
+    queue = lambda system, metric: _get(results, "queue", system, metric)
+    for label, metric, goal in (("blocking put+get", "pairs_per_s", 10),
+                                ("4 producer + 4 consumer tasks", "items_per_s", 10),
+                                ("put_nowait_batch + get_nowait_batch", "items_per_s", 1.5)):
+        rows.append((f"pype.Queue / ray.util.queue: {label}",
+                     ratio(queue(f"pype.Queue, {label}", metric), queue(f"ray.util.queue, {label}", metric)),
+                     ">=", goal))
     for system, metrics in results["workloads"].get("spread", {}).items():
         rows.append((f"spread {system}: router calls per data operation", metrics["router_calls_per_op"], "<=", 0))
         rows.append((f"spread {system}: max/mean shard load", metrics["max_over_mean_load"], "<=", 1.2))

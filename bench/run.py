@@ -89,8 +89,17 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
     durability = {f"{label}, {path}": (lambda s=durable, native=path == "native":
                                         w.durable_pushes(s, n(2000 if native else 500), native))
                   for label, durable in durable_servers.items() for path in (".remote()", "native")}
+    queue = {}
+    for system in ("pype.Queue", "ray.util.queue"):
+        queue.update({
+            f"{system}, blocking put+get": lambda s=system: w.queue_put_get(s, n(2000 if s == "pype.Queue" else 300)),
+            f"{system}, 4 producer + 4 consumer tasks":
+                lambda s=system: w.queue_tasks(s, n(5000 if s == "pype.Queue" else 300)),
+            f"{system}, put_nowait_batch + get_nowait_batch": lambda s=system: w.queue_batches(s, n(100_000)),
+        })
     return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames,
-            "capacity": capacity, "video": video, "spread": spread, "durability": durability}
+            "capacity": capacity, "video": video, "spread": spread, "durability": durability,
+            "queue": queue}
 
 
 def start_durable_servers(journals: Path) -> dict[str, pype.Server]:
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
                         help="chain, ping-pong, bulk, frames, capacity, video, spread, durability, "
-                             "memory")
+                             "queue, memory")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default bench/results/, or a temporary "
                              "directory with --only, so a partial run never replaces the full one)")

@@ -406,6 +406,63 @@ def bulk(system: str, items: int, server=None, port=None) -> dict:
     return {"items_per_s": items / seconds}
 
 
+# -- queue: pype.Queue and ray.util.queue.Queue, the same code for both ----------------------
+
+def make_queue(system: str, maxsize: int = 0):
+    kind = RayQueue if system == "ray.util.queue" else pype.Queue
+    return kind(maxsize, actor_options={"num_cpus": 0})
+
+
+def queue_put_get(system: str, count: int) -> dict:
+    """Blocking put then get of one item, `count` times, in the driver."""
+    queue = make_queue(system)
+    started = time.perf_counter()
+    for item in range(count):
+        queue.put(item)
+        assert queue.get() == item
+    seconds = time.perf_counter() - started
+    queue.shutdown()
+    return {"pairs_per_s": count / seconds}
+
+
+@ray.remote(num_cpus=0)
+def queue_producer(queue, producer: int, count: int) -> None:
+    for sequence in range(count):
+        queue.put((producer, sequence))
+
+
+@ray.remote(num_cpus=0)
+def queue_consumer(queue, count: int) -> int:
+    for _ in range(count):
+        queue.get()
+    return count
+
+
+def queue_tasks(system: str, per_task: int, tasks: int = 4) -> dict:
+    """`tasks` producer tasks and `tasks` consumer tasks, one item per call, through one queue."""
+    queue = make_queue(system, maxsize=1000)
+    ray.get([queue_producer.remote(queue, 0, 0) for _ in range(2 * tasks)])  # workers started
+    started = time.perf_counter()
+    consumers = [queue_consumer.remote(queue, per_task) for _ in range(tasks)]
+    ray.get([queue_producer.remote(queue, p, per_task) for p in range(tasks)])
+    assert sum(ray.get(consumers)) == tasks * per_task
+    seconds = time.perf_counter() - started
+    queue.shutdown()
+    return {"items_per_s": tasks * per_task / seconds}
+
+
+def queue_batches(system: str, items: int) -> dict:
+    """put_nowait_batch of `items` small items, then get_nowait_batch of them all."""
+    queue, data = make_queue(system), list(range(items))
+    started = time.perf_counter()
+    queue.put_nowait_batch(data)
+    back = queue.get_nowait_batch(items)
+    seconds = time.perf_counter() - started
+    assert back == data
+    queue.shutdown()
+    return {"items_per_s": items / seconds}
+
+
 # -- frames ---------------------------------------------------------------------------------
 
 @ray.remote(num_cpus=0)

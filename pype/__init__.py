@@ -5,6 +5,8 @@ import logging
 from pype.client import Server, connect, pull_wait, push_wait
 from pype.errors import (
     ConfigError,
+    Empty,
+    Full,
     ItemLostError,
     LeaseNotHeldError,
     PypeError,
@@ -19,6 +21,7 @@ from pype.errors import (
     ShardUnavailableError,
     VideoSourceError,
 )
+from pype.queue import Queue
 from pype.video import EndOfStream, VideoServer
 
 logging.getLogger("pype").addHandler(logging.NullHandler())
@@ -27,10 +30,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Empty",
     "EndOfStream",
+    "Full",
     "ItemLostError",
     "LeaseNotHeldError",
     "PypeError",
+    "Queue",
     "QueueExistsError",
     "QueueFullError",
     "QueueNotFoundError",

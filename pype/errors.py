@@ -9,9 +9,13 @@ catches the built-in catches the Pype error too: QueueExistsError, ConfigError a
 ServerExistsError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
 ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
 VideoSourceError is an OSError; ShardUnavailableError and ShardRestartedError are
-ConnectionErrors. QueueFullError, ShardLostError and ItemLostError
-name states no built-in exception describes, and derive from PypeError alone.
+ConnectionErrors. Empty and Full (pype.Queue's) are the standard library's
+queue.Empty and queue.Full, as ray.util.queue's are. QueueFullError, ShardLostError
+and ItemLostError name states no built-in exception describes, and derive from
+PypeError alone.
 """
+
+import queue
 
 
 class PypeError(Exception):
@@ -95,3 +99,11 @@ class ServerExistsError(PypeError, ValueError):
 
 class ServerNotFoundError(PypeError, LookupError):
     """connect() found no server of that name in that namespace."""
+
+
+class Empty(PypeError, queue.Empty):
+    """pype.Queue: a get found no item (at once, or before its timeout)."""
+
+
+class Full(PypeError, queue.Full):
+    """pype.Queue: a put found no room (at once, or before its timeout)."""

@@ -44,6 +44,7 @@ class Push(NamedTuple):
 
     producer: (producer id, sequence number) of a native push, which the client may
     send again after a shard restart; the shard applies each sequence number once.
+    must_exist: raise QueueNotFoundError for a missing queue instead of creating it.
     """
 
     queues: tuple[str, ...]
@@ -52,10 +53,16 @@ class Push(NamedTuple):
     block: bool = False
     timeout: float | None = None
     producer: tuple[int, int] | None = None
+    must_exist: bool = False
 
 
 class Pull(NamedTuple):
-    """Take (remove=False: peek at; ack=True: lease) up to batch_size items of `queue`."""
+    """Take (remove=False: peek at; ack=True: lease) up to batch_size items of `queue`.
+
+    exactly: take batch_size items or none (a non-blocking pull answers [] if fewer
+    are there; pype.Queue.get_nowait_batch). must_exist: raise QueueNotFoundError for a missing queue instead of
+    answering [] (or waiting for its first push).
+    """
 
     queue: str
     batch_size: int | None = None
@@ -63,6 +70,8 @@ class Pull(NamedTuple):
     timeout: float | None = None
     remove: bool = True
     ack: bool = False
+    exactly: bool = False
+    must_exist: bool = False
 
 
 class Settle(NamedTuple):

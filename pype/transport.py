@@ -580,7 +580,7 @@ class Pipeline:
         if type(request) is protocol.Push and not request.block:
             sequence = self._sequences.get(index, 0) + 1
             self._sequences[index] = sequence
-            request = request[:5] + ((self._producer, sequence),)  # as _replace, 4x faster
+            request = request[:5] + ((self._producer, sequence),) + request[6:]  # as _replace, 4x faster
             request = tuple.__new__(protocol.Push, request)
         ticket = next(self._tickets)
         entry = [0, caller, request]

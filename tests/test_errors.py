@@ -1,6 +1,7 @@
 """The error classes derive from what pype/errors.py and the README say they do."""
 
 import inspect
+import queue
 
 import pytest
 
@@ -21,6 +22,8 @@ BUILTIN_BASES = {
     pype.ShardUnavailableError: ConnectionError,
     pype.ShardRestartedError: ConnectionError,
     pype.ItemLostError: None,
+    pype.Empty: queue.Empty,
+    pype.Full: queue.Full,
 }
 
 
@@ -34,7 +37,7 @@ def test_every_error_class_is_listed_here():
 def test_each_error_derives_from_the_builtin_its_docstring_names(cls, builtin):
     assert issubclass(cls, pype.PypeError)
     others = [base for base in cls.__mro__[1:]
-              if base.__module__ == "builtins" and base not in (Exception, BaseException, object)]
+              if not issubclass(base, pype.PypeError) and base not in (Exception, BaseException, object)]
     if builtin is None:
         assert others == [], f"{cls.__name__} derives from {others} but the docstring says none"
         assert cls.__name__ in errors.__doc__.split("derive from PypeError alone")[0].split(". ")[-1]

@@ -116,6 +116,35 @@ def test_a_batch_queue_pull_waits_for_a_full_batch_then_returns_a_partial_one(sh
     assert time.monotonic() - started >= 0.19
 
 
+@pytest.mark.parametrize("path", ["native", "ray"])
+def test_a_blocking_pull_of_a_queue_that_is_removed_ends_with_queue_not_found(shard, path):
+    shard.native(Add("q", QueueOptions()))
+    pull = Pull("q", 1, True, None)
+    waiter = shard.in_thread(shard.native, pull, wait=None) if path == "native" \
+        else shard.in_thread(shard.ray, pull)
+    until(shard.waiting, "the pull to park")
+    assert shard.native(Remove("q")) == 0
+    with pytest.raises(QueueNotFoundError, match="removed while this pull waited"):
+        waiter.result(timeout=30)
+    assert shard.waiting() == 0
+
+
+def test_must_exist_refuses_a_missing_queue_instead_of_making_it(shard):
+    with pytest.raises(QueueNotFoundError, match="'gone' does not exist"):
+        shard.native(Push(("gone",), [1], must_exist=True))
+    with pytest.raises(QueueNotFoundError):
+        shard.native(Pull("gone", 1, True, None, must_exist=True), wait=None)  # does not wait
+    assert shard.native(Pull("gone")) == []  # without must_exist: nothing there
+    assert shard.native(Push(("gone",), [1])) == 1  # and a push makes it
+    assert shard.native(Push(("gone",), [2], must_exist=True)) == 1
+
+
+def test_an_exact_pull_takes_the_whole_batch_or_nothing(shard):
+    shard.native(Push(("q",), [1, 2]))
+    assert shard.native(Pull("q", 3, False, exactly=True)) == []
+    assert shard.native(Pull("q", 2, False, exactly=True)) == [1, 2]
+
+
 def test_a_blocking_push_waits_in_line_until_a_pull_makes_room(shard):
     shard.native(Add("q", QueueOptions(maxsize=1)))
     shard.native(Push(("q",), ["a"]))

@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from pype import protocol
-from pype.errors import ShardLostError
+from pype.errors import QueueNotFoundError, ShardLostError
 from pype.payloads import resolved
 from pype.protocol import (
     Add,
@@ -551,6 +551,8 @@ class ShardLoop:
 
     def _push(self, caller_id, request: Push, may_wait: bool):
         self._check_lost(caller_id, request.queues)
+        if request.must_exist:
+            self.store.require(request.queues)
         try:
             result = self.store.push(request.queues, request.items, request.priority, request.block,
                                      request.timeout, request.producer)
@@ -568,6 +570,8 @@ class ShardLoop:
     def _pull(self, caller_id, request: Pull, may_wait: bool):
         name = request.queue
         self._check_lost(caller_id, (name,))
+        if request.must_exist:
+            self.store.require((name,))
         options = self.store.options(name)
         is_batch = options.kind == "batch"
         size = options.pull_size if request.batch_size is None else request.batch_size
@@ -575,6 +579,8 @@ class ShardLoop:
         timeout = options.batch_timeout if is_batch and request.timeout is None else request.timeout
         if may_wait and block and not self.store.pull_ready(name, size):
             return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack)
+        if request.exactly and self.store.length(name) < size:
+            return []
         items = self.store.pull(name, size, request.remove, request.ack)
         if items:
             self.changed(name)
@@ -615,9 +621,15 @@ class ShardLoop:
 
     def _remove(self, caller_id, request: Remove, may_wait: bool):
         try:
-            return self.store.remove(request.queue)
+            removed = self.store.remove(request.queue)
         finally:
-            self.changed(request.queue)
+            self.changed(request.queue)  # its parked pushes end with QueueNotFoundError
+        # Its blocking pulls too: nothing would ever wake them (a push makes a new queue).
+        gone = QueueNotFoundError(f"queue {request.queue!r} was removed while this pull waited")
+        for parked in self._parked.get(request.queue, ()):
+            if isinstance(parked, _PullWait) and not parked.done:
+                parked.finish(protocol.ERROR, gone)
+        return removed
 
     def _render(self, caller_id, request: Render, may_wait: bool) -> str:
         text = self.store.render(request.queue)

@@ -203,6 +203,12 @@ class QueueStore:
     def names(self) -> list[str]:
         return list(self._queues)
 
+    def require(self, names: tuple[str, ...]) -> None:
+        """Raise QueueNotFoundError unless every queue of `names` exists."""
+        missing = [name for name in names if name not in self._queues]
+        if missing:
+            raise QueueNotFoundError(f"queue {', '.join(map(repr, missing))} does not exist")
+
     def length(self, name: str) -> int:
         """Items in queue `name` ready to pull (0 for a queue that does not exist)."""
         queue = self._queues.get(name)
