@@ -10,12 +10,12 @@ ServerExistsError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
 ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
 VideoSourceError is an OSError; ShardUnavailableError and ShardRestartedError are
 ConnectionErrors. Empty and Full (pype.Queue's) are the standard library's
-queue.Empty and queue.Full, as ray.util.queue's are. QueueFullError, ShardLostError
+queue.Empty and queue.Full, through ray.util.queue's Empty and Full. QueueFullError, ShardLostError
 and ItemLostError name states no built-in exception describes, and derive from
 PypeError alone.
 """
 
-import queue
+import ray.util.queue
 
 
 class PypeError(Exception):
@@ -101,9 +101,9 @@ class ServerNotFoundError(PypeError, LookupError):
     """connect() found no server of that name in that namespace."""
 
 
-class Empty(PypeError, queue.Empty):
+class Empty(PypeError, ray.util.queue.Empty):
     """pype.Queue: a get found no item (at once, or before its timeout)."""
 
 
-class Full(PypeError, queue.Full):
+class Full(PypeError, ray.util.queue.Full):
     """pype.Queue: a put found no room (at once, or before its timeout)."""

@@ -46,14 +46,14 @@ def check_batch_size(batch_size: Any, allow_none: bool = True) -> int | None:
 
 
 def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
-    """Return `timeout` if valid: None (no limit) or a number of seconds >= 0."""
+    """Return `timeout` if valid: None (no limit; so is inf) or a number of seconds >= 0."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"{what} must be a number of seconds or None, got {timeout!r}")
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"{what} must be >= 0, got {timeout}")
-    return float(timeout)
+    return None if timeout == math.inf else float(timeout)
 
 
 def check_priority(priority: Any) -> float | int | None:

@@ -29,6 +29,7 @@ frames that ZeroMQ sends without a copy (pickle protocol 5).
 from __future__ import annotations
 
 import pickle
+import pickletools
 from typing import Any, NamedTuple
 
 from pype.options import QueueOptions
@@ -61,7 +62,8 @@ class Pull(NamedTuple):
 
     exactly: take batch_size items or none (a non-blocking pull answers [] if fewer
     are there; pype.Queue.get_nowait_batch). must_exist: raise QueueNotFoundError for a missing queue instead of
-    answering [] (or waiting for its first push).
+    answering [] (or waiting for its first push), and end the pull with it if the
+    queue is removed while the pull waits.
     """
 
     queue: str
@@ -119,7 +121,11 @@ class Remove(NamedTuple):
 
 
 class Length(NamedTuple):
+    """Items of `queue` ready to pull: 0 for a missing queue, or with must_exist
+    QueueNotFoundError."""
+
     queue: str
+    must_exist: bool = False
 
 
 class Describe(NamedTuple):
@@ -164,6 +170,20 @@ def decode_request(frames: list) -> tuple[int, tuple[str, int], tuple]:
     if len(fields) != len(kind._fields):
         raise ValueError(f"{kind.__name__} has {len(kind._fields)} fields, not {len(fields)}")
     return request_id, caller, tuple.__new__(kind, fields)
+
+
+def request_id_of(frames: list) -> int | None:
+    """The request id of a message decode_request could not read, if its start is
+    readable (the id is the envelope's first element), so that it can be answered."""
+    try:
+        for opcode, argument, _ in pickletools.genops(bytes(frames[0][:64])):
+            if opcode.name in ("BININT", "BININT1", "BININT2", "LONG1"):
+                return argument
+            if opcode.name not in ("PROTO", "FRAME", "MARK"):
+                return None
+    except Exception:  # noqa: BLE001 - cut off or not a pickle at all
+        return None
+    return None
 
 
 def dumps(message: tuple) -> list:

@@ -15,8 +15,8 @@ their use, as with ray.util.queue, whose actor is owned by its creator too.
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -36,7 +36,10 @@ from pype.errors import (
     ServerExistsError,
     ServerNotFoundError,
 )
+from pype.options import check_timeout
 from pype.protocol import Describe, Length, Pull, Push, Remove
+
+logger = logging.getLogger("pype")
 
 TASK_NATIVE_WAIT = 0.02  # seconds a blocking call of a task waits natively (see Queue._wait)
 # ray.util.queue's actor_options that mean something for the shards of a default server.
@@ -49,8 +52,9 @@ _defaults_lock = threading.Lock()
 def default_server(actor_options: dict | None = None) -> Server:
     """This Ray job's default server, started on first use (see the module docstring).
 
-    actor_options (num_cpus, max_restarts) apply to its shards when this call starts
-    it; a default server that runs already keeps the options it was started with.
+    actor_options (num_cpus, max_restarts) apply to each of its shards when this call
+    starts it; a default server that runs already keeps the options it was started
+    with (a warning says so).
     """
     shard = _shard_options(actor_options)
     if not ray.is_initialized():
@@ -63,11 +67,14 @@ def default_server(actor_options: dict | None = None) -> Server:
                 server = connect(name)
             except ServerNotFoundError:
                 try:
-                    server = Server.remote(name=name, shard=shard)
+                    return _defaults.setdefault(name, Server.remote(name=name, shard=shard))
                 except ServerExistsError:  # another process of the job started it meanwhile
                     server = connect(name)
             _defaults[name] = server
-        return server
+    if shard:
+        logger.warning("pype.Queue: actor_options %s are ignored: this job's default server "
+                       "runs already, with the options it was started with", shard)
+    return server
 
 
 def _shard_options(actor_options: dict | None) -> dict:
@@ -80,15 +87,19 @@ def _shard_options(actor_options: dict | None) -> dict:
     return options
 
 
+@contextlib.contextmanager
+def _full_when_no_room(name: str):
+    """Raise Full where the shard said there was no room (at once, or by the timeout)."""
+    try:
+        yield
+    except (QueueFullError, QueueTimeoutError):
+        raise Full(f"queue {name!r} is full") from None
+
+
 def _in_task() -> bool:
     """Does this thread run a Ray task (not the driver, not an actor)?"""
     context = ray.get_runtime_context()
     return context.worker.mode == ray.WORKER_MODE and context.get_actor_id() is None
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
 
 
 class Queue:
@@ -104,7 +115,8 @@ class Queue:
     default_server(). server: the Pype server that holds the queue (default: the
     job's default server). name: the queue's name in that server (default: a
     fresh one); a Queue named like an existing queue attaches to it, and raises
-    QueueExistsError if that queue has a different maxsize or kind.
+    QueueExistsError if that queue was made otherwise (another kind, maxsize,
+    overflow policy or byte bound).
     """
 
     def __init__(self, maxsize: int = 0, actor_options: dict | None = None, *,
@@ -120,11 +132,14 @@ class Queue:
         self._shard = self.server.shard_of(self.name)
         bound = max(0, maxsize)
         if not self.server.add(self.name, kind="fifo", maxsize=bound, overflow="reject",
-                               exist_ok=True):
+                               max_bytes=0, exist_ok=True):
             existing = self._call(Describe(self.name))
-            if existing is None or (existing["kind"], existing["maxsize"]) != ("fifo", bound):
+            made = None if existing is None else (existing["kind"], existing["maxsize"],
+                                                  existing["overflow"], existing["max_bytes"])
+            if made != ("fifo", bound, "reject", 0):
                 raise QueueExistsError(f"queue {self.name!r} exists with options {existing}, "
-                                       f"not a FIFO of maxsize {bound}")
+                                       f"not a FIFO of maxsize {bound} that rejects what "
+                                       f"does not fit")
 
     def _call(self, request: tuple, wait: float | None = 0.0) -> Any:
         return self.server._native(self._shard, request, wait)
@@ -140,14 +155,19 @@ class Queue:
         if (timeout is not None and timeout <= TASK_NATIVE_WAIT) or not _in_task():
             return self._call(request, timeout)
         started = time.monotonic()
-        try:
-            answer = self._call(request._replace(timeout=TASK_NATIVE_WAIT), TASK_NATIVE_WAIT)
-            if answer:  # items, or the number of items accepted
-                return answer
-        except QueueTimeoutError:  # a put found no room yet; it was not accepted
-            pass
+        answer = self._attempt(request)
+        if answer:
+            return answer
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
         return ray.get(self.server._wait_call(self._shard, request._replace(timeout=left), group))
+
+    def _attempt(self, request: Pull | Push, wait: float = TASK_NATIVE_WAIT) -> Any:
+        """The request with a short wait, natively: its answer, or None if it found
+        no item (a pull) or no room (a push, which was then not accepted)."""
+        try:
+            return self._call(request._replace(timeout=wait), wait) or None
+        except QueueTimeoutError:
+            return None
 
     def __repr__(self) -> str:
         return f"pype.Queue(maxsize={self.maxsize}, name={self.name!r})"
@@ -159,7 +179,7 @@ class Queue:
 
     def size(self) -> int:
         """The number of items in the queue."""
-        return self._call(Length(self.name))
+        return self._call(Length(self.name, must_exist=True))
 
     qsize = size
 
@@ -176,13 +196,16 @@ class Queue:
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Add `item` at the tail.
 
-        block=True waits for room up to `timeout` seconds (None: without limit);
-        block=False does not wait. Raises Full if there was no room, ValueError for a
-        negative timeout. Puts that wait are let in in the order they began waiting.
+        block=True waits for room up to `timeout` seconds (None or inf: without
+        limit); block=False does not wait. Raises Full if there was no room,
+        ValueError for a negative timeout.
         """
-        if block:
-            _check_timeout(timeout)
-        self._push([item], bool(block), timeout if block else None)
+        request = self._push_request([item], block, timeout)
+        with _full_when_no_room(self.name):
+            if block:
+                self._wait(request, request.timeout, PUSHES)
+            else:
+                self._call(request)
 
     def put_nowait(self, item: Any) -> None:
         """put(item, block=False)."""
@@ -193,37 +216,44 @@ class Queue:
         if not isinstance(items, Iterable):
             raise TypeError("Argument 'items' must be an Iterable")
         items = list(items)
-        if items:
-            self._push(items, False, None)
+        if self.maxsize > 0 and len(items) > self.maxsize:
+            raise Full(f"cannot put {len(items)} items in queue {self.name!r} of maxsize "
+                       f"{self.maxsize}")
+        with _full_when_no_room(self.name):
+            self._call(self._push_request(items, False, None))
 
-    def _push(self, items: list, block: bool, timeout: float | None) -> None:
-        request = Push((self.name,), items, block=block, timeout=timeout, must_exist=True)
-        try:
-            if block:
-                self._wait(request, timeout, PUSHES)
-            else:
-                self._call(request)
-        except (QueueFullError, QueueTimeoutError) as error:
-            raise Full(f"queue {self.name!r} is full: {error}") from None
+    def _push_request(self, items: list, block: bool, timeout: float | None) -> Push:
+        timeout = check_timeout(timeout) if block else None
+        return Push((self.name,), items, block=bool(block), timeout=timeout, must_exist=True)
 
     async def put_async(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        """put() as an awaitable: it waits in a thread of the event loop's executor."""
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.put, item, block, timeout))
+        """put() as an awaitable: a put that must wait for room waits in the shard
+        through a Ray call, which the event loop awaits (no thread is held)."""
+        request = self._push_request([item], block, timeout)
+        with _full_when_no_room(self.name):
+            if not block:
+                self._call(request)
+            elif self._attempt(request, 0.0) is None:
+                await self.server._wait_call(self._shard, request, PUSHES)
 
     # -- get -------------------------------------------------------------------------------
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the item at the head.
 
-        block=True waits for one up to `timeout` seconds (None: without limit), as a
-        request parked in the shard, not a poll; block=False does not wait. Raises
-        Empty if there was none, ValueError for a negative timeout.
+        block=True waits for one up to `timeout` seconds (None or inf: without
+        limit), as a request parked in the shard, not a poll; block=False does not
+        wait. Raises Empty if there was none, ValueError for a negative timeout.
         """
-        if block:
-            _check_timeout(timeout)
-        request = Pull(self.name, 1, bool(block), timeout if block else None, must_exist=True)
-        items = self._wait(request, timeout, PULLS) if block else self._call(request)
+        request = self._pull_request(block, timeout)
+        items = self._wait(request, request.timeout, PULLS) if block else self._call(request)
+        return self._first(items)
+
+    def _pull_request(self, block: bool, timeout: float | None) -> Pull:
+        timeout = check_timeout(timeout) if block else None
+        return Pull(self.name, 1, bool(block), timeout, must_exist=True)
+
+    def _first(self, items: list) -> Any:
         if not items:
             raise Empty(f"queue {self.name!r} is empty")
         return items[0]
@@ -238,17 +268,20 @@ class Queue:
             raise TypeError("Argument 'num_items' must be an int")
         if num_items < 0:
             raise ValueError("'num_items' must be nonnegative")
-        if num_items == 0:
-            return []
-        items = self._call(Pull(self.name, num_items, False, exactly=True, must_exist=True))
-        if not items:
+        items = self._call(Pull(self.name, max(1, num_items), False, exactly=True,
+                                must_exist=True)) if num_items else []
+        if len(items) < num_items:
             raise Empty(f"cannot get {num_items} items from queue {self.name!r}: fewer are there")
         return items
 
     async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
-        """get() as an awaitable: it waits in a thread of the event loop's executor."""
-        return await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.get, block, timeout))
+        """get() as an awaitable: a get that must wait for an item waits in the shard
+        through a Ray call, which the event loop awaits (no thread is held)."""
+        request = self._pull_request(block, timeout)
+        items = self._call(request._replace(block=False, timeout=None))
+        if not items and block:
+            items = await self.server._wait_call(self._shard, request, PULLS)
+        return self._first(items)
 
     # -- end -------------------------------------------------------------------------------
 

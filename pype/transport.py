@@ -589,6 +589,9 @@ class Pipeline:
             entry[0] = self._connection(index).send(caller, request)
         except Disconnected:  # found broken before sending: this one is safe to send anew
             self._reconnect(index, unsent=ticket)
+        except BaseException:  # not sent (an item that cannot be pickled): not in flight
+            del self._in_flight[index][ticket]
+            raise
         return index, ticket
 
     def result(self, ticket: tuple[int, int], wait: float | None = 0.0) -> object:

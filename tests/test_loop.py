@@ -6,8 +6,10 @@ over its data sockets (a transport.Pipeline), as they do in a shard actor.
 
 import pickle
 import socket
+import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -117,10 +119,10 @@ def test_a_batch_queue_pull_waits_for_a_full_batch_then_returns_a_partial_one(sh
 
 
 @pytest.mark.parametrize("path", ["native", "ray"])
-def test_a_blocking_pull_of_a_queue_that_is_removed_ends_with_queue_not_found(shard, path):
+def test_a_blocking_pull_that_needs_its_queue_ends_when_the_queue_is_removed(shard, path):
     shard.native(Add("q", QueueOptions()))
-    pull = Pull("q", 1, True, None)
-    waiter = shard.in_thread(shard.native, pull, wait=None) if path == "native" \
+    pull = Pull("q", 1, True, 60, must_exist=True)
+    waiter = shard.in_thread(shard.native, pull, wait=60) if path == "native" \
         else shard.in_thread(shard.ray, pull)
     until(shard.waiting, "the pull to park")
     assert shard.native(Remove("q")) == 0
@@ -133,7 +135,7 @@ def test_must_exist_refuses_a_missing_queue_instead_of_making_it(shard):
     with pytest.raises(QueueNotFoundError, match="'gone' does not exist"):
         shard.native(Push(("gone",), [1], must_exist=True))
     with pytest.raises(QueueNotFoundError):
-        shard.native(Pull("gone", 1, True, None, must_exist=True), wait=None)  # does not wait
+        shard.native(Pull("gone", 1, True, None, must_exist=True), wait=5)  # does not wait
     assert shard.native(Pull("gone")) == []  # without must_exist: nothing there
     assert shard.native(Push(("gone",), [1])) == 1  # and a push makes it
     assert shard.native(Push(("gone",), [2], must_exist=True)) == 1
@@ -142,7 +144,26 @@ def test_must_exist_refuses_a_missing_queue_instead_of_making_it(shard):
 def test_an_exact_pull_takes_the_whole_batch_or_nothing(shard):
     shard.native(Push(("q",), [1, 2]))
     assert shard.native(Pull("q", 3, False, exactly=True)) == []
+    with pytest.raises(ValueError, match="exactly"):
+        shard.native(Pull("q", 3, True, 5, exactly=True), wait=5)
     assert shard.native(Pull("q", 2, False, exactly=True)) == [1, 2]
+
+
+def test_a_request_the_shard_cannot_unpickle_is_answered_with_a_type_error(shard):
+    """An item of a class the shard cannot import (one defined in a driver's __main__)."""
+    module = types.ModuleType("made_here")
+    module.Point = type("Point", (), {"__module__": "made_here"})
+    sys.modules["made_here"] = module
+    frames = protocol.encode_request(1, ("native", 0), Push(("q",), [module.Point()]))
+    del sys.modules["made_here"]  # the shard cannot import it now
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(shard.loop.address.unix)
+    raw.sendall(b"".join(stream_message(frames)))
+    raw.settimeout(30)
+    answer = raw.recv(1 << 16)
+    raw.close()
+    assert b"could not read this request" in answer
+    assert shard.native(Push(("q",), [1])) == 1  # and it keeps serving
 
 
 def test_a_blocking_push_waits_in_line_until_a_pull_makes_room(shard):
@@ -322,7 +343,7 @@ def test_tcp_admits_only_the_servers_client_key_and_nothing_else_is_unpickled(sh
     context.term()
 
 
-def test_a_local_peer_that_sends_garbage_is_ignored_and_the_shard_keeps_serving(shard):
+def test_a_local_peer_that_sends_garbage_is_answered_or_ignored_and_the_shard_keeps_serving(shard):
     well_framed = socket.socket(socket.AF_UNIX)
     well_framed.connect(shard.loop.address.unix)
     for message in (pickle.dumps((1, ("x", 0), 99, ("not", "a", "request"))), b"\x80\x05junk"):
@@ -333,9 +354,11 @@ def test_a_local_peer_that_sends_garbage_is_ignored_and_the_shard_keeps_serving(
     raw.sendall(b"\xff" * 64)  # a header claiming billions of frames
     assert raw.recv(16) == b""  # the shard hung up on it
     assert shard.native(Push(("q",), [1])) == 1
+    well_framed.settimeout(30)  # the first has a readable request id: an error answers it
+    assert b"could not read this request" in well_framed.recv(1 << 16)
     well_framed.settimeout(0.2)
     with pytest.raises(TimeoutError):
-        well_framed.recv(16)  # malformed messages get no answer; the connection stays
+        well_framed.recv(16)  # the junk gets no answer; the connection stays
     for sock in (well_framed, raw):
         sock.close()
 

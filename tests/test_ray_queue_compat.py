@@ -15,7 +15,8 @@ from tests.events import until
 
 
 def waiting_calls(q: Queue) -> int:
-    """Requests parked in the shard of `q` now (blocked gets and puts)."""
+    """Requests parked in the shard of `q` now (blocked gets and puts); give `q` a server
+    of its own (fresh_server), so that no other test's requests are counted."""
     return ray.get(q.server.stats.remote())["shards"][q.server.shard_of(q.name)]["waiting_calls"]
 
 
@@ -39,9 +40,32 @@ def test_simple_usage(ray_session):
         assert q.get() == item
 
 
-def test_empty_and_full_are_the_standard_librarys():
+def test_empty_and_full_are_the_standard_librarys_and_rays():
+    import ray.util.queue
+
     assert issubclass(Empty, queue.Empty) and issubclass(Full, queue.Full)
+    assert issubclass(Empty, ray.util.queue.Empty) and issubclass(Full, ray.util.queue.Full)
     assert issubclass(Empty, pype.PypeError)
+
+
+@ray.remote  # one CPU each, as Ray's own test_queue.py has them
+def put_holding_a_cpu(q, item):
+    q.put(item)
+
+
+@ray.remote
+def get_holding_a_cpu(q):
+    return q.get()
+
+
+def test_tasks_that_hold_a_cpu_do_not_starve_each_other(ray_session):
+    """More consumer tasks than CPUs wait for producer tasks queued behind them: each
+    waiting get lends its CPU slot (it waits through a Ray call), as with ray.util.queue."""
+    q = Queue()
+    consumers = [get_holding_a_cpu.remote(q) for _ in range(6)]  # the session has 2 CPUs
+    producers = [put_holding_a_cpu.remote(q, item) for item in range(6)]
+    ray.get(producers)
+    assert sorted(ray.get(consumers)) == list(range(6))
 
 
 def test_puts_and_gets_from_tasks_meet(ray_session):
@@ -57,7 +81,7 @@ def test_put(ray_session):
     assert q.get() == 0
     q.put(1, timeout=0.2)
     assert q.get() == 1
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="must be >= 0"):
         q.put(0, timeout=-1)
     q.put(0)
     with pytest.raises(Full):
@@ -67,8 +91,9 @@ def test_put(ray_session):
     assert q.qsize() == 1  # the refused puts left nothing behind
 
 
-def test_a_blocked_put_enters_when_a_get_makes_room(ray_session):
-    q = Queue(1)
+def test_a_blocked_put_enters_when_a_get_makes_room(fresh_server):
+    server = fresh_server(shards=1)
+    q = Queue(1, server=server)
     q.put("first")
     blocked = put_task.remote(q, "second")
     until(lambda: waiting_calls(q) == 1, "the put to wait in the shard")
@@ -83,7 +108,7 @@ def test_get(ray_session):
     assert q.get(block=False) == 0
     q.put(1)
     assert q.get(timeout=0.2) == 1
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="must be >= 0"):
         q.get(timeout=-1)
     with pytest.raises(Empty):
         q.get_nowait()
@@ -91,8 +116,9 @@ def test_get(ray_session):
         q.get(timeout=0.2)
 
 
-def test_a_blocked_get_wakes_on_a_put(ray_session):
-    q = Queue()
+def test_a_blocked_get_wakes_on_a_put(fresh_server):
+    server = fresh_server(shards=1)
+    q = Queue(server=server)
     waiting = get_task.remote(q)
     until(lambda: waiting_calls(q) == 1, "the get to wait in the shard")
     q.put("item")
@@ -125,6 +151,8 @@ def test_batches_are_all_or_nothing(ray_session):
     assert q.qsize() == 2  # nothing taken
     q.put_nowait_batch(iter([3]))
     assert q.get_nowait_batch(3) == [1, 2, 3]
+    with pytest.raises(Full):  # Ray's own test_batch: more than maxsize at once
+        Queue(1).put_nowait_batch([1, 2])
     assert q.get_nowait_batch(0) == []
     with pytest.raises(TypeError):
         q.put_nowait_batch(5)
@@ -154,7 +182,8 @@ def test_async_variants(ray_session):
     asyncio.run(main())
 
 
-def test_an_async_actor_gets_without_blocking_its_loop(ray_session):
+def test_an_async_actor_gets_without_blocking_its_loop(fresh_server):
+    server = fresh_server(shards=1)
     @ray.remote(num_cpus=0)
     class Consumer:
         async def take(self, q, count):
@@ -163,7 +192,7 @@ def test_an_async_actor_gets_without_blocking_its_loop(ray_session):
         async def ping(self):
             return "pong"
 
-    q = Queue()
+    q = Queue(server=server)
     consumer = Consumer.remote()
     taken = consumer.take.remote(q, 3)
     until(lambda: waiting_calls(q) == 1, "the actor's get to wait in the shard")
@@ -172,10 +201,11 @@ def test_an_async_actor_gets_without_blocking_its_loop(ray_session):
     assert ray.get(taken) == ["a", "b", "c"]
 
 
-def test_shutdown_removes_the_queue_for_every_process(ray_session):
-    q = Queue()
+def test_shutdown_removes_the_queue_for_every_process(fresh_server):
+    server = fresh_server(shards=1)
+    q = Queue(server=server)
     q.put_nowait_batch([1, 2, 3])
-    other = Queue()  # a waiting get on q ends when q goes; other queues are untouched
+    other = Queue(server=server)  # a waiting get on q ends when q goes; others are untouched
     other.put("kept")
     q.get_nowait_batch(3)
     waiting = get_task.remote(q)
@@ -187,6 +217,8 @@ def test_shutdown_removes_the_queue_for_every_process(ray_session):
         q.put(4)
     with pytest.raises(pype.QueueNotFoundError):
         ray.get(put_task.remote(q, 4))  # not made again by a put from another process
+    with pytest.raises(pype.QueueNotFoundError):
+        q.qsize()
     q.shutdown()  # twice is fine
     assert other.get() == "kept"
 

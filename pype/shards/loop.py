@@ -25,6 +25,7 @@ to one of them raises ShardLostError once, and is not applied.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -161,11 +162,12 @@ class _Parked:
 
 
 class _PullWait(_Parked):
-    __slots__ = ("ack", "name", "remove", "size")
+    __slots__ = ("ack", "must_exist", "name", "remove", "size")
 
-    def __init__(self, deadline, name, size, remove, ack):
+    def __init__(self, deadline, name, size, remove, ack, must_exist):
         super().__init__((name,), deadline)
         self.name, self.size, self.remove, self.ack = name, size, remove, ack
+        self.must_exist = must_exist
 
     def poll(self, loop: ShardLoop, late: bool) -> bool:
         if not (late or loop.store.pull_ready(self.name, self.size)):
@@ -251,7 +253,7 @@ class ShardLoop:
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
-            Length: lambda _, r, __: self.store.length(r.queue),
+            Length: self._length,
             Describe: lambda _, r, __: self.store.describe(r.queue),
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
         }
@@ -386,10 +388,11 @@ class ShardLoop:
                 return
             identity = receive()
             self.counts["tcp_requests"] += 1
-            request = self._decode(receive_frames(socket))
+            reply_to = functools.partial(_TcpReply, self, identity)
+            request = self._decode(receive_frames(socket), reply_to)
             if request is not None:
                 request_id, (caller_id, after), request = request
-                self._dispatch(request, caller_id, after, True, _TcpReply(self, identity, request_id))
+                self._dispatch(request, caller_id, after, True, reply_to(request_id))
 
     @property
     def tcp_socket(self) -> zmq.Socket:
@@ -418,11 +421,12 @@ class ShardLoop:
             self._drop(peer)
             return
         peer.corked = True  # the answers to this read's requests leave in one write
+        reply_to = functools.partial(_UnixReply, self, peer)
         for frames in messages:
-            request = self._decode(frames)
+            request = self._decode(frames, reply_to)
             if request is not None:
                 request_id, (caller_id, after), request = request
-                self._dispatch(request, caller_id, after, True, _UnixReply(self, peer, request_id))
+                self._dispatch(request, caller_id, after, True, reply_to(request_id))
         peer.corked = False
         self._flush(peer)
 
@@ -457,12 +461,26 @@ class ShardLoop:
             del self._sources[fd]
             peer.socket.close()
 
-    def _decode(self, frames: list) -> tuple | None:
+    def _decode(self, frames: list, reply_to: Callable[[int], Reply]) -> tuple | None:
+        """(request_id, caller, request) of a native message, or None if it cannot be read.
+
+        A request the shard cannot unpickle (most often an item of a class that this
+        process cannot import, such as one defined in the driver's __main__) is
+        answered with a TypeError when its request id can be read, so that its caller
+        does not wait for an answer that never comes.
+        """
         self.counts["native_requests"] += 1
         try:
             return protocol.decode_request(frames)
         except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
-            logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
+            request_id = protocol.request_id_of(frames)
+            if request_id is None:
+                logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
+            else:
+                reply_to(request_id)(protocol.ERROR, TypeError(
+                    f"the shard could not read this request ({error!r}); its items must be "
+                    f"importable in the shard's process (define their classes in a module, "
+                    f"not in the driver's __main__)"))
             return None
 
     # -- running requests -------------------------------------------------------------------
@@ -578,7 +596,10 @@ class ShardLoop:
         block = is_batch if request.block is None else request.block
         timeout = options.batch_timeout if is_batch and request.timeout is None else request.timeout
         if may_wait and block and not self.store.pull_ready(name, size):
-            return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack)
+            if request.exactly:
+                raise ValueError("exactly applies to pulls that do not wait (block=False)")
+            return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack,
+                             request.must_exist)
         if request.exactly and self.store.length(name) < size:
             return []
         items = self.store.pull(name, size, request.remove, request.ack)
@@ -624,12 +645,18 @@ class ShardLoop:
             removed = self.store.remove(request.queue)
         finally:
             self.changed(request.queue)  # its parked pushes end with QueueNotFoundError
-        # Its blocking pulls too: nothing would ever wake them (a push makes a new queue).
+        # So do blocking pulls that need the queue to exist (a plain one waits on: a
+        # push makes the queue again).
         gone = QueueNotFoundError(f"queue {request.queue!r} was removed while this pull waited")
         for parked in self._parked.get(request.queue, ()):
-            if isinstance(parked, _PullWait) and not parked.done:
+            if isinstance(parked, _PullWait) and parked.must_exist and not parked.done:
                 parked.finish(protocol.ERROR, gone)
         return removed
+
+    def _length(self, caller_id, request: Length, may_wait: bool) -> int:
+        if request.must_exist:
+            self.store.require((request.queue,))
+        return self.store.length(request.queue)
 
     def _render(self, caller_id, request: Render, may_wait: bool) -> str:
         text = self.store.render(request.queue)
