@@ -34,8 +34,11 @@ from typing import Any
 
 import ray
 
+from pype import partitions as partitioning
 from pype.config import load_config
 from pype.errors import (
+    QueueExistsError,
+    QueueNotFoundError,
     QueueTimeoutError,
     ServerExistsError,
     ServerNotFoundError,
@@ -51,6 +54,7 @@ from pype.options import (
     check_timeout,
     resolve_capacity,
 )
+from pype.partitions import Layout, Partitioned
 from pype.payloads import by_reference
 from pype.placement import shard_options
 from pype.protocol import (
@@ -76,6 +80,7 @@ logger = logging.getLogger("pype")
 DEFAULT_NAMESPACE = "pype"
 PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
 MAX_REMEMBERED = 100_000  # queue names whose shard a handle remembers
+REDIRECTS = 3  # times a call follows Partitioned or a stale layout before it gives up
 RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
 
 # Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
@@ -99,6 +104,11 @@ def _caller_id() -> str:
 @ray.remote(num_cpus=0)
 def _total(*counts: int) -> int:
     return sum(counts)
+
+
+@ray.remote(num_cpus=0)
+def _add_in_task(server: Server, arguments: tuple) -> bool:
+    return server.add(*arguments)
 
 
 class _Operation:
@@ -149,6 +159,8 @@ class Server:
         self.name = name
         self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
         self._owners: dict[str, int] = {}  # queue name -> shard index
+        # queue -> its layout (pype.partitions) if partitioned, None if known to be plain
+        self._layouts: dict[str, Layout | None] = {}
         self._companions: list = []  # actors that feed this server (video), kept alive with it
 
     # -- making and finding servers ----------------------------------------------------
@@ -201,6 +213,7 @@ class Server:
         state = dict(self.__dict__)
         state["_kinds"] = {}
         state["_owners"] = {}  # caches: each process learns its own
+        state["_layouts"] = {}
         state["_companions"] = []
         return state
 
@@ -302,6 +315,7 @@ class Server:
 
     def _push_requests(self, data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
                        priority: Any, by_reference_: bool = False) -> dict[int, Push]:
+        """The `.remote()` push: one Push per shard (a partitioned queue's head forwards)."""
         names = as_names(queues)
         items = as_items(data, expand)
         if by_reference_:
@@ -315,23 +329,145 @@ class Server:
 
     def _push_native(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
-                     priority: float | None = None) -> int:
+                     priority: float | None = None, key: Any = None) -> int:
         """Push `data` (or with expand=True, each element of a list) to one or more queues.
 
         Returns the number of items accepted (items x queues). Each queue takes all
         the items or none. A full queue raises QueueFullError, unless block=True
         (wait for room; QueueTimeoutError after `timeout` s) or its overflow policy
         is "block" (the push waits in line) or "drop_oldest". Missing queues are
-        created. server.push.remote(...) does the same through Ray and returns a
-        reference to the count; large items (numpy arrays, bytes) then travel by
-        reference through Ray's object store (see pype.payloads), natively by value.
+        created. key (str, bytes or int): on a partitioned queue, pushes with the
+        same key go to the same partition, in order; other pushes go to this
+        process's partition. server.push.remote(...) does the same through Ray
+        and returns a reference to the count; large items (numpy arrays, bytes)
+        then travel by reference through Ray's object store (see pype.payloads),
+        natively by value.
         """
-        requests = self._push_requests(data, queues, expand, block, timeout, priority)
+        names = as_names(queues)
+        if key is not None:
+            partitioning.partition_for_key(key, 1)  # checks its type
+        return self.push_to(names, as_items(data, expand), bool(block), check_timeout(timeout),
+                            check_priority(priority), key)
+
+    def push_to(self, names: tuple[str, ...], items: list, block: bool, timeout: float | None,
+                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None) -> int:
+        """The native push of checked arguments; `pins`: layouts to use instead of this
+        handle's (a shard that runs a `.remote()` push for its caller)."""
+        pipeline, accepted, failure = self.pipeline(), 0, None
+        wait = timeout if block else 0.0
+        for _ in range(REDIRECTS + 1):
+            sent = []
+            for targets, index, request in self._native_pushes(names, items, block, timeout,
+                                                               priority, key, pins):
+                sent.append((targets, pipeline.send(index, self._after(index), request)))
+            names = ()
+            for targets, ticket in sent:
+                try:
+                    accepted += pipeline.result(ticket, wait)
+                except Partitioned as redirect:
+                    self._learn(redirect)
+                    names += targets
+                except QueueNotFoundError as error:
+                    if self._forget_layouts(targets):
+                        names += targets
+                    else:
+                        failure = failure or error
+                except Exception as error:  # noqa: BLE001 - raised once every part answered
+                    failure = failure or error
+            if not names:
+                break
+        if failure is not None:
+            raise failure
+        if names:
+            raise RuntimeError(f"pype: the layout of queues {names} kept changing")
+        return accepted
+
+    def _native_pushes(self, names, items, block, timeout, priority, key, pins):
+        """(queue names, shard, Push) of a native push: one per shard for plain queues,
+        one per partition (which must exist: a stale layout then shows) for partitioned."""
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for name in names:
+            layout = (pins or {}).get(name) or self._layouts.get(name)
+            if layout is None:
+                by_shard[self.shard_of(name)].append(name)
+            else:
+                target = layout.target(key)
+                yield (name,), self.shard_of(target), Push((target,), items, priority, block,
+                                                           timeout, must_exist=True)
+        for index, group in by_shard.items():
+            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout)
+
+    def _learn(self, redirect: Partitioned) -> Layout:
+        """Remember a partitioned queue's layout; make its partitions if a first push
+        made only its head (queue_defaults.partitions)."""
+        layout = self._layouts[redirect.queue] = Layout.of(redirect)
         pipeline = self.pipeline()
-        tickets = [pipeline.send(index, self._after(index), request)
-                   for index, request in requests.items()]
-        wait = (None if timeout is None else timeout) if block else 0.0
-        return sum(pipeline.result(ticket, wait) for ticket in tickets)
+        tickets = []
+        for name in layout.names():
+            index = self.shard_of(name)
+            tickets.append(pipeline.send(index, self._after(index),
+                                         Add(name, layout.partition_options(), True)))
+        for ticket in tickets:
+            pipeline.result(ticket)
+        return layout
+
+    def _forget_layouts(self, names: tuple[str, ...]) -> bool:
+        """A partition was missing: the queue was removed. Forget the layouts of `names`;
+        True if there was one (the call is then sent again, to the queue itself)."""
+        forgotten = [self._layouts.pop(name, None) for name in names]  # all of them
+        return any(layout is not None for layout in forgotten)
+
+    def layout(self, queue: str) -> Layout | None:
+        """The layout of `queue` if it is partitioned, else None (asks its shard once)."""
+        if queue not in self._layouts:
+            if len(self._layouts) > MAX_REMEMBERED:
+                self._layouts.clear()
+            try:
+                self._native(self.shard_of(queue), Length(queue))
+                self._layouts[queue] = None  # plain (a head would have said Partitioned)
+            except Partitioned as redirect:
+                self._learn(redirect)
+        return self._layouts[queue]
+
+    def push_target(self, queue: str) -> tuple[int, str]:
+        """(shard, queue or partition name) where this process's pushes to `queue` go."""
+        layout = self.layout(queue)
+        target = queue if layout is None else layout.target()
+        return self.shard_of(target), target
+
+    def _routed(self, queue: str, plain, partitioned) -> Any:
+        """plain(): the call to `queue` itself; partitioned(layout): the call to its
+        partitions, once this handle knows `queue` is partitioned."""
+        for _ in range(REDIRECTS):
+            layout = self._layouts.get(queue)
+            try:
+                return plain() if layout is None else partitioned(layout)
+            except Partitioned as redirect:
+                self._learn(redirect)
+            except QueueNotFoundError:
+                if layout is None or not self._forget_layouts((queue,)):
+                    raise
+        raise RuntimeError(f"pype: the layout of queue {queue!r} kept changing")
+
+    def run_refused(self, request: tuple, caller: str, redirect: Partitioned) -> Any:
+        """Run natively a `.remote()` request that the head of a partitioned queue
+        refused, for `caller` (whose pin the redirect carries); its shard calls this."""
+        layout = Layout.of(redirect)
+        if type(request) is Push:
+            return self.push_to(request.queues, request.items, request.block, request.timeout,
+                                request.priority, pins={redirect.queue: layout})
+        operation = {Pull: self._pull_native, CanPull: self._can_pull_native,
+                     CanPush: self._can_push_native, Length: self._queue_len_native,
+                     Render: self._print_queue_native, Remove: self._remove_native}.get(type(request))
+        if type(request) is Settle:
+            operation = self._nack_native if request.requeue else self._ack_native
+            return operation(request.queue, request.lease_ids)
+        if operation is None:
+            raise TypeError(f"a {type(request).__name__} cannot be run on partitions")
+        self._layouts.setdefault(redirect.queue, layout)
+        fields = {Pull: ("batch_size", "block", "timeout", "remove", "ack"),
+                  CanPull: ("batch_size",)}.get(type(request), ())
+        return operation(request.queue, *(getattr(request, name) for name in fields))
 
     def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
@@ -379,7 +515,8 @@ class Server:
         """
         index, request = self._pull_request(queue, batch_size, block, timeout, remove, ack)
         wait = request.timeout if request.block is not False else 0.0
-        return self._native(index, request, wait)
+        return self._routed(queue, lambda: self._native(index, request, wait),
+                            lambda layout: partitioning.pull(self, layout, *request[1:6]))
 
     def _pull_remote(self, queue: str, batch_size: int | None = None, block: bool | None = None,
                      timeout: float | None = None, remove: bool = True,
@@ -415,7 +552,12 @@ class Server:
         expired (their items went back to the queue), were settled before, or were
         never issued; the other ids are acked.
         """
-        return self._native(*self._settle_request(queue, lease_ids, requeue=False))
+        return self._settle_native(queue, lease_ids, requeue=False)
+
+    def _settle_native(self, queue: str, lease_ids: Any, requeue: bool) -> int:
+        index, request = self._settle_request(queue, lease_ids, requeue)
+        return self._routed(queue, lambda: self._native(index, request),
+                            lambda layout: partitioning.settle(self, layout, request.lease_ids, requeue))
 
     def _ack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
         return self._call(*self._settle_request(queue, lease_ids, requeue=False))
@@ -425,7 +567,7 @@ class Server:
     def _nack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
         """Hand leased items back: they return to the head of `queue` at once, in their
         original order, for the next pull. Returns and raises like ack()."""
-        return self._native(*self._settle_request(queue, lease_ids, requeue=True))
+        return self._settle_native(queue, lease_ids, requeue=True)
 
     def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
         return self._call(*self._settle_request(queue, lease_ids, requeue=True))
@@ -441,7 +583,14 @@ class Server:
         False, so polling loops do not spin; sees this process's earlier calls.
         """
         check_name(queue)
-        return self._native(self.shard_of(queue), CanPull(queue, check_batch_size(batch_size)))
+        return self._can_pull_waiting(queue, check_batch_size(batch_size), None)
+
+    def _can_pull_waiting(self, queue: str, batch_size: int | None, wait: float | None) -> bool:
+        """can_pull with the shard's `wait` (None: poll_wait, math.inf: no limit)."""
+        request = CanPull(queue, batch_size, wait)
+        return self._routed(
+            queue, lambda: self._native(self.shard_of(queue), request, None if wait == math.inf else wait),
+            lambda layout: partitioning.can_pull(self, layout, batch_size, wait))
 
     def _can_pull_remote(self, queue: str, batch_size: int | None = None) -> ray.ObjectRef:
         check_name(queue)
@@ -453,7 +602,17 @@ class Server:
     def _can_push_native(self, queue: str) -> bool:
         """True if a push of one item would be accepted (waits like can_pull)."""
         check_name(queue)
-        return self._native(self.shard_of(queue), CanPush(queue))
+        return self._can_push_waiting(queue, None)
+
+    def _can_push_waiting(self, queue: str, wait: float | None) -> bool:
+        """can_push with the shard's `wait`; on a partitioned queue, this producer's partition."""
+        def partitioned(layout: Layout) -> bool:
+            target = layout.target()
+            return self._native(self.shard_of(target), CanPush(target, wait),
+                                None if wait == math.inf else wait)
+        return self._routed(queue, lambda: self._native(self.shard_of(queue), CanPush(queue, wait),
+                                                        None if wait == math.inf else wait),
+                            partitioned)
 
     def _can_push_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
@@ -468,7 +627,7 @@ class Server:
                      batch_lock: int | None = None, overflow: str | None = None,
                      batch_size: int | None = None, batch_timeout: float | None = None,
                      max_bytes: int | None = None, visibility_timeout: float | None = None,
-                     exist_ok: bool = False) -> tuple[int, Add]:
+                     exist_ok: bool = False, partitions: int | None = None) -> tuple[int, Add]:
         check_name(queue)
         kind = kind or self._topology.config.queue_defaults.kind
         if kind != "batch" and (batch_size is not None or batch_timeout is not None):
@@ -477,7 +636,7 @@ class Server:
             overflow = "block"
         given = {"kind": kind, "overflow": overflow, "batch_size": batch_size,
                  "batch_timeout": batch_timeout, "max_bytes": max_bytes,
-                 "visibility_timeout": visibility_timeout,
+                 "visibility_timeout": visibility_timeout, "partitions": partitions,
                  "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock)}
         options = dataclasses.replace(self._topology.config.queue_defaults,
                                       **{key: value for key, value in given.items() if value is not None})
@@ -489,7 +648,7 @@ class Server:
                     batch_lock: int | None = None, overflow: str | None = None,
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
-                    exist_ok: bool = False) -> bool:
+                    exist_ok: bool = False, partitions: int | None = None) -> bool:
         """Create `queue`; True if created, False if it existed (with exist_ok).
 
         Options left None come from the config's queue_defaults. Flow control:
@@ -498,23 +657,47 @@ class Server:
         producers push to locked queues without checking, so a push that does not
         fit waits in line instead of failing). max_bytes bounds the bytes of its
         items. batch_size and batch_timeout belong to kind="batch".
-        visibility_timeout: seconds a pull with ack=True leases items. Raises
-        QueueExistsError if it existed (unless exist_ok). The .remote() form returns
+        visibility_timeout: seconds a pull with ack=True leases items.
+        partitions=K (K > 1) spreads the queue over K partitions on the shards (see
+        pype.partitions and the README); maxsize and max_bytes then bound each
+        partition. Raises QueueExistsError if it existed (unless exist_ok, which
+        still refuses another number of partitions). The .remote() form returns
         once the queue exists, for every process.
         """
-        return self._native(*self._add_request(
+        index, request = self._add_request(
             queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
-            batch_timeout, max_bytes, visibility_timeout, exist_ok))
+            batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions)
+        wanted = request.options.partitions
+        existing = self._native(index, Describe(queue)) if wanted > 1 else None
+        if existing is not None and existing.get("partitions", 1) != wanted:
+            raise QueueExistsError(
+                f"queue {queue!r} exists with {existing.get('partitions', 1)} partitions; the "
+                f"number of partitions of a queue cannot change (remove it and add it again)")
+        if wanted > 1 and existing is None:  # the partitions first: a head is never without them
+            seed = partitioning.spreading_seed(queue, wanted, len(self._shards), self._seed)
+            request = request._replace(options=dataclasses.replace(request.options,
+                                                                   partition_seed=seed))
+            layout = Layout(queue, wanted, request.options, 0)
+            pipeline = self.pipeline()
+            tickets = [pipeline.send(self.shard_of(name), self._after(self.shard_of(name)),
+                                     Add(name, layout.partition_options(), True))
+                       for name in layout.names()]
+            for ticket in tickets:
+                pipeline.result(ticket)
+        return self._native(index, request)
 
     def _add_remote(self, queue: str, kind: str | None = None, maxsize: int | None = None,
                     use_locking: bool = False, semaphore: int | None = None,
                     batch_lock: int | None = None, overflow: str | None = None,
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
-                    exist_ok: bool = False) -> ray.ObjectRef:
-        return self._settled(self._call(*self._add_request(
-            queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
-            batch_timeout, max_bytes, visibility_timeout, exist_ok)))
+                    exist_ok: bool = False, partitions: int | None = None) -> ray.ObjectRef:
+        arguments = (queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
+                     batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions)
+        index, request = self._add_request(*arguments)
+        if request.options.partitions > 1:  # several shards: a task makes them natively
+            return self._settled(_add_in_task.remote(self, arguments))
+        return self._settled(self._call(index, request))
 
     add = _Operation(_add_native, _add_remote)
 
@@ -522,7 +705,21 @@ class Server:
         """Delete `queue` and its items; returns how many items it held."""
         check_name(queue)
         self._kinds.pop(queue, None)
-        return self._native(self.shard_of(queue), Remove(queue))
+
+        def partitioned(layout: Layout) -> int:
+            self._layouts.pop(queue, None)
+            removed = self._native(self.shard_of(queue), Remove(queue, layout.partitions))
+            pipeline = self.pipeline()
+            tickets = [pipeline.send(self.shard_of(name), self._after(self.shard_of(name)),
+                                     Remove(name)) for name in layout.names()]
+            for ticket in tickets:
+                try:
+                    removed += pipeline.result(ticket)
+                except QueueNotFoundError:  # removed by someone else meanwhile
+                    pass
+            return removed
+        return self._routed(queue, lambda: self._native(self.shard_of(queue), Remove(queue)),
+                            partitioned)
 
     def _remove_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
@@ -540,7 +737,8 @@ class Server:
     def _queue_len_native(self, queue: str) -> int:
         """The number of items in `queue` ready to pull (0 if it does not exist)."""
         check_name(queue)
-        return self._native(self.shard_of(queue), Length(queue))
+        return self._routed(queue, lambda: self._native(self.shard_of(queue), Length(queue)),
+                            lambda layout: partitioning.length(self, layout))
 
     def _queue_len_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
@@ -551,7 +749,8 @@ class Server:
     def _print_queue_native(self, queue: str) -> str:
         """Print `queue` and its items from its shard (Ray shows it in the driver's output)."""
         check_name(queue)
-        return self._native(self.shard_of(queue), Render(queue))
+        return self._routed(queue, lambda: self._native(self.shard_of(queue), Render(queue)),
+                            lambda layout: partitioning.render(self, layout))
 
     def _print_queue_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
@@ -561,7 +760,8 @@ class Server:
 
     def _queues_native(self) -> list[str]:
         """The sorted names of all queues of the server."""
-        return sorted(name for names in self._call_each(Names()) for name in names)
+        return sorted(name for names in self._call_each(Names()) for name in names
+                      if partitioning.split_name(name)[1] is None)
 
     def _queues_remote(self) -> ray.ObjectRef:
         return ray.put(self._queues_native())
@@ -585,6 +785,7 @@ class Server:
         for shard in shards:
             for name, counters in shard.pop("per_queue").items():
                 queues[name] = {"shard": shard["shard"], **counters}
+        partitioning.fold_stats(queues)
         totals = {key: sum(shard[key] for shard in shards)
                   for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
                               "native_requests", "tcp_requests", "ray_requests")}
@@ -646,9 +847,7 @@ def pull_wait(server: Server, queue: str, batch_size: int | None = None,
     the shard, without polling, and sees this process's earlier pushes.
     """
     check_name(queue)
-    wait = _wait_limit(timeout)
-    request = CanPull(queue, check_batch_size(batch_size), wait)
-    if server._native(server.shard_of(queue), request, None if wait == math.inf else wait):
+    if server._can_pull_waiting(queue, check_batch_size(batch_size), _wait_limit(timeout)):
         return True
     raise QueueTimeoutError(f"pull_wait: queue {queue!r} held no full pull "
                             f"(batch_size={batch_size}) within {timeout} s")
@@ -661,8 +860,7 @@ def push_wait(server: Server, queue: str, timeout: float | None = 300) -> bool:
     wait forever), as the original Pype's helper did.
     """
     check_name(queue)
-    wait = _wait_limit(timeout)
-    if server._native(server.shard_of(queue), CanPush(queue, wait), None if wait == math.inf else wait):
+    if server._can_push_waiting(queue, _wait_limit(timeout)):
         return True
     raise QueueTimeoutError(f"push_wait: queue {queue!r} had no room within {timeout} s")
 

@@ -17,6 +17,7 @@ KINDS = ("fifo", "lifo", "priority", "batch")
 OVERFLOW_POLICIES = ("reject", "block", "drop_oldest")
 FSYNC_MODES = ("always", "batch", "never")
 MAX_NAME_LENGTH = 255
+MAX_PARTITIONS = 1024
 
 
 # -- argument rules ---------------------------------------------------------------
@@ -78,6 +79,8 @@ class QueueOptions:
     batch_size: int = 8                 # batch kind: the batch a plain pull waits for
     batch_timeout: float = 0.01         # batch kind: how long it waits for it
     visibility_timeout: float = 30.0    # seconds a leased item (pull with ack) stays leased
+    partitions: int = 1                 # sub-queues spread over the shards (pype.partitions)
+    partition_seed: int = 0             # in the partitions' names; add() picks one that spreads them
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,6 +91,10 @@ class QueueOptions:
                 raise TypeError(f"{key} must be an int, got {value!r}")
             if value < 0:
                 raise ValueError(f"{key} must be >= 0 (0 = unbounded), got {value}")
+        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int):
+            raise TypeError(f"partitions must be an int, got {self.partitions!r}")
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be between 1 and {MAX_PARTITIONS}, got {self.partitions}")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(
                 f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {self.overflow!r}")

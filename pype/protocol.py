@@ -117,7 +117,11 @@ class Add(NamedTuple):
 
 
 class Remove(NamedTuple):
+    """Delete `queue`. partitions: how many the caller knows it has; a head of another
+    count refuses (pype.partitions.Partitioned), so that its partitions go too."""
+
     queue: str
+    partitions: int = 1
 
 
 class Length(NamedTuple):
@@ -135,9 +139,10 @@ class Describe(NamedTuple):
 
 
 class Render(NamedTuple):
-    """A one-line picture of `queue` (print_queue)."""
+    """A one-line picture of `queue` (print_queue); show: also print it in the shard."""
 
     queue: str
+    show: bool = True
 
 
 class Names(NamedTuple):

@@ -56,6 +56,7 @@ class Consumer(Iterator):
         self._index = server.shard_of(queue)
         self._request = Pull(queue, batch_size, True, self._wait)
         self._pipeline = server.new_pipeline()
+        self._partitioned = server.layout(queue) is not None  # pulled by server.pull, unprefetched
         self._queue = queue
         self._timeout = timeout
         self._idle = 0.0
@@ -64,13 +65,20 @@ class Consumer(Iterator):
         self._closed = False
 
     def _pull(self) -> tuple:
+        if self._partitioned:
+            return ()
         return self._pipeline.send(self._index, self._server._after(self._index), self._request)
+
+    def _result(self) -> list:
+        if self._partitioned:
+            return self._server.pull(self._queue, *self._request[1:4])
+        return self._pipeline.result(self._next, self._wait)
 
     def __next__(self) -> Any:
         while not self._buffer:
             if self._next is None:
                 raise StopIteration
-            items = self._pipeline.result(self._next, self._wait)
+            items = self._result()
             self._idle = 0.0 if items else self._idle + self._wait
             if self._timeout is not None and self._idle >= self._timeout:
                 self._next = None
@@ -86,9 +94,9 @@ class Consumer(Iterator):
         self._closed = True
         left = list(self._buffer)
         self._buffer.clear()
-        if self._next is not None:
+        if self._next is not None and not self._partitioned:
             left += self._pipeline.result(self._next, self._wait)
-            self._next = None
+        self._next = None
         self._pipeline.close()
         return left
 
@@ -129,7 +137,7 @@ class Producer:
             raise ValueError(f"window must be >= 1, got {window}")
         self._server = server
         self._queue = queue
-        self._index = server.shard_of(queue)
+        self._index, self._target = server.push_target(queue)
         self._batch_size = batch_size
         self._linger = linger
         self._block = block
@@ -190,7 +198,8 @@ class Producer:
         """Send the current batch (lock held); settle the oldest beyond the window."""
         if not self._items:
             return
-        request = Push((self._queue,), self._items, block=self._block)
+        request = Push((self._target,), self._items, block=self._block,
+                       must_exist=self._target != self._queue)
         self._sent.append(self._pipeline.send(self._index, self._server._after(self._index), request))
         self._items = []
         while len(self._sent) > self._window:

@@ -379,6 +379,31 @@ class Connection:
     def close(self) -> None:
         raise NotImplementedError
 
+    # -- several requests at once (Pipeline.first) ------------------------------------
+
+    poll_target: object  # what zmq.Poller watches for this connection's replies
+
+    def pump(self) -> None:
+        """Keep the replies that arrived, without waiting (the poll_target is ready).
+
+        Raises Disconnected if the connection broke."""
+        raise NotImplementedError
+
+    def has_reply(self, request_id: int) -> bool:
+        return request_id in self._replies
+
+    def discard(self, request_id: int) -> None:
+        """Nobody waits for the reply to `request_id` any more: drop it when it comes."""
+        if self._replies.pop(request_id, None) is None:
+            self._discarded.add(request_id)
+
+    def _keep(self, request_id: int, reply: tuple[int, object]) -> None:
+        """Hold a reply that arrived while waiting for another one."""
+        if request_id in self._discarded:
+            self._discarded.remove(request_id)
+        else:
+            self._replies[request_id] = reply
+
 
 class UnixConnection(Connection):
     """A blocking Unix stream socket to a shard on this node: two system calls a request."""
@@ -394,7 +419,9 @@ class UnixConnection(Connection):
         self._reader = StreamReader()
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, object]] = {}
+        self._discarded: set[int] = set()
         self._timeout: float | None = None  # as last set on the socket (SO_RCVTIMEO)
+        self.poll_target = self.socket.fileno()
 
     def send(self, caller: tuple, request: tuple) -> int:
         if self.broken:
@@ -436,9 +463,22 @@ class UnixConnection(Connection):
                 if got_id == request_id:
                     reply = (status, value)
                 else:
-                    self._replies[got_id] = (status, value)
+                    self._keep(got_id, (status, value))
             if reply is not None:
                 return reply
+
+    def pump(self) -> None:
+        try:
+            messages = self._reader.read(self.socket)
+        except OSError as error:
+            logger.debug("pype: connection to %s broke: %s", self.endpoint, error)
+            messages = None
+        if messages is None:
+            self.broken = True
+            raise Disconnected(self.endpoint)
+        for frames in messages:
+            got_id, status, value = protocol.loads(frames)
+            self._keep(got_id, (status, value))
 
     def _set_timeout(self, timeout: float | None) -> None:
         """Bound a blocking receive in the kernel (SO_RCVTIMEO), not with Python's socket
@@ -479,6 +519,8 @@ class CurveConnection(Connection):
         self._poll_items = [(self.socket, POLLIN), (self._monitor, POLLIN)]
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, object]] = {}
+        self._discarded: set[int] = set()
+        self.poll_target = self.socket
 
     def send(self, caller: tuple, request: tuple) -> int:
         if self._monitor.getsockopt(EVENTS) & POLLIN:
@@ -501,13 +543,20 @@ class CurveConnection(Connection):
                 got_id, status, value = protocol.loads(receive_frames(socket))
                 if got_id == request_id:
                     return status, value
-                self._replies[got_id] = (status, value)
+                self._keep(got_id, (status, value))
             wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             events = zmq.zmq_poll(self._poll_items, wait)
             if len(events) > (socket in dict(events)):  # the monitor spoke
                 self._check_monitor()
             if not events and deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def pump(self) -> None:
+        if self._monitor.getsockopt(EVENTS) & POLLIN:
+            self._check_monitor()
+        while self.socket.getsockopt(EVENTS) & POLLIN:
+            got_id, status, value = protocol.loads(receive_frames(self.socket))
+            self._keep(got_id, (status, value))
 
     def _check_monitor(self) -> None:
         while True:
@@ -622,6 +671,42 @@ class Pipeline:
 
     def call(self, index: int, caller: tuple, request: tuple, wait: float | None = 0.0) -> object:
         return self.result(self.send(index, caller, request), wait)
+
+    def first(self, tickets: list[tuple[int, int]], timeout: float | None) -> tuple[int, int] | None:
+        """The first of `tickets` whose answer is in (result() then returns it at once),
+        or None after `timeout` seconds (None: no limit). The tickets may go to several
+        shards: one poll waits on all their connections."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            waiting_on: dict = {}
+            for ticket in tickets:
+                index, number = ticket
+                entry = self._in_flight.get(index, {}).get(number)
+                connection = self._connections.get(index)
+                if entry is None or connection is None or connection.has_reply(entry[0]):
+                    return ticket  # answered, or failed (result() raises its error)
+                waiting_on[connection.poll_target] = index
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            poller = zmq.Poller()
+            for target in waiting_on:
+                poller.register(target, zmq.POLLIN)
+            for target, _ in poller.poll(None if left is None else max(1, int(left * 1000))):
+                index = waiting_on[target]
+                try:
+                    self._connections[index].pump()
+                except Disconnected:
+                    self._reconnect(index)
+
+    def forget(self, ticket: tuple[int, int]) -> None:
+        """Nobody will ask for the answer to `ticket` (answered or not): drop it."""
+        index, number = ticket
+        entry = self._in_flight.get(index, {}).pop(number, None)
+        self._failures.pop(number, None)
+        connection = self._connections.get(index)
+        if entry is not None and connection is not None:
+            connection.discard(entry[0])
 
     def _connection(self, index: int, fresh: bool = False) -> Connection:
         connection = self._connections.get(index)

@@ -205,10 +205,12 @@ class _VideoActor:
         that wait for room enter in line order.
         """
         block = policy == "block"
-        self._in_flight.append([
-            self._pipeline.send(server.shard_of(name), server._after(server.shard_of(name)),
-                                Push((name,), [record], block=block))
-            for name in names])
+        tickets = []
+        for name in names:
+            index, target = server.push_target(name)  # a partition, for a partitioned queue
+            tickets.append(self._pipeline.send(index, server._after(index), Push(
+                (target,), [record], block=block, must_exist=target != name)))
+        self._in_flight.append(tickets)
         while len(self._in_flight) > PUSH_WINDOW:
             self._settle(self._in_flight.popleft(), block)
 

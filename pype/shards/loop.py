@@ -34,7 +34,7 @@ import os
 import select
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +42,7 @@ import zmq
 
 from pype import protocol
 from pype.errors import QueueNotFoundError, ShardLostError
+from pype.partitions import Partitioned
 from pype.payloads import resolved
 from pype.protocol import (
     Add,
@@ -74,6 +75,7 @@ logger = logging.getLogger("pype")
 _WAKEUP, _ACCEPT, _TCP = object(), object(), object()  # what woke the loop, besides a peer
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks for expired leases and new queue names
 MAX_BATCH = 256              # messages read from one socket before the loop looks elsewhere
+MAX_PINS = 100_000           # producers whose partition a head remembers
 
 Reply = Callable[[int, Any], None]  # reply(status, value)
 
@@ -249,6 +251,8 @@ class ShardLoop:
         self._changed: list[str] = []
         self._applied: dict[str, int] = {}           # caller id -> last main-thread call run
         self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
+        self._pins: OrderedDict[tuple[str, str], int] = OrderedDict()  # (head, caller) -> pin
+        self._next_pin: dict[str, int] = {}
         self._stopping = False
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
@@ -561,6 +565,22 @@ class ShardLoop:
                     f"persistence. This call was not applied; the next one works on the new, "
                     f"empty queue")
 
+    def _refuse_heads(self, caller_id: str, names, partitions: int = 1, create: bool = False) -> None:
+        """Raise Partitioned if a queue of `names` is the head of a partitioned queue (of
+        other than `partitions` partitions): the caller must use its partitions. The head
+        pins each caller to a partition, round robin, so that producers spread."""
+        for name in names:
+            options = self.store.partitions(name, create)
+            if options is None or options.partitions == partitions:
+                continue
+            pin = self._pins.get((name, caller_id))
+            if pin is None:
+                pin = self._pins[(name, caller_id)] = self._next_pin.get(name, 0)
+                self._next_pin[name] = pin + 1
+                if len(self._pins) > MAX_PINS:
+                    self._pins.popitem(last=False)
+            raise Partitioned(name, options.partitions, options, pin)
+
     @staticmethod
     def _deadline(timeout: float | None) -> float | None:
         return None if timeout is None else time.monotonic() + timeout
@@ -569,6 +589,7 @@ class ShardLoop:
 
     def _push(self, caller_id, request: Push, may_wait: bool):
         self._check_lost(caller_id, request.queues)
+        self._refuse_heads(caller_id, request.queues, create=not request.must_exist)
         if request.must_exist:
             self.store.require(request.queues)
         try:
@@ -588,6 +609,7 @@ class ShardLoop:
     def _pull(self, caller_id, request: Pull, may_wait: bool):
         name = request.queue
         self._check_lost(caller_id, (name,))
+        self._refuse_heads(caller_id, (name,), create=not request.must_exist)
         if request.must_exist:
             self.store.require((name,))
         options = self.store.options(name)
@@ -608,6 +630,7 @@ class ShardLoop:
         return items
 
     def _settle(self, caller_id, request: Settle, may_wait: bool):
+        self._refuse_heads(caller_id, (request.queue,))
         try:
             return self.store.settle(request.queue, request.lease_ids, request.requeue)
         finally:
@@ -620,10 +643,12 @@ class ShardLoop:
         return None if wait == math.inf else wait
 
     def _can_pull(self, caller_id, request: CanPull, may_wait: bool):
+        self._refuse_heads(caller_id, (request.queue,), create=True)
         condition = lambda: self.store.can_pull(request.queue, request.batch_size)
         return self._condition(request.queue, condition, request.wait, may_wait)
 
     def _can_push(self, caller_id, request: CanPush, may_wait: bool):
+        self._refuse_heads(caller_id, (request.queue,))
         condition = lambda: self.store.can_push(request.queue)
         return self._condition(request.queue, condition, request.wait, may_wait)
 
@@ -638,9 +663,16 @@ class ShardLoop:
     def _add(self, caller_id, request: Add, may_wait: bool):
         created = self.store.add(request.queue, request.options, request.exist_ok)
         self._lost.pop(request.queue, None)
+        partitions = request.options.partitions
+        if created and partitions > 1:  # what waits on the name must go to the partitions
+            moved = Partitioned(request.queue, partitions, request.options, 0)
+            for parked in self._parked.pop(request.queue, ()):
+                if not parked.done:
+                    parked.finish(protocol.ERROR, moved)
         return created
 
     def _remove(self, caller_id, request: Remove, may_wait: bool):
+        self._refuse_heads(caller_id, (request.queue,), request.partitions)
         try:
             removed = self.store.remove(request.queue)
         finally:
@@ -654,13 +686,16 @@ class ShardLoop:
         return removed
 
     def _length(self, caller_id, request: Length, may_wait: bool) -> int:
+        self._refuse_heads(caller_id, (request.queue,))
         if request.must_exist:
             self.store.require((request.queue,))
         return self.store.length(request.queue)
 
     def _render(self, caller_id, request: Render, may_wait: bool) -> str:
+        self._refuse_heads(caller_id, (request.queue,))
         text = self.store.render(request.queue)
-        print(text, flush=True)  # the seed's debugging habit: Ray shows it in the driver
+        if request.show:
+            print(text, flush=True)  # the seed's debugging habit: Ray shows it in the driver
         return text
 
     def _stats(self, caller_id, request: Stats, may_wait: bool) -> dict:

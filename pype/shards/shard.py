@@ -28,14 +28,16 @@ import logging
 import os
 import resource
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from pype.config import Config
 from pype.metrics import ShardMetrics
+from pype.partitions import Partitioned
 from pype.payloads import keep_references_here
-from pype.protocol import AwaitPush, Stats
+from pype.protocol import AwaitPush, Push, Stats
 from pype.shards.journal import Journal
 from pype.shards.loop import ShardLoop
 from pype.shards.store import QueueStore
@@ -45,6 +47,7 @@ logger = logging.getLogger("pype")
 
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
+ADDRESS = "address"  # data_address() answers even while the main thread runs a refused request
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
 
@@ -54,7 +57,7 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 
     Ray fixes concurrency groups when the class is made, not in .options().
     """
-    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads}
+    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, ADDRESS: 1}
     return ray.remote(concurrency_groups=groups, **options)(Shard)
 
 
@@ -111,6 +114,16 @@ def serve_at_normal_priority() -> None:
         logger.info("pype shard: cannot leave Ray's nice level (needs CAP_SYS_NICE)")
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A blocking `.remote()` push that named a partitioned queue's head; await_push
+    runs it natively, among the threads that may wait."""
+
+    request: tuple
+    caller_id: str
+    redirect: Partitioned
+
+
 class Shard:
     """Holds the queues whose names hash to shard `index` (made an actor by shard_actor)."""
 
@@ -122,6 +135,7 @@ class Shard:
         return_large_blocks_to_the_os()
         self._index = index
         self._router = router
+        self._server = None  # a handle of our own server, for _run_refused
         persistence = config.persistence
         journal = None if journal_dir is None else Journal(journal_dir, persistence.fsync)
         store = QueueStore(config.queue_defaults, config.shard.memory_budget,
@@ -163,6 +177,7 @@ class Shard:
         if self._rounds % METRICS_EVERY == 0:
             self._metrics.export(loop.stats())
 
+    @ray.method(concurrency_group=ADDRESS)
     def data_address(self) -> DataAddress:
         """Where this incarnation of the shard serves native calls."""
         return self._loop.address
@@ -171,7 +186,26 @@ class Shard:
 
     def call(self, request: tuple, caller: tuple[str, int]) -> object:
         """Run `request` (pype.protocol) for `caller` = (caller id, number of this call)."""
-        return self._loop.submit(request, caller[0], sequence=caller[1], may_wait=False)
+        try:
+            return self._loop.submit(request, caller[0], sequence=caller[1], may_wait=False)
+        except Partitioned as redirect:
+            if type(request) is Push and request.block:  # it waits: await_push runs it
+                return _Refused(request, caller[0], redirect)
+            return self._run_refused(request, caller[0], redirect)
+
+    def _run_refused(self, request: tuple, caller_id: str, redirect: Partitioned) -> object:
+        """Run natively on its partitions a `.remote()` request that named a partitioned
+        queue's head: the caller could not follow the redirect without waiting."""
+        if self._server is None:
+            from pype.client import Server  # the client imports this module's router
+            self._server = Server(self._router, ray.get(self._router.topology.remote()))
+        return self._server.run_refused(request, caller_id, redirect)
+
+    def _submit_waiting(self, request: tuple, after: tuple[str, int]) -> object:
+        try:
+            return self._loop.submit(request, after[0], after=after[1])
+        except Partitioned as redirect:
+            return self._run_refused(request, after[0], redirect)
 
     def stats(self) -> dict:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -189,7 +223,7 @@ class Shard:
     @ray.method(concurrency_group=PULL_WAITS)
     def wait_pull(self, request: tuple, after: tuple[str, int]) -> object:
         """A request of a consumer that may wait, after the caller's call number after[1]."""
-        return self._loop.submit(request, after[0], after=after[1])
+        return self._submit_waiting(request, after)
 
     @ray.method(concurrency_group=PUSH_WAITS)
     def await_push(self, pending: object, after: tuple[str, int]) -> object:
@@ -197,9 +231,11 @@ class Shard:
 
         `pending` is the first half's answer (Ray passes it once that call ran).
         """
+        if isinstance(pending, _Refused):
+            return self._run_refused(pending.request, pending.caller_id, pending.redirect)
         return self._loop.submit(AwaitPush(pending), after[0], after=after[1])
 
     @ray.method(concurrency_group=PUSH_WAITS)
     def wait_push(self, request: tuple, after: tuple[str, int]) -> object:
         """A request of a producer that may wait, after the caller's call number after[1]."""
-        return self._loop.submit(request, after[0], after=after[1])
+        return self._submit_waiting(request, after)

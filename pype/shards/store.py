@@ -203,6 +203,17 @@ class QueueStore:
     def names(self) -> list[str]:
         return list(self._queues)
 
+    def partitions(self, name: str, create: bool = False) -> QueueOptions | None:
+        """The options of `name` if it is the head of a partitioned queue (pype.partitions),
+        else None. create=True first makes a missing `name` when the defaults partition
+        queues, as a first push would (a head holds no items)."""
+        queue = self._queues.get(name)
+        if queue is None and create and self.queue_defaults.partitions > 1:
+            queue = self._create(name, self.queue_defaults)
+        if queue is None or queue.options.partitions == 1:
+            return None
+        return queue.options
+
     def require(self, names: tuple[str, ...]) -> None:
         """Raise QueueNotFoundError unless every queue of `names` exists."""
         missing = [name for name in names if name not in self._queues]
