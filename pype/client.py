@@ -314,9 +314,11 @@ class Server:
     # -- data -------------------------------------------------------------------------------
 
     def _push_requests(self, data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
-                       priority: Any, by_reference_: bool = False) -> dict[int, Push]:
+                       priority: Any, by_reference_: bool = False, key: Any = None) -> dict[int, Push]:
         """The `.remote()` push: one Push per shard (a partitioned queue's head forwards)."""
         names = as_names(queues)
+        if key is not None:
+            partitioning.partition_for_key(key, 1)  # checks its type
         items = as_items(data, expand)
         if by_reference_:
             items = by_reference(items)
@@ -324,7 +326,7 @@ class Server:
         by_shard: dict[int, list[str]] = defaultdict(list)
         for name in names:
             by_shard[self.shard_of(name)].append(name)
-        return {index: Push(tuple(group), items, priority, bool(block), timeout)
+        return {index: Push(tuple(group), items, priority, bool(block), timeout, key=key)
                 for index, group in by_shard.items()}
 
     def _push_native(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
@@ -455,7 +457,7 @@ class Server:
         layout = Layout.of(redirect)
         if type(request) is Push:
             return self.push_to(request.queues, request.items, request.block, request.timeout,
-                                request.priority, pins={redirect.queue: layout})
+                                request.priority, request.key, pins={redirect.queue: layout})
         operation = {Pull: self._pull_native, CanPull: self._can_pull_native,
                      CanPush: self._can_push_native, Length: self._queue_len_native,
                      Render: self._print_queue_native, Remove: self._remove_native}.get(type(request))
@@ -471,9 +473,9 @@ class Server:
 
     def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
-                     priority: float | None = None) -> ray.ObjectRef:
+                     priority: float | None = None, key: Any = None) -> ray.ObjectRef:
         requests = self._push_requests(data, queues, expand, block, timeout, priority,
-                                       self._by_reference)
+                                       self._by_reference, key)
         refs = []
         for index, request in requests.items():
             ref = self._call(index, request)

@@ -65,16 +65,18 @@ def spreading_seed(queue: str, partitions: int, shards: int, hash_seed: int,
 
     The names are hashed like any queue's, so K partitions on S shards land as K
     balls in S bins: 8 on 8 shards leave about 3 shards empty. add() tries seeds
-    until no shard holds more than its share (or `tries` ran out, keeping the best).
+    until no shard holds more than its share and every shard holds some (or `tries`
+    ran out, keeping the best).
     """
-    fair = -(-partitions // shards)
-    best, best_load = 0, partitions + 1
+    even = (-(-partitions // shards), -min(partitions, shards))  # (most on one, shards used)
+    best, best_spread = 0, (partitions + 1, 0)
     for seed in range(tries):
         load = Counter(shard_for(partition_name(queue, j, seed), shards, hash_seed)
-                       for j in range(partitions)).most_common(1)[0][1]
-        if load < best_load:
-            best, best_load = seed, load
-            if load <= fair:
+                       for j in range(partitions))
+        spread = (max(load.values()), -len(load))
+        if spread < best_spread:
+            best, best_spread = seed, spread
+            if spread <= even:
                 break
     return best
 
@@ -177,18 +179,23 @@ def _take(server: Server, layout: Layout, size: int, remove: bool, ack: bool) ->
     pipeline = server.pipeline()
     order = layout.turn()
     if size == -1:  # everything: ask every partition at once
-        tickets = [(j, _send(server, pipeline, layout, j, Pull(layout.name(j), -1,
-                                                               False, None, remove, ack)))
+        tickets = [(j, _send(server, pipeline, layout, j, _pull(layout, j, -1, remove, ack)))
                    for j in order]
         return [item for j, ticket in tickets
                 for item in _leased(layout, j, pipeline.result(ticket), ack)]
     got: list = []
     for j in order:
-        request = Pull(layout.name(j), size - len(got), False, None, remove, ack)
+        request = _pull(layout, j, size - len(got), remove, ack)
         got += _leased(layout, j, pipeline.result(_send(server, pipeline, layout, j, request)), ack)
         if len(got) >= size:
             break
     return got
+
+
+def _pull(layout: Layout, partition: int, size: int, remove: bool, ack: bool) -> Pull:
+    """A pull of one partition, which must exist: a missing one means that the queue was
+    removed since this client learned its layout (the client then forgets it)."""
+    return Pull(layout.name(partition), size, False, None, remove, ack, must_exist=True)
 
 
 def _send(server: Server, pipeline, layout: Layout, partition: int, request: tuple):
@@ -249,7 +256,7 @@ def can_pull(server: Server, layout: Layout, batch_size: int | None, wait: float
 
 def length(server: Server, layout: Layout) -> int:
     """Items ready to pull in all partitions."""
-    return sum(_each(server, layout, lambda name: Length(name)))
+    return sum(_each(server, layout, lambda name: Length(name, must_exist=True)))
 
 
 def settle(server: Server, layout: Layout, lease_ids: list[int], requeue: bool) -> int:

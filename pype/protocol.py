@@ -46,6 +46,8 @@ class Push(NamedTuple):
     producer: (producer id, sequence number) of a native push, which the client may
     send again after a shard restart; the shard applies each sequence number once.
     must_exist: raise QueueNotFoundError for a missing queue instead of creating it.
+    key: the partition key of a `.remote()` push to a partitioned queue, whose head's
+    shard runs it (pype.partitions); native pushes resolve it in the client.
     """
 
     queues: tuple[str, ...]
@@ -55,6 +57,7 @@ class Push(NamedTuple):
     timeout: float | None = None
     producer: tuple[int, int] | None = None
     must_exist: bool = False
+    key: Any = None
 
 
 class Pull(NamedTuple):

@@ -565,20 +565,24 @@ class ShardLoop:
                     f"persistence. This call was not applied; the next one works on the new, "
                     f"empty queue")
 
-    def _refuse_heads(self, caller_id: str, names, partitions: int = 1, create: bool = False) -> None:
+    def _refuse_heads(self, caller_id: str, names, partitions: int = 1, create: bool = False,
+                      push: bool = False) -> None:
         """Raise Partitioned if a queue of `names` is the head of a partitioned queue (of
         other than `partitions` partitions): the caller must use its partitions. The head
-        pins each caller to a partition, round robin, so that producers spread."""
+        pins each producer (a caller that pushes) to a partition, round robin, so that
+        producers spread."""
         for name in names:
             options = self.store.partitions(name, create)
             if options is None or options.partitions == partitions:
                 continue
             pin = self._pins.get((name, caller_id))
             if pin is None:
-                pin = self._pins[(name, caller_id)] = self._next_pin.get(name, 0)
-                self._next_pin[name] = pin + 1
-                if len(self._pins) > MAX_PINS:
-                    self._pins.popitem(last=False)
+                pin = self._next_pin.get(name, 0)
+                if push:
+                    self._pins[(name, caller_id)] = pin
+                    self._next_pin[name] = pin + 1
+                    if len(self._pins) > MAX_PINS:
+                        self._pins.popitem(last=False)
             raise Partitioned(name, options.partitions, options, pin)
 
     @staticmethod
@@ -589,7 +593,7 @@ class ShardLoop:
 
     def _push(self, caller_id, request: Push, may_wait: bool):
         self._check_lost(caller_id, request.queues)
-        self._refuse_heads(caller_id, request.queues, create=not request.must_exist)
+        self._refuse_heads(caller_id, request.queues, create=not request.must_exist, push=True)
         if request.must_exist:
             self.store.require(request.queues)
         try:
