@@ -50,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     for command in (serve, *(commands.add_parser(name, help=text, description=text) for name, text in (
             ("connect", "connect to a running server and show where its shards run"),
             ("stats", "show a server's queues: depth, leases, push and pull rates, shard, node"),
-            ("shutdown", "stop a running server: its shards and router, and their queues")))):
+            ("shutdown", "stop a running server: its shards and router, and their queues"),
+            ("scale", "resize a running server to --shards shards while it serves")))):
         command.add_argument("--address", default="auto",
                              help="the Ray cluster (default auto: the one this machine belongs to)")
         command.add_argument("--name", default="pype", help="the server's name (default pype)")
         command.add_argument("--namespace", default=None, help="its Ray namespace (default pype)")
+    commands.choices["scale"].add_argument("--shards", type=int, required=True,
+                                           help="the number of shards to have")
     stats = commands.choices["stats"]
     stats.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The operator's commands: serve, connect, stats, shutdown, config."""
+    """The operator's commands: serve, connect, stats, scale, shutdown, config."""
     from rich.console import Console
     from rich.live import Live
 
@@ -117,6 +120,10 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         console.print(operations.describe(args.address, args.name, args.namespace))
     elif args.command == "shutdown":
         console.print(operations.shutdown(args.address, args.name, args.namespace))
+    elif args.command == "scale":
+        if args.shards < 1:
+            parser.error("--shards must be at least 1")
+        console.print(operations.scale(args.address, args.name, args.namespace, args.shards))
     elif args.command == "stats":
         view = operations.StatsView(operations.attached(args.address, args.name, args.namespace))
         if not args.watch:

@@ -63,6 +63,7 @@ from pype.protocol import (
     CanPush,
     Describe,
     Length,
+    Moved,
     Names,
     Pull,
     Push,
@@ -82,6 +83,7 @@ PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote(
 MAX_REMEMBERED = 100_000  # queue names whose shard a handle remembers
 REDIRECTS = 3  # times a call follows Partitioned or a stale layout before it gives up
 RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
+TOPOLOGY_CHECK = 1.0  # seconds between a `.remote()` caller's looks for a newer topology
 
 # Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
 # sends to each shard's main thread. The lock keeps the numbers in the order Ray sends.
@@ -89,7 +91,9 @@ _sequence_lock = threading.Lock()
 _sent: dict[tuple[str, int], int] = {}
 _caller = {"pid": -1, "id": ""}
 # Where each shard's current incarnation listens, learned from the shard (per process).
-_addresses: dict[tuple[str, int], DataAddress] = {}
+_addresses: dict[tuple[str, str], DataAddress] = {}
+# The newest topology of each server this process has seen (server id -> Topology).
+_topologies: dict[str, Topology] = {}
 _this_thread = threading.local()  # pid, and server id -> this thread's Pipeline
 
 
@@ -132,6 +136,7 @@ class _BoundOperation:
         return self._operation._native(self._handle, *args, **kwargs)
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
+        self._handle._look_for_a_newer_topology()
         return self._operation._remote(self._handle, *args, **kwargs)
 
     @property
@@ -154,6 +159,9 @@ class Server:
         self._topology = topology
         self._shards = topology.shards
         self._seed = topology.config.hash_seed
+        self._newer: ray.ObjectRef | None = None  # a topology asked of the router, not yet seen
+        self._next_look = 0.0
+        self._sent_by_old: dict[int, ray.ObjectRef] = {}  # shard -> the last `.remote()` call to it
         # Items kept by reference die with their pusher; a journal must hold the items.
         self._by_reference = topology.config.persistence.dir is None
         self.name = name
@@ -215,6 +223,8 @@ class Server:
         state["_owners"] = {}  # caches: each process learns its own
         state["_layouts"] = {}
         state["_companions"] = []
+        state["_newer"] = None  # an ObjectRef must not be pickled out of band
+        state["_sent_by_old"] = {}
         return state
 
     def keep_alive(self, actor: ray.actor.ActorHandle) -> None:
@@ -224,6 +234,72 @@ class Server:
     def __repr__(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
         return f"pype.Server({label}shards={len(self._shards)})"
+
+    # -- the topology: which shards there are (resize changes it) ------------------------
+
+    def resize(self, shards: int) -> dict:
+        """Change the server's number of shards while it serves (see README, Resizing).
+
+        Only the queues whose shard changes move, each whole; their producers and
+        consumers pause while it moves and go on without an error. Returns the
+        router's account: epoch, shards, moved_queues, seconds.
+        """
+        outcome = ray.get(self._router.resize.remote(shards))
+        self._refresh(outcome["epoch"])
+        return outcome
+
+    def _adopt(self, topology: Topology) -> None:
+        """Route by `topology` from now on if it is newer than this handle's."""
+        newest = _topologies.get(topology.server_id)
+        if newest is None or newest.epoch < topology.epoch:
+            _topologies[topology.server_id] = topology
+        if topology.epoch > self._topology.epoch:
+            self._topology, self._shards = topology, topology.shards
+            self._owners.clear()
+            self._sent_by_old.clear()
+            logger.info("pype: server %s now has %d shards (topology epoch %d)",
+                        self.name or topology.server_id[:12], len(topology.shards), topology.epoch)
+
+    def _refresh(self, epoch: int) -> None:
+        """Fetch a topology of at least `epoch` (a shard said Moved(epoch))."""
+        newest = _topologies.get(self._topology.server_id)
+        if newest is not None:
+            self._adopt(newest)
+        deadline = time.monotonic() + self._topology.config.transport.request_timeout
+        while self._topology.epoch < epoch:
+            self._adopt(ray.get(self._router.topology.remote()))
+            if self._topology.epoch < epoch:
+                if time.monotonic() > deadline:
+                    raise ShardUnavailableError(
+                        f"the router did not publish topology epoch {epoch} within "
+                        f"{self._topology.config.transport.request_timeout:g} s")
+                time.sleep(RESTART_POLL)
+
+    def _look_for_a_newer_topology(self) -> None:
+        """Let `.remote()` callers, which never wait, learn of a resize: at most once a
+        TOPOLOGY_CHECK, ask the router, and adopt its answer on a later call once it came
+        and every call sent by the old topology has run. Until then a shard that gave a
+        queue away runs the calls for it on the caller's behalf, in the caller's order,
+        so that a call sent to the new shard never overtakes one still on its way there."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        if self._newer is None:
+            self._newer = self._router.topology.remote()
+            return
+        ready, _ = ray.wait([self._newer], timeout=0)
+        if not ready:
+            return
+        newer = ray.get(self._newer)
+        if newer.epoch > self._topology.epoch and self._sent_by_old:
+            calls = list(self._sent_by_old.values())
+            done, _ = ray.wait(calls, num_returns=len(calls), timeout=0, fetch_local=False)
+            if len(done) < len(calls):
+                self._next_look = now + RESTART_POLL / 10
+                return
+        self._adopt(newer)
+        self._newer = None
+        self._next_look = now + TOPOLOGY_CHECK
 
     # -- routing and the two paths -----------------------------------------------------------
 
@@ -238,24 +314,32 @@ class Server:
 
     def _call(self, index: int, request: tuple) -> ray.ObjectRef:
         """Send `request` to the main thread of shard `index` through Ray, numbering the call."""
-        key = (self._topology.server_id, index)
+        key = self._shard_key(index)
         caller = _caller_id()
         with _sequence_lock:
             sequence = _sent.get(key, 0) + 1
             ref = self._shards[index].call.remote(request, (caller, sequence))
             _sent[key] = sequence  # only once sent: a number never sent would never be run
+            self._sent_by_old[index] = ref
             return ref
 
     def _after(self, index: int) -> tuple[str, int]:
         """(this process, its last `.remote()` call to shard `index`), which must run first."""
         caller = _caller_id()
-        return caller, _sent.get((self._topology.server_id, index), 0)
+        return caller, _sent.get(self._shard_key(index), 0)
+
+    def _shard_key(self, index: int) -> tuple[str, str]:
+        """(server, shard actor): a shard started at an index that another had before a
+        shrink is another shard."""
+        return self._topology.server_id, self._topology.shard_ids[index]
 
     def _wait_call(self, index: int, request: tuple, group: str) -> ray.ObjectRef:
         """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
         shard = self._shards[index]
         method = shard.wait_pull if group == PULLS else shard.wait_push
-        return method.remote(request, self._after(index))
+        ref = method.remote(request, self._after(index))
+        self._sent_by_old[-1 - index] = ref  # the waiting groups: their own order
+        return ref
 
     def _call_each(self, request: tuple) -> list:
         return ray.get([self._call(index, request) for index in range(len(self._shards))])
@@ -279,12 +363,37 @@ class Server:
                         self._topology.config.transport.request_timeout)
 
     def _native(self, index: int, request: tuple, wait: float | None = 0.0) -> Any:
-        """Run `request` natively on shard `index`; `wait`: seconds it may wait there."""
-        return self.pipeline().call(index, self._after(index), request, wait)
+        """Run `request` natively on shard `index`; `wait`: seconds it may wait there.
+
+        If the queue moved to another shard (a resize), send it there."""
+        for _ in range(REDIRECTS):
+            try:
+                return self.pipeline().call(index, self._after(index), request, wait)
+            except Moved as moved:
+                self._refresh(moved.epoch)
+                index = self.shard_of(moved.queue)
+        raise RuntimeError(f"pype: {type(request).__name__} kept meeting moved queues")
+
+    def result(self, ticket: tuple[int, int], request: tuple, wait: float | None = 0.0,
+               pipeline: Pipeline | None = None) -> Any:
+        """pipeline.result(ticket) (default: this thread's pipeline), sending `request` (a
+        single queue's) to the queue's new shard if it moved (partitions, consume())."""
+        pipeline = pipeline or self.pipeline()
+        for _ in range(REDIRECTS):
+            try:
+                return pipeline.result(ticket, wait)
+            except Moved as moved:
+                self._refresh(moved.epoch)
+                index = self.shard_of(moved.queue)
+                ticket = pipeline.send(index, self._after(index), request)
+        return pipeline.result(ticket, wait)
 
     def _locate(self, index: int, fresh: bool = False) -> DataAddress:
         """Where shard `index` listens; fresh=True asks it again (after a restart)."""
-        key = (self._topology.server_id, index)
+        newest = _topologies.get(self._topology.server_id)  # pipelines are shared by handles
+        if newest is not None:
+            self._adopt(newest)
+        key = self._shard_key(index)
         _caller_id()  # forgets the addresses of a parent process
         address = _addresses.get(key)
         if address is not None and not fresh:
@@ -369,6 +478,11 @@ class Server:
                 except Partitioned as redirect:
                     self._learn(redirect)
                     names += targets
+                except Moved as moved:  # applied to none of moved.queues: send them again
+                    self._refresh(moved.epoch)
+                    accepted += moved.accepted
+                    names += tuple(name for name in targets
+                                   if name in moved.queues or self._target_of(name, key) in moved.queues)
                 except QueueNotFoundError as error:
                     if self._forget_layouts(targets):
                         names += targets
@@ -383,6 +497,10 @@ class Server:
         if names:
             raise RuntimeError(f"pype: the layout of queues {names} kept changing")
         return accepted
+
+    def _target_of(self, name: str, key: Any) -> str:
+        layout = self._layouts.get(name)
+        return name if layout is None else layout.target(key)
 
     def _native_pushes(self, names, items, block, timeout, priority, key, pins):
         """(queue names, shard, Push) of a native push: one per shard for plain queues,
@@ -451,10 +569,20 @@ class Server:
                     raise
         raise RuntimeError(f"pype: the layout of queue {queue!r} kept changing")
 
-    def run_refused(self, request: tuple, caller: str, redirect: Partitioned) -> Any:
-        """Run natively a `.remote()` request that the head of a partitioned queue
-        refused, for `caller` (whose pin the redirect carries); its shard calls this."""
-        layout = Layout.of(redirect)
+    def run_refused(self, request: tuple, caller: str, redirect: Partitioned | Moved) -> Any:
+        """Run natively a `.remote()` request that a shard refused, for `caller`: the
+        head of a partitioned queue (the redirect carries the caller's pin), or a shard
+        that gave the queue away (Moved); that shard calls this."""
+        if isinstance(redirect, Moved):
+            self._refresh(redirect.epoch)
+            if type(request) is Push:
+                return self.push_to(request.queues, request.items, request.block,
+                                    request.timeout, request.priority, request.key)
+            if type(request) in (Add, Describe):
+                return self._native(self.shard_of(request.queue), request)
+            redirect, layout = None, None
+        else:
+            layout = Layout.of(redirect)
         if type(request) is Push:
             return self.push_to(request.queues, request.items, request.block, request.timeout,
                                 request.priority, request.key, pins={redirect.queue: layout})
@@ -466,7 +594,8 @@ class Server:
             return operation(request.queue, request.lease_ids)
         if operation is None:
             raise TypeError(f"a {type(request).__name__} cannot be run on partitions")
-        self._layouts.setdefault(redirect.queue, layout)
+        if layout is not None:
+            self._layouts.setdefault(redirect.queue, layout)
         fields = {Pull: ("batch_size", "block", "timeout", "remove", "ack"),
                   CanPull: ("batch_size",)}.get(type(request), ())
         return operation(request.queue, *(getattr(request, name) for name in fields))

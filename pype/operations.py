@@ -104,6 +104,15 @@ def _rate(queue: dict, before: dict | None, key: str, seconds: float | None) -> 
     return f"{max(0, queue[key] - before[key]) / seconds:,.0f}"
 
 
+def scale(address: str | None, name: str, namespace: str | None, shards: int) -> Table:
+    """Resize a running server to `shards` shards while it serves."""
+    server = attached(address, name, namespace)
+    outcome = server.resize(shards)
+    return placement_table(server, f"pype server {name!r} resized (epoch {outcome['epoch']}, "
+                                   f"{outcome['moved_queues']} queues moved in "
+                                   f"{outcome['seconds']:.2f} s)")
+
+
 def shutdown(address: str | None, name: str, namespace: str | None) -> str:
     attached(address, name, namespace).shutdown()
     return f"pype server {name!r} stopped: its shards and router are gone"

@@ -38,7 +38,7 @@ import xxhash
 from pype.errors import LeaseNotHeldError, PypeError
 from pype.hashing import shard_for
 from pype.options import QueueOptions
-from pype.protocol import CanPull, Length, Pull, Render, Settle
+from pype.protocol import CanPull, Length, Moved, Pull, Render, Settle
 
 if TYPE_CHECKING:
     from pype.client import Server
@@ -179,14 +179,15 @@ def _take(server: Server, layout: Layout, size: int, remove: bool, ack: bool) ->
     pipeline = server.pipeline()
     order = layout.turn()
     if size == -1:  # everything: ask every partition at once
-        tickets = [(j, _send(server, pipeline, layout, j, _pull(layout, j, -1, remove, ack)))
-                   for j in order]
-        return [item for j, ticket in tickets
-                for item in _leased(layout, j, pipeline.result(ticket), ack)]
+        requests = [(j, _pull(layout, j, -1, remove, ack)) for j in order]
+        tickets = [(j, request, _send(server, pipeline, layout, j, request)) for j, request in requests]
+        return [item for j, request, ticket in tickets
+                for item in _leased(layout, j, server.result(ticket, request), ack)]
     got: list = []
     for j in order:
         request = _pull(layout, j, size - len(got), remove, ack)
-        got += _leased(layout, j, pipeline.result(_send(server, pipeline, layout, j, request)), ack)
+        answer = server.result(_send(server, pipeline, layout, j, request), request)
+        got += _leased(layout, j, answer, ack)
         if len(got) >= size:
             break
     return got
@@ -232,6 +233,9 @@ def _watch_once(server: Server, layout: Layout, wait: float) -> bool:
     try:
         first = pipeline.first(tickets, wait)
         return first is not None and pipeline.result(first) is True
+    except Moved as moved:  # a partition moved (a resize): look again, where it is now
+        server._refresh(moved.epoch)
+        return True
     finally:
         for ticket in tickets:
             pipeline.forget(ticket)
@@ -249,6 +253,9 @@ def can_pull(server: Server, layout: Layout, batch_size: int | None, wait: float
             if pipeline.result(first):
                 return True
         return False
+    except Moved as moved:  # a partition moved (a resize): ask again, where it is now
+        server._refresh(moved.epoch)
+        return can_pull(server, layout, batch_size, wait)
     finally:
         for ticket in tickets:
             pipeline.forget(ticket)
@@ -266,13 +273,12 @@ def settle(server: Server, layout: Layout, lease_ids: list[int], requeue: bool) 
         partition, lease = layout.split_lease_id(lease_id)
         by_partition.setdefault(partition, []).append(lease)
     pipeline = server.pipeline()
-    tickets = {j: _send(server, pipeline, layout, j, Settle(layout.name(j), leases,
-                                                            requeue))
-               for j, leases in by_partition.items()}
+    requests = {j: Settle(layout.name(j), leases, requeue) for j, leases in by_partition.items()}
+    tickets = {j: _send(server, pipeline, layout, j, request) for j, request in requests.items()}
     settled, missing = 0, []
     for j, ticket in tickets.items():
         try:
-            settled += pipeline.result(ticket)
+            settled += server.result(ticket, requests[j])
         except LeaseNotHeldError as error:
             missing += [layout.lease_id(lease, j) for lease in error.lease_ids]
             settled += len(by_partition[j]) - len(error.lease_ids)
@@ -289,9 +295,9 @@ def settle(server: Server, layout: Layout, lease_ids: list[int], requeue: bool) 
 def _each(server: Server, layout: Layout, request_for) -> list:
     """The answers of every partition to request_for(partition name), asked at once."""
     pipeline = server.pipeline()
-    tickets = [_send(server, pipeline, layout, j, request_for(name))
-               for j, name in enumerate(layout.names())]
-    return [pipeline.result(ticket) for ticket in tickets]
+    requests = [request_for(name) for name in layout.names()]
+    tickets = [_send(server, pipeline, layout, j, request) for j, request in enumerate(requests)]
+    return [server.result(ticket, request) for ticket, request in zip(tickets, requests, strict=True)]
 
 
 

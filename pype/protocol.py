@@ -32,6 +32,7 @@ import pickle
 import pickletools
 from typing import Any, NamedTuple
 
+from pype.errors import PypeError
 from pype.options import QueueOptions
 
 RESULT, ERROR = 0, 1
@@ -156,10 +157,55 @@ class Stats(NamedTuple):
     """The shard's counters."""
 
 
+# -- moving queues between shards (the router's resize; Ray calls only) --------------------
+
+class Expect(NamedTuple):
+    """Queues that a topology of `shards` shards gave other shards may come here: hold
+    requests for them until Arrived."""
+
+    shards: int
+    seed: int
+
+
+class Export(NamedTuple):
+    """Give up the queues that a topology of `shards` shards (`epoch`) gives to other
+    shards; the answer holds them (name -> queue)."""
+
+    shards: int
+    seed: int
+    epoch: int
+
+
+class Import(NamedTuple):
+    """Take over `queues` (what an Export answered)."""
+
+    queues: dict
+
+
+class Arrived(NamedTuple):
+    """Every queue on its way here came: serve the requests held for them."""
+
+
+class Moved(PypeError):
+    """A request reached a shard that gave `queue` up to another one, in the topology
+    of `epoch` (a resize). Clients handle it: they fetch that topology and send the
+    request again to the new shard, for `queues` (the request's queues that it did not
+    apply: all of them, but for a blocking push whose other parts found room before
+    the move; `accepted` counts their items)."""
+
+    def __init__(self, queue: str, epoch: int, queues: tuple[str, ...] = (), accepted: int = 0):
+        super().__init__(queue, epoch, queues, accepted)
+        self.queue, self.epoch = queue, epoch
+        self.queues, self.accepted = queues or (queue,), accepted
+
+    def __str__(self) -> str:
+        return f"queue {self.queue!r} moved to another shard (topology epoch {self.epoch})"
+
+
 # -- wire format ---------------------------------------------------------------------------
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
-                 Render, Names, Stats)
+                 Render, Names, Stats, Expect, Export, Import, Arrived)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 
 

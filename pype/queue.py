@@ -129,7 +129,6 @@ class Queue:
         self.maxsize = maxsize
         self.name = name or f"queue-{uuid.uuid4().hex}"
         self.server = server if server is not None else default_server(actor_options)
-        self._shard = self.server.shard_of(self.name)
         bound = max(0, maxsize)
         if not self.server.add(self.name, kind="fifo", maxsize=bound, overflow="reject",
                                max_bytes=0, exist_ok=True):
@@ -142,7 +141,7 @@ class Queue:
                                        f"does not fit")
 
     def _call(self, request: tuple, wait: float | None = 0.0) -> Any:
-        return self.server._native(self._shard, request, wait)
+        return self.server._native(self.server.shard_of(self.name), request, wait)
 
     def _wait(self, request: Pull | Push, timeout: float | None, group: str) -> Any:
         """Run `request`, which may wait `timeout` seconds in the shard (None: no limit).
@@ -159,7 +158,9 @@ class Queue:
         if answer:
             return answer
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return ray.get(self.server._wait_call(self._shard, request._replace(timeout=left), group))
+        self.server._look_for_a_newer_topology()
+        return ray.get(self.server._wait_call(self.server.shard_of(self.name),
+                                              request._replace(timeout=left), group))
 
     def _attempt(self, request: Pull | Push, wait: float = TASK_NATIVE_WAIT) -> Any:
         """The request with a short wait, natively: its answer, or None if it found
@@ -234,7 +235,7 @@ class Queue:
             if not block:
                 self._call(request)
             elif self._attempt(request, 0.0) is None:
-                await self.server._wait_call(self._shard, request, PUSHES)
+                await self.server._wait_call(self.server.shard_of(self.name), request, PUSHES)
 
     # -- get -------------------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class Queue:
         request = self._pull_request(block, timeout)
         items = self._call(request._replace(block=False, timeout=None))
         if not items and block:
-            items = await self.server._wait_call(self._shard, request, PULLS)
+            items = await self.server._wait_call(self.server.shard_of(self.name), request, PULLS)
         return self._first(items)
 
     # -- end -------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ a client asks the shard itself (Shard.data_address), again after a restart.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,24 +21,38 @@ from dataclasses import dataclass
 import ray
 
 from pype.config import Config
+from pype.hashing import shard_for
+from pype.placement import shard_options
+from pype.protocol import Arrived, Expect, Export, Import
 from pype.shards.journal import safe_dir_name
 from pype.shards.shard import shard_actor
 from pype.transport import Keys
 
 logger = logging.getLogger("pype")
 
+RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwhile
+SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
+
 
 @dataclass(frozen=True)
 class Topology:
-    """What a client needs to route: the shards in hash order, the seed, the config."""
+    """What a client needs to route: the shards in hash order, the seed, the config.
+
+    epoch grows with every resize; a shard that gave a queue away answers requests
+    for it with Moved(epoch), and a client then fetches a topology at least that new.
+    shard_ids name each shard actor, so that a client never mistakes a new shard at
+    an index for the one that was there before a shrink.
+    """
 
     server_id: str
     shards: tuple  # of Shard actor handles; index i serves the names shard_for() maps to i
     config: Config
     keys: Keys     # for native calls over TCP
+    epoch: int = 0
+    shard_ids: tuple = ()
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups={RESIZE: 1})
 class Router:
     """Starts the shards of one server and serves its topology."""
 
@@ -47,20 +64,99 @@ class Router:
         journals = None
         if config.persistence.dir is not None:
             journals = config.persistence.dir / safe_dir_name(label)
-        shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
-                                  max_restarts=config.shard.max_restarts)
-        me = ray.get_runtime_context().current_actor
-        keys, server_secret = Keys.generate()
-        shards = tuple(
-            shard_class.options(**placements[index]).remote(
-                index, config, None if journals is None else journals / f"shard-{index}", me, label,
-                keys, server_secret)
-            for index in range(config.shards))
-        self._topology = Topology(server_id=server_id, shards=shards, config=config, keys=keys)
+        self._shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
+                                        max_restarts=config.shard.max_restarts)
+        self._journals, self._label = journals, label
+        keys, self._server_secret = Keys.generate()
+        shards = tuple(self._start_shard(index, config, keys, placements[index])
+                       for index in range(config.shards))
+        self._topology = Topology(server_id=server_id, shards=shards, config=config, keys=keys,
+                                  shard_ids=tuple(uuid.uuid4().hex for _ in shards))
+        self._leaving: list = []  # (index, shard) a shrink removed, kept SHRINK_GRACE s as forwarders
+        self._leaving_lock = threading.Lock()
         self._topology_requests = 0
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []
         logger.info("pype router started %d shards (%s)", config.shards, config.source)
+
+    def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict):
+        me = ray.get_runtime_context().current_actor
+        journal = None if self._journals is None else self._journals / f"shard-{index}"
+        return self._shard_class.options(**placement).remote(
+            index, config, journal, me, self._label, keys, self._server_secret)
+
+    @ray.method(concurrency_group=RESIZE)
+    def resize(self, shards: int) -> dict:
+        """Change the number of shards to `shards` while they serve; see README, Resizing.
+
+        1. Grow: start the new shards (their journals, if any, under shard-<i>).
+        2. Every shard that may receive queues holds requests for names that the old
+           topology gave other shards (Expect), so nothing runs on a queue before it came.
+        3. Publish the new topology (epoch + 1): clients that fetch it go to the new owners.
+        4. Every old shard gives up the queues the new topology gives others (Export)
+           and from then on answers requests for them with Moved(epoch); each queue goes
+           whole, in one piece, to its new shard (Import).
+        5. The receiving shards serve what they held (Arrived). Shards a shrink removed
+           stay SHRINK_GRACE seconds, answering Moved, then stop.
+
+        Jump hash moves only the queues whose shard changes: growing from S to S + 1
+        moves about 1/(S + 1) of them, all to the new shard. A shard killed during a
+        move comes back from its journal (persistence) in the middle of it; calling
+        resize again with the same count finishes it. Returns what moved.
+        """
+        if isinstance(shards, bool) or not isinstance(shards, int):
+            raise TypeError(f"shards must be an int, got {shards!r}")
+        if shards < 1:
+            raise ValueError(f"a server needs at least 1 shard, got {shards}")
+        old = self._topology
+        config, seed = old.config, old.config.hash_seed
+        started = time.monotonic()
+        everyone = list(old.shards)
+        ids = list(old.shard_ids)
+        if shards > len(everyone):
+            self._stop_leaving()  # their indices are about to be taken again
+            placements = shard_options(config.placement, shards)
+            for index in range(len(everyone), shards):
+                everyone.append(self._start_shard(index, config, old.keys, placements[index]))
+                ids.append(uuid.uuid4().hex)
+        receivers = everyone[:shards]
+        ray.get([shard.move.remote(Expect(len(old.shards), seed)) for shard in receivers])
+        epoch = old.epoch + 1
+        self._topology = dataclasses.replace(old, shards=tuple(receivers), epoch=epoch,
+                                             shard_ids=tuple(ids[:shards]))
+        exports = [shard.move.remote(Export(shards, seed, epoch)) for shard in old.shards]
+        moved = 0
+        imports = []
+        for exported in ray.get(exports):
+            by_target: dict[int, dict] = {}
+            for name, queue in exported.items():
+                by_target.setdefault(shard_for(name, shards, seed), {})[name] = queue
+                moved += 1
+            imports += [receivers[target].move.remote(Import(queues))
+                        for target, queues in by_target.items()]
+        ray.get(imports)
+        ray.get([shard.move.remote(Arrived()) for shard in receivers])
+        leaving = list(enumerate(everyone))[shards:]
+        if leaving:
+            self._leaving += leaving
+            timer = threading.Timer(SHRINK_GRACE, self._stop_leaving)
+            timer.daemon = True
+            timer.start()
+        logger.info("pype router: resized from %d to %d shards (epoch %d), moved %d queues in "
+                    "%.3f s", len(old.shards), shards, epoch, moved, time.monotonic() - started)
+        return {"epoch": epoch, "shards": shards, "moved_queues": moved,
+                "seconds": time.monotonic() - started}
+
+    def _stop_leaving(self) -> None:
+        """Stop the shards a shrink removed, and delete their journals: they hold nothing."""
+        with self._leaving_lock:
+            leaving, self._leaving = self._leaving, []
+            shards = [shard for _, shard in leaving]
+            ray.wait([shard.close.remote() for shard in shards], num_returns=len(shards), timeout=5)
+            for index, shard in leaving:
+                ray.kill(shard, no_restart=True)
+                if self._journals is not None:
+                    shutil.rmtree(self._journals / f"shard-{index}", ignore_errors=True)
 
     def topology(self) -> Topology:
         """The topology; each client asks once, when it is made or connects."""

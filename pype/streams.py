@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self
 
-from pype.protocol import Pull, Push
+from pype.protocol import Moved, Pull, Push
 
 if TYPE_CHECKING:
     from pype.client import Server
@@ -53,7 +53,6 @@ class Consumer(Iterator):
         # for the prefetched one; the iterator adds up idle time against `timeout`.
         self._wait = PULL_WAIT if timeout is None else min(PULL_WAIT, timeout)
         self._server = server
-        self._index = server.shard_of(queue)
         self._request = Pull(queue, batch_size, True, self._wait)
         self._pipeline = server.new_pipeline()
         self._partitioned = server.layout(queue) is not None  # pulled by server.pull, unprefetched
@@ -67,12 +66,13 @@ class Consumer(Iterator):
     def _pull(self) -> tuple:
         if self._partitioned:
             return ()
-        return self._pipeline.send(self._index, self._server._after(self._index), self._request)
+        index = self._server.shard_of(self._queue)  # changes when the queue moves (resize)
+        return self._pipeline.send(index, self._server._after(index), self._request)
 
     def _result(self) -> list:
         if self._partitioned:
             return self._server.pull(self._queue, *self._request[1:4])
-        return self._pipeline.result(self._next, self._wait)
+        return self._server.result(self._next, self._request, self._wait, self._pipeline)
 
     def __next__(self) -> Any:
         while not self._buffer:
@@ -137,7 +137,7 @@ class Producer:
             raise ValueError(f"window must be >= 1, got {window}")
         self._server = server
         self._queue = queue
-        self._index, self._target = server.push_target(queue)
+        _, self._target = server.push_target(queue)
         self._batch_size = batch_size
         self._linger = linger
         self._block = block
@@ -198,19 +198,42 @@ class Producer:
         """Send the current batch (lock held); settle the oldest beyond the window."""
         if not self._items:
             return
-        request = Push((self._target,), self._items, block=self._block,
-                       must_exist=self._target != self._queue)
-        self._sent.append(self._pipeline.send(self._index, self._server._after(self._index), request))
+        self._send_request(Push((self._target,), self._items, block=self._block,
+                                must_exist=self._target != self._queue))
         self._items = []
         while len(self._sent) > self._window:
             self._settle_oldest()
 
+    def _send_request(self, request: Push) -> None:
+        index = self._server.shard_of(self._target)
+        self._sent.append((self._pipeline.send(index, self._server._after(index), request), request))
+
     def _settle_oldest(self) -> None:
+        ticket, request = self._sent.popleft()
         try:
-            self._accepted += self._pipeline.result(self._sent.popleft(), None if self._block else 0.0)
+            self._accepted += self._pipeline.result(ticket, None if self._block else 0.0)
+        except Moved as moved:
+            self._send_again(request, moved)
         except Exception as error:  # noqa: BLE001 - kept and raised to the caller, first one first
             if self._failure is None:
                 self._failure = error
+
+    def _send_again(self, request: Push, moved: Moved) -> None:
+        """The queue moved (a resize): this batch and every later one in flight went to
+        its old shard, which applied none of them. Send them all again, in order."""
+        self._server._refresh(moved.epoch)
+        again = [request]
+        for ticket, later in list(self._sent):
+            try:
+                self._accepted += self._pipeline.result(ticket, None if self._block else 0.0)
+            except Moved:
+                again.append(later)
+            except Exception as error:  # noqa: BLE001 - as in _settle_oldest
+                if self._failure is None:
+                    self._failure = error
+        self._sent.clear()
+        for batch in again:
+            self._send_request(batch)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from pype.errors import QueueFullError, VideoSourceError
-from pype.protocol import Push
+from pype.protocol import Moved, Push
 
 logger = logging.getLogger("pype")
 
@@ -208,17 +208,22 @@ class _VideoActor:
         tickets = []
         for name in names:
             index, target = server.push_target(name)  # a partition, for a partitioned queue
-            tickets.append(self._pipeline.send(index, server._after(index), Push(
-                (target,), [record], block=block, must_exist=target != name)))
+            tickets.append((self._pipeline.send(index, server._after(index), Push(
+                (target,), [record], block=block, must_exist=target != name)), name, record))
         self._in_flight.append(tickets)
         while len(self._in_flight) > PUSH_WINDOW:
             self._settle(self._in_flight.popleft(), block)
 
     def _settle(self, tickets: list, block: bool = True) -> None:
         accepted = 0
-        for ticket in tickets:
+        for ticket, name, record in tickets:
             try:
                 accepted += self._pipeline.result(ticket, None if block else 0.0)
             except QueueFullError:  # drop_newest: this queue skips the frame
                 self._counts["dropped"] += 1
+            except Moved as moved:  # a resize moved the queue: this frame and the later
+                self._server._refresh(moved.epoch)  # ones in flight went to its old shard
+                accepted += self._server.push_to((name,), [record], block, None, None)
+                while self._in_flight:  # in order, before any new frame goes out
+                    self._settle(self._in_flight.popleft(), block)
         self._counts["pushed"] += accepted > 0

@@ -46,11 +46,16 @@ from pype.partitions import Partitioned
 from pype.payloads import resolved
 from pype.protocol import (
     Add,
+    Arrived,
     AwaitPush,
     CanPull,
     CanPush,
     Describe,
+    Expect,
+    Export,
+    Import,
     Length,
+    Moved,
     Names,
     Pull,
     Push,
@@ -142,6 +147,19 @@ class _UnixReply:
 
     def __call__(self, status: int, value: Any) -> None:
         self.loop.send_to(self.peer, _answer(self.request_id, status, value))
+
+
+def _queue_names(request) -> tuple[str, ...]:
+    """The queues a request names (none for AwaitPush, Names, Stats, ...)."""
+    kind = type(request)
+    if kind is Push:
+        return request.queues
+    if kind in _ONE_QUEUE:
+        return (request.queue,)
+    return ()
+
+
+_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render)
 
 
 # -- parked requests ----------------------------------------------------------------------
@@ -260,7 +278,10 @@ class ShardLoop:
             Length: self._length,
             Describe: lambda _, r, __: self.store.describe(r.queue),
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
+            Expect: self._expect, Export: self._export, Import: self._import,
+            Arrived: self._arrived,
         }
+        self._held: list[tuple] = []  # requests for queues on their way here
         self._thread = threading.Thread(target=self._run, name=f"pype-shard-{index}", daemon=True)
         self._thread.start()
 
@@ -494,6 +515,9 @@ class ShardLoop:
                 self._restarted and caller_id not in self._applied):
             self._behind.setdefault(caller_id, []).append((after, request, may_wait, reply))
             return
+        if (self.store.owner or self.store.expecting) and self._elsewhere(
+                request, caller_id, may_wait, reply):
+            return
         try:
             answer = self._handlers[type(request)](caller_id, request, may_wait)
         except Exception as error:  # noqa: BLE001 - the request's own error, for its caller
@@ -505,6 +529,20 @@ class ShardLoop:
             else:
                 reply(protocol.RESULT, answer)
         self._wake()
+
+    def _elsewhere(self, request, caller_id: str, may_wait: bool, reply: Reply) -> bool:
+        """Answer a request for a queue that moved away with Moved, and hold one for a
+        queue that may be on its way here until it arrived; True if it was handled so."""
+        names = _queue_names(request)
+        for name in names:
+            epoch = self.store.belongs_elsewhere(name, self.index)
+            if epoch is not None:
+                reply(protocol.ERROR, Moved(name, epoch, names))
+                return True
+        if any(self.store.on_its_way(name, self.index) for name in names):
+            self._held.append((request, caller_id, may_wait, reply))
+            return True
+        return False
 
     def _record(self, caller_id: str, sequence: int) -> None:
         """The caller's main-thread call `sequence` has run: release what waited for it."""
@@ -602,8 +640,10 @@ class ShardLoop:
         finally:
             for name in request.queues:
                 self.changed(name)
-        if isinstance(result, PendingPush) and may_wait:
-            return self._await_push(caller_id, AwaitPush(result), True)
+        if isinstance(result, PendingPush):
+            result.request = request  # to send again to a new shard, should its queue move
+            if may_wait:
+                return self._await_push(caller_id, AwaitPush(result), True)
         return result
 
     def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
@@ -704,3 +744,27 @@ class ShardLoop:
 
     def _stats(self, caller_id, request: Stats, may_wait: bool) -> dict:
         return self.stats()
+
+    # -- moving queues (the router's resize) ---------------------------------------------
+
+    def _expect(self, caller_id, request: Expect, may_wait: bool) -> None:
+        self.store.expect(request.shards, request.seed)
+
+    def _export(self, caller_id, request: Export, may_wait: bool) -> dict:
+        exported = self.store.export(self.index, request.shards, request.seed, request.epoch)
+        for name in exported:  # what waits here for these queues must go there
+            moved = Moved(name, request.epoch)
+            for parked in self._parked.get(name, ()):
+                if not parked.done and not isinstance(parked, _PushWait):
+                    parked.finish(protocol.ERROR, moved)
+            self.changed(name)  # parked pushes: push_outcome raises Moved
+        return exported
+
+    def _import(self, caller_id, request: Import, may_wait: bool) -> None:
+        self.store.import_(request.queues)
+
+    def _arrived(self, caller_id, request: Arrived, may_wait: bool) -> None:
+        self.store.arrived()
+        held, self._held = self._held, []
+        for request_, caller, may_wait_, reply in held:  # in the order they came
+            self._dispatch(request_, caller, 0, may_wait_, reply)

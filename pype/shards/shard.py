@@ -37,7 +37,7 @@ from pype.config import Config
 from pype.metrics import ShardMetrics
 from pype.partitions import Partitioned
 from pype.payloads import keep_references_here
-from pype.protocol import AwaitPush, Push, Stats
+from pype.protocol import AwaitPush, Moved, Names, Push, Stats
 from pype.shards.journal import Journal
 from pype.shards.loop import ShardLoop
 from pype.shards.store import QueueStore
@@ -47,7 +47,7 @@ logger = logging.getLogger("pype")
 
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
-ADDRESS = "address"  # data_address() answers even while the main thread runs a refused request
+CONTROL = "control"  # the router's calls and data_address(): never stuck behind a data call
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
 
@@ -57,7 +57,7 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 
     Ray fixes concurrency groups when the class is made, not in .options().
     """
-    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, ADDRESS: 1}
+    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, CONTROL: 1}
     return ray.remote(concurrency_groups=groups, **options)(Shard)
 
 
@@ -116,12 +116,12 @@ def serve_at_normal_priority() -> None:
 
 @dataclass(frozen=True)
 class _Refused:
-    """A blocking `.remote()` push that named a partitioned queue's head; await_push
-    runs it natively, among the threads that may wait."""
+    """A blocking `.remote()` push that this shard refused (see Shard._run_refused);
+    await_push runs it natively, among the threads that may wait."""
 
     request: tuple
     caller_id: str
-    redirect: Partitioned
+    redirect: Partitioned | Moved
 
 
 class Shard:
@@ -177,10 +177,21 @@ class Shard:
         if self._rounds % METRICS_EVERY == 0:
             self._metrics.export(loop.stats())
 
-    @ray.method(concurrency_group=ADDRESS)
+    @ray.method(concurrency_group=CONTROL)
     def data_address(self) -> DataAddress:
         """Where this incarnation of the shard serves native calls."""
         return self._loop.address
+
+    # -- moving queues (the router's resize): never behind the data ------------------------
+
+    @ray.method(concurrency_group=CONTROL)
+    def move(self, request: tuple) -> object:
+        """A step of a resize (pype.protocol Expect, Export, Import, Arrived): see Router.resize."""
+        return self._loop.submit(request, "", may_wait=False)
+
+    @ray.method(concurrency_group=CONTROL)
+    def names(self) -> list[str]:
+        return self._loop.submit(Names(), "", may_wait=False)
 
     # -- main thread: never waits ----------------------------------------------------
 
@@ -188,14 +199,15 @@ class Shard:
         """Run `request` (pype.protocol) for `caller` = (caller id, number of this call)."""
         try:
             return self._loop.submit(request, caller[0], sequence=caller[1], may_wait=False)
-        except Partitioned as redirect:
+        except (Partitioned, Moved) as redirect:
             if type(request) is Push and request.block:  # it waits: await_push runs it
                 return _Refused(request, caller[0], redirect)
             return self._run_refused(request, caller[0], redirect)
 
-    def _run_refused(self, request: tuple, caller_id: str, redirect: Partitioned) -> object:
-        """Run natively on its partitions a `.remote()` request that named a partitioned
-        queue's head: the caller could not follow the redirect without waiting."""
+    def _run_refused(self, request: tuple, caller_id: str, redirect: Partitioned | Moved) -> object:
+        """Run natively, where it belongs, a `.remote()` request that this shard refused: it
+        named a partitioned queue's head, or a queue that moved to another shard. The
+        caller could not follow the redirect itself without waiting."""
         if self._server is None:
             from pype.client import Server  # the client imports this module's router
             self._server = Server(self._router, ray.get(self._router.topology.remote()))
@@ -204,7 +216,7 @@ class Shard:
     def _submit_waiting(self, request: tuple, after: tuple[str, int]) -> object:
         try:
             return self._loop.submit(request, after[0], after=after[1])
-        except Partitioned as redirect:
+        except (Partitioned, Moved) as redirect:
             return self._run_refused(request, after[0], redirect)
 
     def stats(self) -> dict:
@@ -233,7 +245,11 @@ class Shard:
         """
         if isinstance(pending, _Refused):
             return self._run_refused(pending.request, pending.caller_id, pending.redirect)
-        return self._loop.submit(AwaitPush(pending), after[0], after=after[1])
+        try:
+            return self._loop.submit(AwaitPush(pending), after[0], after=after[1])
+        except Moved as moved:  # its queue moved while the push waited for room there
+            rest = pending.request._replace(queues=moved.queues)
+            return moved.accepted + self._run_refused(rest, after[0], moved)
 
     @ray.method(concurrency_group=PUSH_WAITS)
     def wait_push(self, request: tuple, after: tuple[str, int]) -> object:

@@ -42,7 +42,9 @@ from pype.errors import (
     QueueTimeoutError,
     ShardLostError,
 )
+from pype.hashing import shard_for
 from pype.options import QueueOptions
+from pype.protocol import Moved
 from pype.shards.journal import Journal
 from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
 
@@ -62,6 +64,7 @@ class PendingPush:
     accepted: int
     tickets: dict[str, int] = field(default_factory=dict)  # queue name -> ticket id
     deadline: float | None = None  # time.monotonic() after which the waiting parts give up
+    request: Any = None  # the Push, kept by the loop
 
 
 class QueueStore:
@@ -83,6 +86,11 @@ class QueueStore:
         self._nbytes = 0                            # held by all queues
         self._producers: OrderedDict[int, int] = OrderedDict()  # producer id -> last sequence
         self._retired: Counter = Counter()          # counters of removed queues
+        # Resharding (pype.router's resize): the topology that decides which names are
+        # this shard's once it gave queues away, (shards, hash seed, epoch); and while
+        # queues may be on their way here, the topology they come from (shards, seed).
+        self.owner: tuple[int, int, int] | None = None
+        self.expecting: tuple[int, int] | None = None
         self._repr = reprlib.Repr()
         self._repr.maxlist, self._repr.maxother = 50, 80
 
@@ -107,6 +115,8 @@ class QueueStore:
             self._retired = state["retired"]
             self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
             self._producers = state.get("producers", OrderedDict())
+            self.owner = state.get("owner")
+            self.expecting = state.get("expecting")
         for record in records:
             moved = self._replay(*record)
             if observe is not None:
@@ -148,6 +158,16 @@ class QueueStore:
                     if lease_id in queue.leases]
             queue.settle(lease_ids, requeue)
             return held
+        elif operation == "expect":
+            self.expecting = (name, *args)
+        elif operation == "export":
+            for exported in name:
+                self._queues.pop(exported)
+            self.owner = args
+        elif operation == "import":
+            self._place(name, *args)
+        elif operation == "arrived":
+            self.expecting = None
         return []
 
     def _log(self, *record: Any) -> None:
@@ -158,7 +178,8 @@ class QueueStore:
         if self._journal.log_bytes >= self._compact_bytes:
             self._journal.compact({"queues": self._queues, "retired": self._retired,
                                    "next_lease_id": self._next_lease_id,
-                                   "producers": self._producers})
+                                   "producers": self._producers, "owner": self.owner,
+                                   "expecting": self.expecting})
 
     def close(self) -> None:
         if self._journal is not None:
@@ -260,6 +281,66 @@ class QueueStore:
                 "leased": sum(q["leased"] for q in queues.values()),
                 "bytes": self._nbytes, "memory_budget": self.memory_budget,
                 **totals, "discarded": self._retired["discarded"], "per_queue": queues}
+
+    # -- moving queues between shards (resize) ------------------------------------------
+
+    def belongs_elsewhere(self, name: str, index: int) -> int | None:
+        """The epoch of the topology that gave queue `name` to another shard than this
+        one (shard `index`), or None if it is this shard's."""
+        if self.owner is None or name in self._queues:
+            return None
+        shards, seed, epoch = self.owner
+        return None if shard_for(name, shards, seed) == index else epoch
+
+    def on_its_way(self, name: str, index: int) -> bool:
+        """True if queue `name` may still come here from another shard (a resize)."""
+        if self.expecting is None or name in self._queues:
+            return False
+        shards, seed = self.expecting
+        return shard_for(name, shards, seed) != index
+
+    def expect(self, old_shards: int, seed: int) -> None:
+        """Queues owned by other shards of an `old_shards` topology may come here."""
+        self.expecting = (old_shards, seed)
+        self._log("expect", old_shards, seed)
+
+    def export(self, index: int, shards: int, seed: int, epoch: int) -> dict[str, Queue]:
+        """Give up, and return, the queues that a topology of `shards` shards (topology
+        `epoch`) gives to other shards than this one, shard `index`.
+
+        The queues leave whole: items, leases, options, counters, and the pushes that
+        wait in line with an acknowledgement (overflow "block"). Blocking pushes that
+        still wait for room end 'moved' (their producers send them again to the new
+        owner). From now on belongs_elsewhere() says which names are no longer here.
+        """
+        exported = {}
+        for name in list(self._queues):
+            if shard_for(name, shards, seed) != index:
+                queue = exported[name] = self._queues.pop(name)
+                self._nbytes -= queue.nbytes
+                for ticket in queue.parked:
+                    if not ticket.acknowledged and ticket.state == "waiting":
+                        ticket.state = "moved"
+        self.owner = (shards, seed, epoch)
+        self._log("export", tuple(exported), shards, seed, epoch)
+        return exported
+
+    def import_(self, queues: dict[str, Queue]) -> None:
+        """Take over queues that other shards exported."""
+        for name, queue in queues.items():
+            self._place(name, queue)
+            self._log("import", name, queue)
+
+    def arrived(self) -> None:
+        """Every queue on its way here has come."""
+        self.expecting = None
+        self._log("arrived", None)
+
+    def _place(self, name: str, queue: Queue) -> None:
+        self._queues[name] = queue
+        self._nbytes += queue.nbytes
+        if queue.leases:  # never issue an imported lease id again
+            self._next_lease_id = max(self._next_lease_id, max(queue.leases) + 1)
 
     # -- push ---------------------------------------------------------------------
 
@@ -386,6 +467,9 @@ class QueueStore:
             return accepted
         names = ", ".join(repr(name) for name, _ in failures)
         summary = f"{accepted} items were accepted by the other queues of this push"
+        moved = tuple(name for name, state in failures if state == "moved")
+        if moved and len(moved) == len(failures):  # the rest goes to the queues' new shard
+            raise Moved(moved[0], self.owner[2], moved, accepted)
         if any(state == "removed" for _, state in failures):
             raise QueueNotFoundError(f"queue {names} was removed while the push waited; {summary}")
         raise QueueTimeoutError(f"no room in queue {names} before the timeout; {summary}")
