@@ -337,9 +337,7 @@ class Server:
         """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
         shard = self._shards[index]
         method = shard.wait_pull if group == PULLS else shard.wait_push
-        ref = method.remote(request, self._after(index))
-        self._sent_by_old[-1 - index] = ref  # the waiting groups: their own order
-        return ref
+        return method.remote(request, self._after(index))
 
     def _call_each(self, request: tuple) -> list:
         return ray.get([self._call(index, request) for index in range(len(self._shards))])

@@ -186,6 +186,10 @@ class Arrived(NamedTuple):
     """Every queue on its way here came: serve the requests held for them."""
 
 
+class Release(NamedTuple):
+    """The queues this shard exported arrived where they belong: drop them here."""
+
+
 class Moved(PypeError):
     """A request reached a shard that gave `queue` up to another one, in the topology
     of `epoch` (a resize). Clients handle it: they fetch that topology and send the
@@ -205,7 +209,7 @@ class Moved(PypeError):
 # -- wire format ---------------------------------------------------------------------------
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
-                 Render, Names, Stats, Expect, Export, Import, Arrived)
+                 Render, Names, Stats, Expect, Export, Import, Arrived, Release)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 
 

@@ -23,7 +23,7 @@ import ray
 from pype.config import Config
 from pype.hashing import shard_for
 from pype.placement import shard_options
-from pype.protocol import Arrived, Expect, Export, Import
+from pype.protocol import Arrived, Expect, Export, Import, Release
 from pype.shards.journal import safe_dir_name
 from pype.shards.shard import shard_actor
 from pype.transport import Keys
@@ -68,10 +68,12 @@ class Router:
                                         max_restarts=config.shard.max_restarts)
         self._journals, self._label = journals, label
         keys, self._server_secret = Keys.generate()
-        shards = tuple(self._start_shard(index, config, keys, placements[index])
-                       for index in range(config.shards))
-        self._topology = Topology(server_id=server_id, shards=shards, config=config, keys=keys,
-                                  shard_ids=tuple(uuid.uuid4().hex for _ in shards))
+        # Every shard alive, in index order, with its id; the topology holds the first ones.
+        self._all = [(self._start_shard(index, config, keys, placements[index]), uuid.uuid4().hex)
+                     for index in range(config.shards)]
+        self._topology = Topology(server_id=server_id, shards=tuple(s for s, _ in self._all),
+                                  config=config, keys=keys,
+                                  shard_ids=tuple(shard_id for _, shard_id in self._all))
         self._leaving: list = []  # (index, shard) a shrink removed, kept SHRINK_GRACE s as forwarders
         self._leaving_lock = threading.Lock()
         self._topology_requests = 0
@@ -111,34 +113,34 @@ class Router:
         old = self._topology
         config, seed = old.config, old.config.hash_seed
         started = time.monotonic()
-        everyone = list(old.shards)
-        ids = list(old.shard_ids)
-        if shards > len(everyone):
+        if shards > len(self._all):
             self._stop_leaving()  # their indices are about to be taken again
             placements = shard_options(config.placement, shards)
-            for index in range(len(everyone), shards):
-                everyone.append(self._start_shard(index, config, old.keys, placements[index]))
-                ids.append(uuid.uuid4().hex)
-        receivers = everyone[:shards]
-        ray.get([shard.move.remote(Expect(len(old.shards), seed)) for shard in receivers])
+            for index in range(len(self._all), shards):
+                self._all.append((self._start_shard(index, config, old.keys, placements[index]),
+                                  uuid.uuid4().hex))
+        receivers = [shard for shard, _ in self._all[:shards]]
+        # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
+        givers = [shard for shard, _ in self._all]
+        self._each(receivers, Expect(len(old.shards), seed))
         epoch = old.epoch + 1
-        self._topology = dataclasses.replace(old, shards=tuple(receivers), epoch=epoch,
-                                             shard_ids=tuple(ids[:shards]))
-        exports = [shard.move.remote(Export(shards, seed, epoch)) for shard in old.shards]
-        moved = 0
-        imports = []
-        for exported in ray.get(exports):
-            by_target: dict[int, dict] = {}
+        self._topology = dataclasses.replace(
+            old, shards=tuple(receivers), epoch=epoch,
+            shard_ids=tuple(shard_id for _, shard_id in self._all[:shards]))
+        by_target: dict[int, dict] = {}
+        for exported in self._each(givers, Export(shards, seed, epoch)):
             for name, queue in exported.items():
                 by_target.setdefault(shard_for(name, shards, seed), {})[name] = queue
-                moved += 1
-            imports += [receivers[target].move.remote(Import(queues))
-                        for target, queues in by_target.items()]
-        ray.get(imports)
-        ray.get([shard.move.remote(Arrived()) for shard in receivers])
-        leaving = list(enumerate(everyone))[shards:]
+        self._each([receivers[target] for target in by_target],
+                   *[Import(queues) for queues in by_target.values()])
+        self._each(receivers, Arrived())
+        self._each(givers, Release())
+        moved = sum(len(queues) for queues in by_target.values())
+        leaving = [(index, shard) for index, (shard, _) in enumerate(self._all)][shards:]
+        del self._all[shards:]
         if leaving:
-            self._leaving += leaving
+            with self._leaving_lock:
+                self._leaving += leaving
             timer = threading.Timer(SHRINK_GRACE, self._stop_leaving)
             timer.daemon = True
             timer.start()
@@ -146,6 +148,23 @@ class Router:
                     "%.3f s", len(old.shards), shards, epoch, moved, time.monotonic() - started)
         return {"epoch": epoch, "shards": shards, "moved_queues": moved,
                 "seconds": time.monotonic() - started}
+
+    def _each(self, shards: list, *requests: tuple) -> list:
+        """Run a step of a move on each of `shards` (requests[i] on shards[i], or the one
+        request on all) and return their answers. A shard that Ray is restarting (it died)
+        is asked again once it is back: every step can be taken twice."""
+        requests = requests * len(shards) if len(requests) == 1 else requests
+        deadline = time.monotonic() + self._topology.config.transport.request_timeout
+        while True:
+            try:
+                return ray.get([shard.move.remote(request)
+                                for shard, request in zip(shards, requests, strict=True)])
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as error:
+                if time.monotonic() > deadline or not _restarting(error):
+                    raise
+                logger.warning("pype router: a shard died during a resize; asking again: %s",
+                               error)
+                time.sleep(0.2)
 
     def _stop_leaving(self) -> None:
         """Stop the shards a shrink removed, and delete their journals: they hold nothing."""
@@ -181,3 +200,8 @@ class Router:
         return {"topology_requests": self._topology_requests,
                 "reported_queues": {index: sorted(names) for index, names in self._names.items()},
                 "lost": self._lost}
+
+
+def _restarting(error: Exception) -> bool:
+    """Is the actor of a failed call being restarted by Ray (rather than gone for good)?"""
+    return isinstance(error, ray.exceptions.ActorUnavailableError) or "restart" in str(error).lower()

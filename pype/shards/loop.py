@@ -59,6 +59,7 @@ from pype.protocol import (
     Names,
     Pull,
     Push,
+    Release,
     Remove,
     Render,
     Settle,
@@ -279,7 +280,7 @@ class ShardLoop:
             Describe: lambda _, r, __: self.store.describe(r.queue),
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
             Expect: self._expect, Export: self._export, Import: self._import,
-            Arrived: self._arrived,
+            Arrived: self._arrived, Release: self._release,
         }
         self._held: list[tuple] = []  # requests for queues on their way here
         self._thread = threading.Thread(target=self._run, name=f"pype-shard-{index}", daemon=True)
@@ -762,6 +763,9 @@ class ShardLoop:
 
     def _import(self, caller_id, request: Import, may_wait: bool) -> None:
         self.store.import_(request.queues)
+
+    def _release(self, caller_id, request: Release, may_wait: bool) -> None:
+        self.store.release(self.index)
 
     def _arrived(self, caller_id, request: Arrived, may_wait: bool) -> None:
         self.store.arrived()

@@ -91,6 +91,7 @@ class QueueStore:
         # queues may be on their way here, the topology they come from (shards, seed).
         self.owner: tuple[int, int, int] | None = None
         self.expecting: tuple[int, int] | None = None
+        self._mine: dict[str, bool] = {}  # name -> does the owner rule give it to this shard
         self._repr = reprlib.Repr()
         self._repr.maxlist, self._repr.maxother = 50, 80
 
@@ -161,9 +162,9 @@ class QueueStore:
         elif operation == "expect":
             self.expecting = (name, *args)
         elif operation == "export":
-            for exported in name:
-                self._queues.pop(exported)
-            self.owner = args
+            self.owner, self._mine = (name, *args), {}
+        elif operation == "release":
+            self._drop_leaving(name)
         elif operation == "import":
             self._place(name, *args)
         elif operation == "arrived":
@@ -287,10 +288,15 @@ class QueueStore:
     def belongs_elsewhere(self, name: str, index: int) -> int | None:
         """The epoch of the topology that gave queue `name` to another shard than this
         one (shard `index`), or None if it is this shard's."""
-        if self.owner is None or name in self._queues:
+        if self.owner is None:
             return None
-        shards, seed, epoch = self.owner
-        return None if shard_for(name, shards, seed) == index else epoch
+        mine = self._mine.get(name)
+        if mine is None:
+            if len(self._mine) > MAX_PRODUCERS:
+                self._mine.clear()
+            shards, seed, _ = self.owner
+            mine = self._mine[name] = shard_for(name, shards, seed) == index
+        return None if mine else self.owner[2]
 
     def on_its_way(self, name: str, index: int) -> bool:
         """True if queue `name` may still come here from another shard (a resize)."""
@@ -305,36 +311,49 @@ class QueueStore:
         self._log("expect", old_shards, seed)
 
     def export(self, index: int, shards: int, seed: int, epoch: int) -> dict[str, Queue]:
-        """Give up, and return, the queues that a topology of `shards` shards (topology
-        `epoch`) gives to other shards than this one, shard `index`.
+        """Hand over the queues that a topology of `shards` shards (topology `epoch`)
+        gives to other shards than this one, shard `index`: return them, and from now
+        on serve them no more (belongs_elsewhere()). They stay here, unserved, until
+        release(): a move interrupted by a shard's death loses nothing, and exporting
+        again returns them again.
 
         The queues leave whole: items, leases, options, counters, and the pushes that
         wait in line with an acknowledgement (overflow "block"). Blocking pushes that
         still wait for room end 'moved' (their producers send them again to the new
-        owner). From now on belongs_elsewhere() says which names are no longer here.
+        owner).
         """
-        exported = {}
-        for name in list(self._queues):
-            if shard_for(name, shards, seed) != index:
-                queue = exported[name] = self._queues.pop(name)
-                self._nbytes -= queue.nbytes
-                for ticket in queue.parked:
-                    if not ticket.acknowledged and ticket.state == "waiting":
-                        ticket.state = "moved"
-        self.owner = (shards, seed, epoch)
-        self._log("export", tuple(exported), shards, seed, epoch)
-        return exported
+        self.owner, self._mine = (shards, seed, epoch), {}
+        self._log("export", shards, seed, epoch)
+        leaving = {name: queue for name, queue in self._queues.items()
+                   if shard_for(name, shards, seed) != index}
+        for queue in leaving.values():
+            for ticket in queue.parked:
+                if not ticket.acknowledged and ticket.state == "waiting":
+                    ticket.state = "moved"
+        return leaving
 
     def import_(self, queues: dict[str, Queue]) -> None:
-        """Take over queues that other shards exported."""
+        """Take over queues that other shards exported, but for those already here (an
+        earlier, interrupted move brought them, and they may have changed since)."""
         for name, queue in queues.items():
-            self._place(name, queue)
-            self._log("import", name, queue)
+            if name not in self._queues:
+                self._place(name, queue)
+                self._log("import", name, queue)
 
     def arrived(self) -> None:
         """Every queue on its way here has come."""
         self.expecting = None
         self._log("arrived", None)
+
+    def release(self, index: int) -> None:
+        """Drop the queues that export() handed over: their new shards hold them now."""
+        self._drop_leaving(index)
+        self._log("release", index)
+
+    def _drop_leaving(self, index: int) -> None:
+        for name in [name for name in self._queues if self.belongs_elsewhere(name, index)]:
+            queue = self._queues.pop(name)
+            self._nbytes -= queue.nbytes
 
     def _place(self, name: str, queue: Queue) -> None:
         self._queues[name] = queue
