@@ -58,6 +58,9 @@ def check_targets(results: dict, original_seed_chain: float) -> list[dict]:
     for system, metrics in results["workloads"].get("spread", {}).items():
         rows.append((f"spread {system}: router calls per data operation", metrics["router_calls_per_op"], "<=", 0))
         rows.append((f"spread {system}: max/mean shard load", metrics["max_over_mean_load"], "<=", 1.2))
+    for system, metrics in results["workloads"].get("scale", {}).items():
+        rows.append((f"scale {system}: router calls per data operation", metrics["router_calls_per_op"], "<=", 0))
+        rows.append((f"scale {system}: max/mean shard load", metrics["max_over_mean_load"], "<=", 1.2))
     if "memory" in results:
         rows.append(("shard RSS holding 1,000,000 items (MB)", results["memory"]["shard_peak_rss_mb"], "<=", 200))
     targets = []
@@ -107,6 +110,7 @@ def write_chart(results: dict, path: Path) -> None:
                                                   ("frames", "frames_per_s"), ("capacity", "items_per_s"),
                                                   ("video", "frames_per_s"),
                                                   ("spread", "items_per_s"),
+                                                  ("scale", "items_per_s"),
                                                   ("durability", "pushes_per_s"),
                                                   ("ping-pong", "p50_ms")]
               if wl in results["workloads"]]

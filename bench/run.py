@@ -86,6 +86,10 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
              "pype VideoServer, one hop": lambda: w.video("pype", clip, server=server)}
     spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
               for shards in (1, 2, 4, 8)}
+    scaling = {f"{what}, {shards} shard{'s' * (shards > 1)}":
+               (lambda s=shards, p=partitioned: w.scale(s, p, per_process=n(2000)))
+               for partitioned, what in ((False, "64 queues"), (True, "one partitioned queue"))
+               for shards in (1, 2, 4, 8)}
     durability = {f"{label}, {path}": (lambda s=durable, native=path == "native":
                                         w.durable_pushes(s, n(2000 if native else 500), native))
                   for label, durable in durable_servers.items() for path in (".remote()", "native")}
@@ -98,8 +102,8 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
             f"{system}, put_nowait_batch + get_nowait_batch": lambda s=system: w.queue_batches(s, n(100_000)),
         })
     return {"chain": chain, "ping-pong": pingpong, "bulk": bulk, "frames": frames,
-            "capacity": capacity, "video": video, "spread": spread, "durability": durability,
-            "queue": queue}
+            "capacity": capacity, "video": video, "spread": spread, "scale": scaling,
+            "durability": durability, "queue": queue}
 
 
 def start_durable_servers(journals: Path) -> dict[str, pype.Server]:
@@ -172,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
-                        help="chain, ping-pong, bulk, frames, capacity, video, spread, durability, "
-                             "queue, memory")
+                        help="chain, ping-pong, bulk, frames, capacity, video, spread, scale, "
+                             "durability, queue, memory")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default bench/results/, or a temporary "
                              "directory with --only, so a partial run never replaces the full one)")

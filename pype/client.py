@@ -468,9 +468,9 @@ class Server:
             sent = []
             for targets, index, request in self._native_pushes(names, items, block, timeout,
                                                                priority, key, pins):
-                sent.append((targets, pipeline.send(index, self._after(index), request)))
+                sent.append((targets, request, pipeline.send(index, self._after(index), request)))
             names = ()
-            for targets, ticket in sent:
+            for targets, request, ticket in sent:
                 try:
                     accepted += pipeline.result(ticket, wait)
                 except Partitioned as redirect:
@@ -479,8 +479,8 @@ class Server:
                 except Moved as moved:  # applied to none of moved.queues: send them again
                     self._refresh(moved.epoch)
                     accepted += moved.accepted
-                    names += tuple(name for name in targets
-                                   if name in moved.queues or self._target_of(name, key) in moved.queues)
+                    names += tuple(name for name, target in zip(targets, request.queues, strict=True)
+                                   if target in moved.queues)
                 except QueueNotFoundError as error:
                     if self._forget_layouts(targets):
                         names += targets
@@ -495,10 +495,6 @@ class Server:
         if names:
             raise RuntimeError(f"pype: the layout of queues {names} kept changing")
         return accepted
-
-    def _target_of(self, name: str, key: Any) -> str:
-        layout = self._layouts.get(name)
-        return name if layout is None else layout.target(key)
 
     def _native_pushes(self, names, items, block, timeout, priority, key, pins):
         """(queue names, shard, Push) of a native push: one per shard for plain queues,

@@ -12,6 +12,7 @@ import pytest
 import ray
 
 import pype
+from pype.client import TOPOLOGY_CHECK
 from pype.hashing import shard_for
 from tests.events import until
 
@@ -403,7 +404,9 @@ def test_anonymous_servers_do_not_share_queues(fresh_server):
     assert ray.get(first.pull.remote("q")) == [1]
 
 
-def test_handle_pickles_and_data_operations_never_ask_the_router(fresh_server):
+def test_handle_pickles_and_data_operations_hardly_ask_the_router(fresh_server):
+    """Native calls never ask the router; `.remote()` calls, which must learn of a resize
+    without waiting, ask it at most once per TOPOLOGY_CHECK seconds and process."""
     server = fresh_server(shards=4)
     assert pickle.loads(pickle.dumps(server.shard_of("abc"))) == shard_for("abc", 4, 0)
 
@@ -412,17 +415,26 @@ def test_handle_pickles_and_data_operations_never_ask_the_router(fresh_server):
         def __init__(self, server):
             self.server = server
 
-        def work(self, n):
+        def work(self, n, native):
+            started = time.monotonic()
             for i in range(n):
-                self.server.push.remote(i, f"w{i % 10}")
-            return sum(len(ray.get(self.server.pull.remote(f"w{i}", batch_size=-1))) for i in range(10))
+                if native:
+                    self.server.push(i, f"w{i % 10}")
+                else:
+                    self.server.push.remote(i, f"w{i % 10}")
+            pulled = sum(len(self.server.pull(f"w{i}", batch_size=-1) if native else
+                             ray.get(self.server.pull.remote(f"w{i}", batch_size=-1)))
+                         for i in range(10))
+            return pulled, time.monotonic() - started
 
-    worker = Worker.remote(server)
-    assert ray.get(worker.work.remote(200)) == 200
-    assert ray.get(produce.remote(server, "p", 0, 100)) == 100
-    stats = ray.get(server.stats.remote())
-    assert stats["router"]["topology_requests"] == 1  # only Server.remote() asked
-    assert stats["totals"]["pushed"] == 300
+    def asked():
+        return server.stats()["router"]["topology_requests"]  # natively: it asks no router
+    assert ray.get(Worker.remote(server).work.remote(200, True))[0] == 200
+    assert asked() == 1  # only Server.remote() asked
+    pulled, seconds = ray.get(Worker.remote(server).work.remote(200, False))
+    assert pulled == 200
+    assert asked() - 1 <= 1 + seconds / TOPOLOGY_CHECK
+    assert server.stats()["totals"]["pushed"] == 400
 
 
 def test_queues_stats_print_and_remove(fresh_server, capsys):
