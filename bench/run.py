@@ -87,8 +87,8 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
     spread = {f"pype, {shards} shard{'s' * (shards > 1)}": (lambda s=shards: w.spread(s))
               for shards in (1, 2, 4, 8)}
     scaling = {f"{what}, {shards} shard{'s' * (shards > 1)}":
-               (lambda s=shards, p=partitioned: w.scale(s, p, per_process=n(2000)))
-               for partitioned, what in ((False, "64 queues"), (True, "one partitioned queue"))
+               (lambda s=shards, p=partitioned: w.scale(s, p, per_process=n(1000)))
+               for partitioned, what in ((False, "1024 queues"), (True, "one queue of 8 partitions"))
                for shards in (1, 2, 4, 8)}
     durability = {f"{label}, {path}": (lambda s=durable, native=path == "native":
                                         w.durable_pushes(s, n(2000 if native else 500), native))

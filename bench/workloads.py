@@ -658,65 +658,85 @@ def capacity(processes: int = 4, per_process: int = 20_000, window: int = 64) ->
 
 # -- scale: many queues, or one partitioned queue, over 1 to 8 shards ----------------------
 
+def _ready_set_go(server) -> None:
+    """Tell the bench this process is up and connected; wait for its start signal."""
+    server.push("ready", "scale-ready")
+    server.pull("scale-go", block=True)
+
+
 @ray.remote(num_cpus=0)
 def scale_producer(server, names, count):
     """`count` native one-item pushes, over `names` in turn."""
+    _ready_set_go(server)
     for i in range(count):
         server.push(i, names[i % len(names)])
     return count
 
 
 @ray.remote(num_cpus=0)
-def scale_consumer(server, names, share):
-    """Native pulls of up to 100 items over `names` in turn until `share` items came."""
+def scale_consumer(server, names, count):
+    """`count` native blocking one-item pulls, over `names` in the order a scale_producer
+    pushes to them (for many queues each waits for the very item its producer sends next)."""
+    _ready_set_go(server)
     got = 0
-    while got < share:
-        found = 0
-        for name in names:
-            found += len(server.pull(name, min(100, share - got - found)))
-            if got + found == share:
-                break
-        got += found
-        if not found and got < share:  # all empty: wait for the next item instead of spinning
-            got += len(server.pull(names[0], 1, block=True, timeout=0.01))
+    for i in range(count):
+        got += len(server.pull(names[i % len(names)], 1, block=True, timeout=60))
     return got
 
 
-def scale(shards: int, partitioned: bool, processes: int = 4, per_process: int = 2000,
-          queues: int = 64) -> dict:
-    """`processes` producers and as many consumers, native, one item per push: over many
-    queues (each producer and its consumer own queues[p::processes]), or all of them on one
-    queue of `shards` x 2 partitions. Measures items/s, each shard's CPU per 1,000 of its
-    requests, how evenly the shards were loaded, and router calls per operation."""
+def _shard_cpu(processes) -> list[float]:
+    return [sum(process.cpu_times()[:2]) for process in processes]
+
+
+def scale(shards: int, partitioned: bool, processes: int = 8, per_process: int = 1000,
+          queues: int = 1024) -> dict:
+    """`processes` producers and as many consumers, native, one item per call: over many
+    queues (producer p and consumer p share queues[p::processes]), or all on one queue of
+    `processes` partitions (a producer is pinned to one; so many keep every shard busy).
+
+    Measures items/s; each shard's CPU per 1,000 requests it served, with its idle CPU
+    (housekeeping, Ray's threads; measured for a second before) taken off; how evenly the
+    shards were loaded (pushes per shard, max over mean); router calls per operation."""
     server = pype.Server.remote(shards=shards)
     try:
         if partitioned:
-            server.add("scale-hot", partitions=2 * shards)
+            server.add("scale-hot", partitions=processes)
             parts = [["scale-hot"]] * processes
         else:
             names = [f"scale-{i}" for i in range(queues)]
             parts = [names[p::processes] for p in range(processes)]
         before = server.stats()
-        pids = [psutil.Process(shard["pid"]) for shard in before["shards"]]
-        cpu_before = [sum(p.cpu_times()[:2]) for p in pids]
-        started = time.perf_counter()
+        shard_processes = [psutil.Process(shard["pid"]) for shard in before["shards"]]
+        idle_before, idle_started = _shard_cpu(shard_processes), time.perf_counter()
+        time.sleep(1.0)
+        idle = [(c - b) / (time.perf_counter() - idle_started)
+                for c, b in zip(_shard_cpu(shard_processes), idle_before, strict=True)]
         consumers = [scale_consumer.remote(server, part, per_process) for part in parts]
         producers = [scale_producer.remote(server, part, per_process) for part in parts]
+        ready = 0
+        while ready < 2 * processes:  # every process started and connected: now the clock runs
+            ready += len(server.pull("scale-ready", batch_size=-1, block=True))
+        before = server.stats()
+        cpu_before = _shard_cpu(shard_processes)
+        started = time.perf_counter()
+        server.push(["go"] * 2 * processes, "scale-go", expand=True)
         pushed, pulled = sum(ray.get(producers)), sum(ray.get(consumers))
         seconds = time.perf_counter() - started
-        cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(pids, cpu_before, strict=True)]
+        busy = [c - b - rate * seconds for c, b, rate
+                in zip(_shard_cpu(shard_processes), cpu_before, idle, strict=True)]
         after = server.stats()
         assert pushed == pulled == processes * per_process
+        pushed_go = 2 * processes  # the start signals, on one shard: not the workload's
+        pairs = list(zip(after["shards"], before["shards"], strict=True))
         requests = [a["native_requests"] + a["ray_requests"] - b["native_requests"] - b["ray_requests"]
-                    for a, b in zip(after["shards"], before["shards"], strict=True)]
-        pushes = [a["pushed"] - b["pushed"] for a, b in zip(after["shards"], before["shards"],
-                                                               strict=True)]
-        operations = sum(requests)
+                    for a, b in pairs]
+        pushes = [a["pushed"] - b["pushed"] for a, b in pairs]
+        pushes[server.shard_of("scale-go")] -= pushed_go
         return {"items_per_s": pushed / seconds,
-                "shard_cpu_ms_per_1000_requests": statistics.mean(
-                    1000 * 1000 * c / r for c, r in zip(cpu, requests, strict=True) if r),
+                "shard_cpu_ms_per_1000_requests": 1e6 * sum(busy) / sum(requests),
+                "requests_per_item": sum(requests) / pushed,
                 "max_over_mean_load": max(pushes) / statistics.mean(pushes),
                 "router_calls_per_op": (after["router"]["topology_requests"]
-                                        - before["router"]["topology_requests"]) / operations}
+                                        - before["router"]["topology_requests"]) / sum(requests)}
     finally:
         server.shutdown()

@@ -370,6 +370,13 @@ class Server:
             except Moved as moved:
                 self._refresh(moved.epoch)
                 index = self.shard_of(moved.queue)
+            except ShardUnavailableError:  # a shrink may have stopped it: is there a newer topology?
+                epoch = self._topology.epoch
+                self._adopt(ray.get(self._router.topology.remote()))
+                queue = getattr(request, "queue", None)
+                if self._topology.epoch == epoch or queue is None:
+                    raise
+                index = self.shard_of(queue)
         raise RuntimeError(f"pype: {type(request).__name__} kept meeting moved queues")
 
     def result(self, ticket: tuple[int, int], request: tuple, wait: float | None = 0.0,
@@ -391,6 +398,8 @@ class Server:
         newest = _topologies.get(self._topology.server_id)  # pipelines are shared by handles
         if newest is not None:
             self._adopt(newest)
+        if index >= len(self._shards):
+            raise ShardUnavailableError(f"shard {index} was removed by a resize")
         key = self._shard_key(index)
         _caller_id()  # forgets the addresses of a parent process
         address = _addresses.get(key)
@@ -515,15 +524,29 @@ class Server:
         """Remember a partitioned queue's layout; make its partitions if a first push
         made only its head (queue_defaults.partitions)."""
         layout = self._layouts[redirect.queue] = Layout.of(redirect)
+        self.each_queue([Add(name, layout.partition_options(), True) for name in layout.names()])
+        return layout
+
+    def each_queue(self, requests: list[tuple], tolerate: tuple = ()) -> list:
+        """Send single-queue `requests` at once, each to its queue's shard, and return
+        their answers (an error of a `tolerate` class in its place). Moved queues are
+        followed; the first other error is raised once every request was answered."""
         pipeline = self.pipeline()
         tickets = []
-        for name in layout.names():
-            index = self.shard_of(name)
-            tickets.append(pipeline.send(index, self._after(index),
-                                         Add(name, layout.partition_options(), True)))
-        for ticket in tickets:
-            pipeline.result(ticket)
-        return layout
+        for request in requests:
+            index = self.shard_of(request.queue)
+            tickets.append(pipeline.send(index, self._after(index), request))
+        answers, failure = [], None
+        for ticket, request in zip(tickets, requests, strict=True):
+            try:
+                answers.append(self.result(ticket, request))
+            except tolerate as error:
+                answers.append(error)
+            except Exception as error:  # noqa: BLE001 - raised once all were answered
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return answers
 
     def _forget_layouts(self, names: tuple[str, ...]) -> bool:
         """A partition was missing: the queue was removed. Forget the layouts of `names`;
@@ -604,6 +627,7 @@ class Server:
             ref = self._call(index, request)
             if request.block:  # second half: waits among the shard's "pushes" threads for room
                 ref = self._shards[index].await_push.remote(ref, self._after(index))
+                self._sent_by_old[-1 - index] = ref  # it may be run for the caller elsewhere
             refs.append(ref)
         return refs[0] if len(refs) == 1 else _total.remote(*refs)
 
@@ -803,12 +827,8 @@ class Server:
             request = request._replace(options=dataclasses.replace(request.options,
                                                                    partition_seed=seed))
             layout = Layout(queue, wanted, request.options, 0)
-            pipeline = self.pipeline()
-            tickets = [pipeline.send(self.shard_of(name), self._after(self.shard_of(name)),
-                                     Add(name, layout.partition_options(), True))
-                       for name in layout.names()]
-            for ticket in tickets:
-                pipeline.result(ticket)
+            self.each_queue([Add(name, layout.partition_options(), True)
+                             for name in layout.names()])
         return self._native(index, request)
 
     def _add_remote(self, queue: str, kind: str | None = None, maxsize: int | None = None,
@@ -834,15 +854,9 @@ class Server:
         def partitioned(layout: Layout) -> int:
             self._layouts.pop(queue, None)
             removed = self._native(self.shard_of(queue), Remove(queue, layout.partitions))
-            pipeline = self.pipeline()
-            tickets = [pipeline.send(self.shard_of(name), self._after(self.shard_of(name)),
-                                     Remove(name)) for name in layout.names()]
-            for ticket in tickets:
-                try:
-                    removed += pipeline.result(ticket)
-                except QueueNotFoundError:  # removed by someone else meanwhile
-                    pass
-            return removed
+            answers = self.each_queue([Remove(name) for name in layout.names()],
+                                      tolerate=(QueueNotFoundError,))  # removed meanwhile
+            return removed + sum(answer for answer in answers if isinstance(answer, int))
         return self._routed(queue, lambda: self._native(self.shard_of(queue), Remove(queue)),
                             partitioned)
 

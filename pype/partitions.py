@@ -28,6 +28,7 @@ itself: its head's shard runs it natively on the caller's behalf (Shard.call).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -42,6 +43,8 @@ from pype.protocol import CanPull, Length, Moved, Pull, Render, Settle
 
 if TYPE_CHECKING:
     from pype.client import Server
+
+logger = logging.getLogger("pype")
 
 SEPARATOR = "\x1f"  # unit separator: a control character, never in a user's queue name
 WATCH_SLICE = 2.0  # seconds; see _watch
@@ -179,10 +182,17 @@ def _take(server: Server, layout: Layout, size: int, remove: bool, ack: bool) ->
     pipeline = server.pipeline()
     order = layout.turn()
     if size == -1:  # everything: ask every partition at once
-        requests = [(j, _pull(layout, j, -1, remove, ack)) for j in order]
-        tickets = [(j, request, _send(server, pipeline, layout, j, request)) for j, request in requests]
-        return [item for j, request, ticket in tickets
-                for item in _leased(layout, j, server.result(ticket, request), ack)]
+        answers = server.each_queue([_pull(layout, j, -1, remove, ack) for j in order],
+                                    tolerate=(Exception,))
+        got = [item for j, answer in zip(order, answers, strict=True) if isinstance(answer, list)
+               for item in _leased(layout, j, answer, ack)]
+        failures = [answer for answer in answers if not isinstance(answer, list)]
+        if failures and not got:
+            raise failures[0]
+        for failure in failures:  # the items of the others are returned, not dropped
+            logger.warning("pype: a pull of %r took what %d partitions held; one failed: %r",
+                           layout.queue, len(order) - len(failures), failure)
+        return got
     got: list = []
     for j in order:
         request = _pull(layout, j, size - len(got), remove, ack)
@@ -242,7 +252,23 @@ def _watch_once(server: Server, layout: Layout, wait: float) -> bool:
 
 
 def can_pull(server: Server, layout: Layout, batch_size: int | None, wait: float | None) -> bool:
-    """True once one partition holds a full pull of batch_size items (see Server.can_pull)."""
+    """True once one partition holds a full pull of batch_size items (see Server.can_pull).
+
+    wait: as CanPull's (None: the shards' poll_wait, math.inf: no limit). A long wait
+    goes in slices of WATCH_SLICE, as _watch's, so that unanswered asks never pile up."""
+    if wait is None or wait <= WATCH_SLICE:
+        return _can_pull_once(server, layout, batch_size, wait)
+    deadline = time.monotonic() + wait
+    while True:
+        left = min(WATCH_SLICE, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        if _can_pull_once(server, layout, batch_size, left):
+            return True
+
+
+def _can_pull_once(server: Server, layout: Layout, batch_size: int | None,
+                   wait: float | None) -> bool:
     pipeline = server.pipeline()
     tickets = [_send(server, pipeline, layout, j, CanPull(name, batch_size, wait))
                for j, name in enumerate(layout.names())]
@@ -255,7 +281,7 @@ def can_pull(server: Server, layout: Layout, batch_size: int | None, wait: float
         return False
     except Moved as moved:  # a partition moved (a resize): ask again, where it is now
         server._refresh(moved.epoch)
-        return can_pull(server, layout, batch_size, wait)
+        return _can_pull_once(server, layout, batch_size, wait)
     finally:
         for ticket in tickets:
             pipeline.forget(ticket)
@@ -294,10 +320,7 @@ def settle(server: Server, layout: Layout, lease_ids: list[int], requeue: bool) 
 
 def _each(server: Server, layout: Layout, request_for) -> list:
     """The answers of every partition to request_for(partition name), asked at once."""
-    pipeline = server.pipeline()
-    requests = [request_for(name) for name in layout.names()]
-    tickets = [_send(server, pipeline, layout, j, request) for j, request in enumerate(requests)]
-    return [server.result(ticket, request) for ticket, request in zip(tickets, requests, strict=True)]
+    return server.each_queue([request_for(name) for name in layout.names()])
 
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -74,6 +73,7 @@ class Router:
         self._topology = Topology(server_id=server_id, shards=tuple(s for s, _ in self._all),
                                   config=config, keys=keys,
                                   shard_ids=tuple(shard_id for _, shard_id in self._all))
+        self._settled_shards = config.shards
         self._leaving: list = []  # (index, shard) a shrink removed, kept SHRINK_GRACE s as forwarders
         self._leaving_lock = threading.Lock()
         self._topology_requests = 0
@@ -81,9 +81,14 @@ class Router:
         self._lost: list[dict] = []
         logger.info("pype router started %d shards (%s)", config.shards, config.source)
 
-    def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict):
+    def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict,
+                     fresh: bool = False):
+        """Start shard `index`; fresh=True: a new one (a resize), whose index a shard that a
+        shrink removed may have had: its journal (which holds no queue) is kept aside."""
         me = ray.get_runtime_context().current_actor
         journal = None if self._journals is None else self._journals / f"shard-{index}"
+        if fresh and journal is not None and journal.exists():
+            journal.rename(journal.with_name(f"{journal.name}.retired-{uuid.uuid4().hex[:8]}"))
         return self._shard_class.options(**placement).remote(
             index, config, journal, me, self._label, keys, self._server_secret)
 
@@ -117,12 +122,14 @@ class Router:
             self._stop_leaving()  # their indices are about to be taken again
             placements = shard_options(config.placement, shards)
             for index in range(len(self._all), shards):
-                self._all.append((self._start_shard(index, config, old.keys, placements[index]),
-                                  uuid.uuid4().hex))
+                self._all.append((self._start_shard(index, config, old.keys, placements[index],
+                                                    fresh=True), uuid.uuid4().hex))
         receivers = [shard for shard, _ in self._all[:shards]]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
         givers = [shard for shard, _ in self._all]
-        self._each(receivers, Expect(len(old.shards), seed))
+        # The topology the queues come from: that of the last resize that finished (one
+        # cut short already published the next).
+        self._each(receivers, Expect(self._settled_shards, seed))
         epoch = old.epoch + 1
         self._topology = dataclasses.replace(
             old, shards=tuple(receivers), epoch=epoch,
@@ -135,6 +142,7 @@ class Router:
                    *[Import(queues) for queues in by_target.values()])
         self._each(receivers, Arrived())
         self._each(givers, Release())
+        self._settled_shards = shards
         moved = sum(len(queues) for queues in by_target.values())
         leaving = [(index, shard) for index, (shard, _) in enumerate(self._all)][shards:]
         del self._all[shards:]
@@ -167,15 +175,22 @@ class Router:
                 time.sleep(0.2)
 
     def _stop_leaving(self) -> None:
-        """Stop the shards a shrink removed, and delete their journals: they hold nothing."""
+        """Stop the shards a shrink removed (their journals stay, holding no queue)."""
         with self._leaving_lock:
             leaving, self._leaving = self._leaving, []
             shards = [shard for _, shard in leaving]
             ray.wait([shard.close.remote() for shard in shards], num_returns=len(shards), timeout=5)
-            for index, shard in leaving:
+            for _, shard in leaving:
                 ray.kill(shard, no_restart=True)
-                if self._journals is not None:
-                    shutil.rmtree(self._journals / f"shard-{index}", ignore_errors=True)
+
+    def ownership(self) -> tuple[int, int, int] | None:
+        """(shards, hash seed, epoch) of the topology after a resize (None before any): a
+        shard that restarts without its journal learns from it which names are no longer
+        its own, so that stale clients are sent on instead of making queues nobody reads."""
+        topology = self._topology
+        if topology.epoch == 0:
+            return None
+        return len(topology.shards), topology.config.hash_seed, topology.epoch
 
     def topology(self) -> Topology:
         """The topology; each client asks once, when it is made or connects."""

@@ -95,7 +95,7 @@ class Consumer(Iterator):
         left = list(self._buffer)
         self._buffer.clear()
         if self._next is not None and not self._partitioned:
-            left += self._pipeline.result(self._next, self._wait)
+            left += self._server.result(self._next, self._request, self._wait, self._pipeline)
         self._next = None
         self._pipeline.close()
         return left
@@ -137,7 +137,7 @@ class Producer:
             raise ValueError(f"window must be >= 1, got {window}")
         self._server = server
         self._queue = queue
-        _, self._target = server.push_target(queue)
+        self._index, self._target = server.push_target(queue)
         self._batch_size = batch_size
         self._linger = linger
         self._block = block
@@ -205,7 +205,9 @@ class Producer:
             self._settle_oldest()
 
     def _send_request(self, request: Push) -> None:
-        index = self._server.shard_of(self._target)
+        # By the shard this Producer knows, even if its process learned of a resize meanwhile:
+        # a batch must not reach the new shard before those in flight to the old one.
+        index = self._index
         self._sent.append((self._pipeline.send(index, self._server._after(index), request), request))
 
     def _settle_oldest(self) -> None:
@@ -222,6 +224,7 @@ class Producer:
         """The queue moved (a resize): this batch and every later one in flight went to
         its old shard, which applied none of them. Send them all again, in order."""
         self._server._refresh(moved.epoch)
+        self._index = self._server.shard_of(self._target)
         again = [request]
         for ticket, later in list(self._sent):
             try:

@@ -381,10 +381,10 @@ class Connection:
 
     # -- several requests at once (Pipeline.first) ------------------------------------
 
-    poll_target: object  # what zmq.Poller watches for this connection's replies
+    poll_targets: list  # what zmq.Poller watches for this connection's replies (and breaks)
 
     def pump(self) -> None:
-        """Keep the replies that arrived, without waiting (the poll_target is ready).
+        """Keep the replies that arrived, without waiting (a poll target is ready).
 
         Raises Disconnected if the connection broke."""
         raise NotImplementedError
@@ -421,7 +421,7 @@ class UnixConnection(Connection):
         self._replies: dict[int, tuple[int, object]] = {}
         self._discarded: set[int] = set()
         self._timeout: float | None = None  # as last set on the socket (SO_RCVTIMEO)
-        self.poll_target = self.socket.fileno()
+        self.poll_targets = [self.socket.fileno()]
 
     def send(self, caller: tuple, request: tuple) -> int:
         if self.broken:
@@ -520,7 +520,7 @@ class CurveConnection(Connection):
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, object]] = {}
         self._discarded: set[int] = set()
-        self.poll_target = self.socket
+        self.poll_targets = [self.socket, self._monitor]  # the monitor says when it broke
 
     def send(self, caller: tuple, request: tuple) -> int:
         if self._monitor.getsockopt(EVENTS) & POLLIN:
@@ -685,7 +685,8 @@ class Pipeline:
                 connection = self._connections.get(index)
                 if entry is None or connection is None or connection.has_reply(entry[0]):
                     return ticket  # answered, or failed (result() raises its error)
-                waiting_on[connection.poll_target] = index
+                for target in connection.poll_targets:
+                    waiting_on[target] = index
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None

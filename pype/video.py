@@ -111,6 +111,7 @@ class _VideoActor:
         self._names: list[str] = []
         self._pipeline = None  # the capture thread's native requests
         self._in_flight: deque[list] = deque()  # tickets of pushes not yet acknowledged
+        self._routes: dict[str, tuple[int, str]] = {}  # output queue -> (shard, queue or partition)
         self._counts = {"read": 0, "pushed": 0, "dropped": 0}
         self._started = time.monotonic()
         self._finished: str | None = None
@@ -207,7 +208,9 @@ class _VideoActor:
         block = policy == "block"
         tickets = []
         for name in names:
-            index, target = server.push_target(name)  # a partition, for a partitioned queue
+            if name not in self._routes:  # a partition, for a partitioned queue
+                self._routes[name] = server.push_target(name)
+            index, target = self._routes[name]  # changed only on Moved, after the frames in flight
             tickets.append((self._pipeline.send(index, server._after(index), Push(
                 (target,), [record], block=block, must_exist=target != name)), name, record))
         self._in_flight.append(tickets)
@@ -223,6 +226,7 @@ class _VideoActor:
                 self._counts["dropped"] += 1
             except Moved as moved:  # a resize moved the queue: this frame and the later
                 self._server._refresh(moved.epoch)  # ones in flight went to its old shard
+                self._routes[name] = self._server.push_target(name)
                 accepted += self._server.push_to((name,), [record], block, None, None)
                 while self._in_flight:  # in order, before any new frame goes out
                     self._settle(self._in_flight.popleft(), block)

@@ -535,6 +535,9 @@ class ShardLoop:
         """Answer a request for a queue that moved away with Moved, and hold one for a
         queue that may be on its way here until it arrived; True if it was handled so."""
         names = _queue_names(request)
+        if type(request) is Push and self.store.applied_before(request.producer):
+            reply(protocol.RESULT, len(request.items) * len(names))  # sent again after a restart
+            return True
         for name in names:
             epoch = self.store.belongs_elsewhere(name, self.index)
             if epoch is not None:

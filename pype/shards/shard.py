@@ -153,6 +153,10 @@ class Shard:
             lost = set(ray.get(router.shard_restarted.remote(index)))
             logger.warning("pype shard %d restarted without persistence: the items of queues %s "
                            "are lost", index, sorted(lost) or "(none known)")
+        if self._restarted:
+            ownership = ray.get(router.ownership.remote())
+            if ownership is not None and (store.owner is None or store.owner[2] < ownership[2]):
+                store.owner = ownership  # resizes it missed: names it no longer owns
         self._node = {"node_id": ray.get_runtime_context().get_node_id(),
                       "node_ip": ray.util.get_node_ip_address()}
         transport = config.transport

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import reprlib
 import time
 from collections import Counter, OrderedDict
@@ -299,8 +300,10 @@ class QueueStore:
         return None if mine else self.owner[2]
 
     def on_its_way(self, name: str, index: int) -> bool:
-        """True if queue `name` may still come here from another shard (a resize)."""
-        if self.expecting is None or name in self._queues:
+        """True while queue `name`, which another shard owned before a resize, may still be
+        on its way here: until arrived(), also once it was imported, so that the requests
+        held for it run before any that came after them."""
+        if self.expecting is None:
             return False
         shards, seed = self.expecting
         return shard_for(name, shards, seed) != index
@@ -310,7 +313,7 @@ class QueueStore:
         self.expecting = (old_shards, seed)
         self._log("expect", old_shards, seed)
 
-    def export(self, index: int, shards: int, seed: int, epoch: int) -> dict[str, Queue]:
+    def export(self, index: int, shards: int, seed: int, epoch: int) -> dict[str, bytes]:
         """Hand over the queues that a topology of `shards` shards (topology `epoch`)
         gives to other shards than this one, shard `index`: return them, and from now
         on serve them no more (belongs_elsewhere()). They stay here, unserved, until
@@ -327,16 +330,20 @@ class QueueStore:
         leaving = {name: queue for name, queue in self._queues.items()
                    if shard_for(name, shards, seed) != index}
         for queue in leaving.values():
+            queue.next_lease_id = self._next_lease_id  # ids there grow past every id issued here
             for ticket in queue.parked:
                 if not ticket.acknowledged and ticket.state == "waiting":
                     ticket.state = "moved"
-        return leaving
+        # A copy of each as it is now: the loop goes on expiring leases of the originals.
+        return {name: pickle.dumps(queue, protocol=pickle.HIGHEST_PROTOCOL)
+                for name, queue in leaving.items()}
 
-    def import_(self, queues: dict[str, Queue]) -> None:
-        """Take over queues that other shards exported, but for those already here (an
-        earlier, interrupted move brought them, and they may have changed since)."""
-        for name, queue in queues.items():
+    def import_(self, queues: dict[str, bytes]) -> None:
+        """Take over queues that other shards exported (pickled), but for those already
+        here (an earlier, interrupted move brought them, and they may have changed since)."""
+        for name, pickled in queues.items():
             if name not in self._queues:
+                queue = pickle.loads(pickled)
                 self._place(name, queue)
                 self._log("import", name, queue)
 
@@ -358,8 +365,9 @@ class QueueStore:
     def _place(self, name: str, queue: Queue) -> None:
         self._queues[name] = queue
         self._nbytes += queue.nbytes
-        if queue.leases:  # never issue an imported lease id again
-            self._next_lease_id = max(self._next_lease_id, max(queue.leases) + 1)
+        # Lease ids keep growing across the move: never one issued before, and in order.
+        self._next_lease_id = max(self._next_lease_id, getattr(queue, "next_lease_id", 0),
+                                  max(queue.leases, default=0) + 1)
 
     # -- push ---------------------------------------------------------------------
 
@@ -375,7 +383,7 @@ class QueueStore:
         producer sequence number was seen before is answered, not applied again.
         Returns the number of items accepted (items x queues).
         """
-        if producer is not None and producer[1] <= self._producers.get(producer[0], -1):
+        if self.applied_before(producer):
             return len(items) * len(names)  # a retry of a push that was applied
         nbytes = self._check_limits(items, len(names))
         queues = [self._queue_for_push(name, len(items), nbytes, priority) for name in names]
@@ -401,6 +409,10 @@ class QueueStore:
             rest = f"; the other {others} queues of this push took it" if len(names) > 1 else ""
             raise QueueFullError(f"queue {'; queue '.join(full)}{rest}")
         return len(items) * len(names)
+
+    def applied_before(self, producer: tuple[int, int] | None) -> bool:
+        """Was the push numbered `producer` (producer id, sequence) applied already?"""
+        return producer is not None and producer[1] <= self._producers.get(producer[0], -1)
 
     def _note_producer(self, producer: tuple[int, int] | None) -> None:
         if producer is None:
