@@ -28,11 +28,13 @@ At the end, after the queues drained:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -43,13 +45,16 @@ from rich.table import Table
 
 import pype
 from pype.options import QueueOptions
+from pype.partitions import split_name
 from pype.shards.journal import read_journal
 from pype.shards.store import QueueStore
 
 RESULTS = Path(__file__).parent / "results"
 VISIBILITY_TIMEOUT = 2.0
 DRAIN_PATIENCE = 30.0  # seconds the drain may go without progress
-QUEUES = ("soak-a", "soak-b", "soak-c")
+HOT, HOT_PARTITIONS = "soak-hot", 4  # a partitioned queue among the plain ones
+QUEUES = (*(f"soak-{letter}" for letter in "abcdefgh"), HOT)
+RESIZE_EVERY = 4.0  # seconds between resizes (--resize)
 
 
 @ray.remote(num_cpus=0)
@@ -175,8 +180,42 @@ def with_retries(call, attempts=100):
     return call()
 
 
+class Resizer:
+    """Grows and shrinks the server every few seconds, on a thread of its own, while the
+    driver goes on killing shards and consumers (a kill may cut a resize short: then the
+    same resize runs again, which finishes it)."""
+
+    def __init__(self, server, smallest: int, largest: int, every: float, console: Console):
+        self.server, self.every, self.console = server, every, console
+        self.sizes = list(range(smallest + 1, largest + 1)) + list(range(largest - 1, smallest - 1, -1))
+        self.counts = Counter()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soak-resizer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for size in itertools.cycle(self.sizes):
+            if self.stopping.wait(self.every):
+                return
+            for _ in range(10):
+                try:
+                    moved = self.server.resize(size)["moved_queues"]
+                    self.counts["resizes"] += 1
+                    self.counts["queues moved"] += moved
+                    break
+                except Exception as error:  # noqa: BLE001 - cut short by a kill: run it again
+                    self.counts["resizes cut short"] += 1
+                    self.console.print(f"  resize to {size} cut short: {error!r:.120}")
+                    time.sleep(1.0)
+
+    def stop(self) -> Counter:
+        self.stopping.set()
+        self.thread.join()
+        return self.counts
+
+
 def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int, rate: int,
-         native: bool, console: Console) -> dict:
+         native: bool, console: Console, resize: bool = False) -> dict:
     journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
     server = pype.Server.remote(
         shards=shards, shard={"max_restarts": -1},
@@ -184,6 +223,7 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
         persistence={"dir": journal_dir if fsync != "off" else None,
                      "fsync": fsync if fsync != "off" else "always", "compact_mb": 1 << 20},
         queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT})
+    server.add(HOT, partitions=HOT_PARTITIONS)
     ledger = Ledger.remote()
     seconds = minutes * 60
     running = [Producer.remote().run.remote(server, p, seconds, rate / producers, native)
@@ -193,6 +233,7 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
             for c, consumer in crew.items()}
     faults = Counter()
     rng = random.Random(0)
+    resizer = Resizer(server, shards, shards + 2, RESIZE_EVERY, console) if resize else None
     ends = time.monotonic() + seconds
     while time.monotonic() < ends:
         time.sleep(rng.uniform(1.0, 3.0))
@@ -208,6 +249,8 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
             name = f"consumer {victim}, incarnation {faults['consumers killed']}"
             runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30), native)
         console.print(f"  {time.strftime('%H:%M:%S')}  faults so far: {dict(faults)}")
+    if resizer is not None:
+        faults.update(resizer.stop())
     outcomes = ray.get(running)
     backlog, progress_at = None, time.monotonic()
     while time.monotonic() - progress_at < DRAIN_PATIENCE:
@@ -268,7 +311,16 @@ class JournalTrace:
             for lease, item in moved:
                 self.events[item].append(f"{shard}: lease {lease} {'returned' if requeue else 'acked'}")
                 if not requeue:
-                    self.acked_leases.add((queue, lease))
+                    self.acked_leases.add(self._as_consumers_saw(queue, lease))
+
+    @staticmethod
+    def _as_consumers_saw(queue: str, lease: int) -> tuple[str, int]:
+        """(queue, lease id) as pull() returned them: a partition's lease id carries its
+        partition (pype.partitions.Layout.lease_id)."""
+        logical, partition = split_name(queue)
+        if partition is None:
+            return queue, lease
+        return logical, lease * HOT_PARTITIONS + partition
 
 
 def trace_journals(directory: Path) -> JournalTrace:
@@ -373,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", choices=("native", "remote"), default="native",
                         help="how producers and consumers call: natively (clients resend across "
                              "restarts) or with .remote() (default native)")
+    parser.add_argument("--resize", action="store_true",
+                        help=f"also grow and shrink the server (shards to shards + 2 and back) "
+                             f"every {RESIZE_EVERY:g} s")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where soak.json goes")
     args = parser.parse_args(argv)
     console = Console()
@@ -380,13 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         result = soak(args.minutes, args.fsync, args.producers, args.consumers, args.shards,
-                      args.rate, args.path == "native", console)
+                      args.rate, args.path == "native", console, args.resize)
     finally:
         ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"soak-{args.fsync}-{args.path}.json").write_text(
+    resized = "-resize" if args.resize else ""
+    (args.out / f"soak-{args.fsync}-{args.path}{resized}.json").write_text(
         json.dumps(result, indent=2, default=str))
-    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}, {args.path}")
+    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}, {args.path}"
+                        f"{', resizing' * args.resize}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():
