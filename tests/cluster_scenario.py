@@ -163,6 +163,15 @@ def main() -> None:
         print("ok: metrics exported:", " ".join(exported))
         ray.shutdown()
 
+        scaled = pype_cli("scale", "--shards", "5", "--address", address, "--name", NAME,
+                          "--namespace", NAMESPACE)
+        assert "resized" in scaled and "5 shards" in scaled, scaled
+        run("-c", PRODUCER, address, NAME, NAMESPACE)
+        consumed = json.loads(run("-c", CONSUMER, address, NAME, NAMESPACE).strip().splitlines()[-1])
+        assert consumed == {"counts": [100] * 16, "in_order": True}, consumed
+        print("ok: pype scale --shards 5 resized it while it served; 1600 more items went "
+              "through, in order")
+
         print(pype_cli("shutdown", "--address", address, "--name", NAME, "--namespace",
                        NAMESPACE).strip())
         gone = subprocess.run([sys.executable, "-m", "pype.cli", "connect", "--address", address,
