@@ -5,8 +5,10 @@ leaves the ledger an ack attempt without an outcome. The judge must resolve it f
 the shard's journal as applied, and must still count an item nobody acked as lost.
 """
 
-from bench.soak import judge, trace_journals
+from bench.soak import HOT, HOT_PARTITIONS, judge, trace_journals
+from pype.hashing import shard_for
 from pype.options import QueueOptions
+from pype.partitions import partition_name
 from pype.shards.journal import Journal
 from pype.shards.store import QueueStore
 
@@ -63,3 +65,31 @@ def test_acks_answered_by_the_shard_count_without_the_journal(tmp_path):
     deliveries, acks = ledger_of(leased, "acked")
     result = judge([(items, [])], deliveries, acks, None, {}, DRAINED, 1, "off")
     assert result["acked"] == 3 and result["lost"] == 0 and result["acked twice"] == 0
+
+
+def test_an_ack_on_a_partition_after_its_queue_moved_is_found_in_the_new_shards_journal(tmp_path):
+    """The soak's partitioned queue, moved by a resize: the consumer saw the logical queue
+    and lease ids that carry their partition; the journals hold partition names, raw ids,
+    and the move (export from shard-0, import into shard-1)."""
+    partition = 2
+    name = next(n for n in (partition_name(HOT, partition, seed) for seed in range(100))
+                if shard_for(n, 2) == 1)  # shard 1's in a topology of 2 shards
+    giver = QueueStore(QueueOptions(), journal=Journal(tmp_path / "server" / "shard-0"))
+    giver.restore()
+    items = [(0, HOT, sequence) for sequence in range(3)]
+    giver.push((name,), items)
+    leased = giver.pull(name, -1, ack=True)
+    exported = giver.export(0, 2, 0, 1)
+    receiver = QueueStore(QueueOptions(), journal=Journal(tmp_path / "server" / "shard-1"))
+    receiver.restore()
+    receiver.import_(exported)
+    giver.release(0)
+    receiver.settle(name, [lease for lease, _, _ in leased], requeue=False)
+    giver.close()
+    receiver.close()
+    seen = [(lease * HOT_PARTITIONS + partition, item, again) for lease, item, again in leased]
+    deliveries = [("consumer 0", HOT, lease, item, again) for lease, item, again in seen]
+    acks = [("consumer 0", HOT, lease, item, "unanswered") for lease, item, _ in seen]
+    result = verdict(tmp_path, items, deliveries, acks)
+    assert result["acks cut off by the consumer's death: applied per the journal / all"] == "3 / 3"
+    assert result["lost"] == 0 and result["passed"]
