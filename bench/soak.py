@@ -357,12 +357,12 @@ def judge(outcomes, deliveries, acks, journal: JournalTrace | None, faults, stat
     for _, queue, lease, item, redelivered in sorted(deliveries, key=lambda d: d[2]):
         if not redelivered:
             first_delivery.setdefault(item, (queue, lease))
-    order_breaks = 0
+    order_breaks = Counter()
     last = {}
     for item, (queue, _) in sorted(first_delivery.items(), key=lambda kv: kv[1][1]):
         producer, _, sequence = item
         if sequence < last.get((queue, producer), -1):
-            order_breaks += 1
+            order_breaks[queue] += 1
         last[(queue, producer)] = sequence
     result = {
         "minutes": minutes, "fsync": fsync,
@@ -381,13 +381,14 @@ def judge(outcomes, deliveries, acks, journal: JournalTrace | None, faults, stat
         "acked twice": sum(1 for count in settled.values() if count > 1),
         "phantoms": len(set(settled) - set(acknowledged) - unsure_pushes),
         "duplicated (pushed twice)": duplicated(deliveries, journal),
-        "per-producer order breaks": order_breaks,
+        "per-producer order breaks": sum(order_breaks.values()),
+        "order breaks by queue": dict(order_breaks),
         "shards marked restarted at the end": sum(shard["restarted"] for shard in stats["shards"]),
         "lost queues reported": stats["lost"],
         "lost items": [explain(item, deliveries, acks, journal) for item in lost[:200]],
     }
     result["passed"] = (result["lost"] == 0 and left_in_queues(stats) == 0 and result["acked twice"] == 0
-                        and result["phantoms"] == 0 and order_breaks == 0
+                        and result["phantoms"] == 0 and not order_breaks
                         and result["duplicated (pushed twice)"] == 0)
     return result
 

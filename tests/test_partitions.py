@@ -133,10 +133,13 @@ def test_a_batch_gathers_across_partitions(api, names):
 
 
 @ray.remote(num_cpus=0)
-def produce(server, queue, producer, count):
-    for sequence in range(count):
-        server.push((producer, sequence), queue)
-    return producer
+class Producer:
+    """A producer process of its own (tasks may share a worker process, and so a pin)."""
+
+    def produce(self, server, queue, producer, count):
+        for sequence in range(count):
+            server.push((producer, sequence), queue)
+        return producer
 
 
 @ray.remote(num_cpus=0)
@@ -155,7 +158,8 @@ def consume(server, queue, native):
 def test_producers_in_other_processes_spread_and_keep_their_order(server, names):
     q = names()
     server.add(q, partitions=3)
-    producers = [produce.remote(server, q, p, 300) for p in range(3)]
+    crew = [Producer.remote() for _ in range(3)]
+    producers = [producer.produce.remote(server, q, p, 300) for p, producer in enumerate(crew)]
     consumers = [consume.remote(server, q, native) for native in (True, False)]
     ray.get(producers)
     received = ray.get(consumers)

@@ -34,7 +34,7 @@ import os
 import select
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +81,6 @@ logger = logging.getLogger("pype")
 _WAKEUP, _ACCEPT, _TCP = object(), object(), object()  # what woke the loop, besides a peer
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks for expired leases and new queue names
 MAX_BATCH = 256              # messages read from one socket before the loop looks elsewhere
-MAX_PINS = 100_000           # producers whose partition a head remembers
 
 Reply = Callable[[int, Any], None]  # reply(status, value)
 
@@ -270,8 +269,6 @@ class ShardLoop:
         self._changed: list[str] = []
         self._applied: dict[str, int] = {}           # caller id -> last main-thread call run
         self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
-        self._pins: OrderedDict[tuple[str, str], int] = OrderedDict()  # (head, caller) -> pin
-        self._next_pin: dict[str, int] = {}
         self._stopping = False
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
@@ -617,14 +614,7 @@ class ShardLoop:
             options = self.store.partitions(name, create)
             if options is None or options.partitions == partitions:
                 continue
-            pin = self._pins.get((name, caller_id))
-            if pin is None:
-                pin = self._next_pin.get(name, 0)
-                if push:
-                    self._pins[(name, caller_id)] = pin
-                    self._next_pin[name] = pin + 1
-                    if len(self._pins) > MAX_PINS:
-                        self._pins.popitem(last=False)
+            pin = self.store.pin(name, caller_id, push)
             raise Partitioned(name, options.partitions, options, pin)
 
     @staticmethod

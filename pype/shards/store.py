@@ -170,6 +170,8 @@ class QueueStore:
             self._place(name, *args)
         elif operation == "arrived":
             self.expecting = None
+        elif operation == "pin":
+            self._pin(queue, *args)
         return []
 
     def _log(self, *record: Any) -> None:
@@ -236,6 +238,29 @@ class QueueStore:
         if queue is None or queue.options.partitions == 1:
             return None
         return queue.options
+
+    def pin(self, name: str, producer: str, assign: bool) -> int:
+        """The partition of the partitioned queue `name` (its head) that `producer` (a
+        caller id) pushes to. assign=True (a push) gives a new producer the next one, round
+        robin, and remembers it on the head, which journals it and takes it along when it
+        moves: a producer's partition, and so its order, outlives restarts and resizes."""
+        head = self._queues[name]
+        pins = head.__dict__.setdefault("pins", OrderedDict())
+        pin = pins.get(producer)
+        if pin is None:
+            pin = head.__dict__.get("next_pin", 0)
+            if assign:
+                self._pin(head, producer, pin)
+                self._log("pin", name, producer, pin)
+        return pin
+
+    @staticmethod
+    def _pin(head: Queue, producer: str, pin: int) -> None:
+        pins = head.__dict__.setdefault("pins", OrderedDict())
+        pins[producer] = pin
+        head.next_pin = max(head.__dict__.get("next_pin", 0), pin + 1)
+        if len(pins) > MAX_PRODUCERS:
+            pins.popitem(last=False)
 
     def require(self, names: tuple[str, ...]) -> None:
         """Raise QueueNotFoundError unless every queue of `names` exists."""
