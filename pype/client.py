@@ -468,22 +468,27 @@ class Server:
                             check_priority(priority), key)
 
     def push_to(self, names: tuple[str, ...], items: list, block: bool, timeout: float | None,
-                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None) -> int:
-        """The native push of checked arguments; `pins`: layouts to use instead of this
-        handle's (a shard that runs a `.remote()` push for its caller)."""
+                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None,
+                on_behalf: str | None = None) -> int:
+        """The native push of checked arguments. on_behalf: the caller a shard runs a
+        `.remote()` push for; then only `pins` (layouts with that caller's partitions) are
+        used, never this handle's, and heads pin new ones for that caller."""
         pipeline, accepted, failure = self.pipeline(), 0, None
+        pins = dict(pins or {})
         wait = timeout if block else 0.0
         for _ in range(REDIRECTS + 1):
             sent = []
             for targets, index, request in self._native_pushes(names, items, block, timeout,
-                                                               priority, key, pins):
+                                                               priority, key, pins, on_behalf):
                 sent.append((targets, request, pipeline.send(index, self._after(index), request)))
             names = ()
             for targets, request, ticket in sent:
                 try:
                     accepted += pipeline.result(ticket, wait)
                 except Partitioned as redirect:
-                    self._learn(redirect)
+                    layout = self._learn(redirect, remember=on_behalf is None)
+                    if on_behalf is not None:
+                        pins[redirect.queue] = layout
                     names += targets
                 except Moved as moved:  # applied to none of moved.queues: send them again
                     self._refresh(moved.epoch)
@@ -505,12 +510,12 @@ class Server:
             raise RuntimeError(f"pype: the layout of queues {names} kept changing")
         return accepted
 
-    def _native_pushes(self, names, items, block, timeout, priority, key, pins):
+    def _native_pushes(self, names, items, block, timeout, priority, key, pins, on_behalf):
         """(queue names, shard, Push) of a native push: one per shard for plain queues,
         one per partition (which must exist: a stale layout then shows) for partitioned."""
         by_shard: dict[int, list[str]] = defaultdict(list)
         for name in names:
-            layout = (pins or {}).get(name) or self._layouts.get(name)
+            layout = pins.get(name) or (self._layouts.get(name) if on_behalf is None else None)
             if layout is None:
                 by_shard[self.shard_of(name)].append(name)
             else:
@@ -518,12 +523,15 @@ class Server:
                 yield (name,), self.shard_of(target), Push((target,), items, priority, block,
                                                            timeout, must_exist=True)
         for index, group in by_shard.items():
-            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout)
+            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout,
+                                            key=key, on_behalf=on_behalf)
 
-    def _learn(self, redirect: Partitioned) -> Layout:
-        """Remember a partitioned queue's layout; make its partitions if a first push
-        made only its head (queue_defaults.partitions)."""
-        layout = self._layouts[redirect.queue] = Layout.of(redirect)
+    def _learn(self, redirect: Partitioned, remember: bool = True) -> Layout:
+        """A partitioned queue's layout, remembered unless remember=False (another caller's
+        pin); make its partitions if a first push made only its head (queue_defaults)."""
+        layout = Layout.of(redirect)
+        if remember:
+            self._layouts[redirect.queue] = layout
         self.each_queue([Add(name, layout.partition_options(), True) for name in layout.names()])
         return layout
 
@@ -594,7 +602,8 @@ class Server:
             self._refresh(redirect.epoch)
             if type(request) is Push:
                 return self.push_to(request.queues, request.items, request.block,
-                                    request.timeout, request.priority, request.key)
+                                    request.timeout, request.priority, request.key,
+                                    on_behalf=request.on_behalf or caller)
             if type(request) in (Add, Describe):
                 return self._native(self.shard_of(request.queue), request)
             redirect, layout = None, None
@@ -602,7 +611,8 @@ class Server:
             layout = Layout.of(redirect)
         if type(request) is Push:
             return self.push_to(request.queues, request.items, request.block, request.timeout,
-                                request.priority, request.key, pins={redirect.queue: layout})
+                                request.priority, request.key, pins={redirect.queue: layout},
+                                on_behalf=request.on_behalf or caller)
         operation = {Pull: self._pull_native, CanPull: self._can_pull_native,
                      CanPush: self._can_push_native, Length: self._queue_len_native,
                      Render: self._print_queue_native, Remove: self._remove_native}.get(type(request))

@@ -49,6 +49,8 @@ class Push(NamedTuple):
     must_exist: raise QueueNotFoundError for a missing queue instead of creating it.
     key: the partition key of a `.remote()` push to a partitioned queue, whose head's
     shard runs it (pype.partitions); native pushes resolve it in the client.
+    on_behalf: the caller id a shard sends a `.remote()` push for (its pin is the
+    caller's, not the shard's).
     """
 
     queues: tuple[str, ...]
@@ -59,6 +61,7 @@ class Push(NamedTuple):
     producer: tuple[int, int] | None = None
     must_exist: bool = False
     key: Any = None
+    on_behalf: str | None = None
 
 
 class Pull(NamedTuple):

@@ -625,7 +625,8 @@ class ShardLoop:
 
     def _push(self, caller_id, request: Push, may_wait: bool):
         self._check_lost(caller_id, request.queues)
-        self._refuse_heads(caller_id, request.queues, create=not request.must_exist, push=True)
+        self._refuse_heads(request.on_behalf or caller_id, request.queues,
+                           create=not request.must_exist, push=True)
         if request.must_exist:
             self.store.require(request.queues)
         try:
