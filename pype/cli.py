@@ -129,13 +129,19 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not args.watch:
             console.print(view.render())
             return 0
-        with Live(view.render(), console=console, auto_refresh=False) as live:
-            try:
+        try:
+            if console.is_terminal:
+                with Live(view.render(), console=console, auto_refresh=False) as live:
+                    while True:
+                        time.sleep(args.interval)
+                        live.update(view.render(), refresh=True)
+            else:  # piped (a log, a test): Live would show only the last view, at exit
                 while True:
+                    console.print(view.render())
+                    console.file.flush()
                     time.sleep(args.interval)
-                    live.update(view.render(), refresh=True)
-            except KeyboardInterrupt:  # the way to leave --watch: not an error
-                pass
+        except KeyboardInterrupt:  # the way to leave --watch: not an error
+            pass
     return 0
 
 

@@ -92,7 +92,7 @@ def pype_cli(*args: str) -> str:
     return run("-m", "pype.cli", *args)
 
 
-def scrape(ports: list[int], wanted: str, timeout: float = 60) -> str:
+def scrape(ports: list[int], wanted: str, timeout: float = 240) -> str:
     """The Prometheus endpoints of Ray's nodes (each exports its own processes), once
     one of them shows `wanted`."""
     deadline = time.monotonic() + timeout
@@ -142,10 +142,16 @@ def main() -> None:
         watch = subprocess.Popen([sys.executable, "-m", "pype.cli", "stats", "--watch", "--interval",
                                   "0.5", "--address", address, "--name", NAME, "--namespace",
                                   NAMESPACE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(8)
+        shown = []
+        for line in watch.stdout:  # piped, it prints every view: wait for two of them
+            shown.append(line)
+            if sum("orders-15" in seen for seen in shown) >= 2:
+                break
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=60)
-        assert watch.returncode == 0 and "orders-15" in out, (watch.returncode, out[-500:], err[-2000:])
+        out, err = watch.communicate(timeout=120)
+        out = "".join(shown) + out
+        assert watch.returncode == 0 and out.count("orders-15") >= 2, (
+            watch.returncode, out[-500:], err[-2000:])
         print("ok: pype stats --watch refreshed until Ctrl-C, exit 0")
 
         import pype

@@ -42,17 +42,32 @@ def produce(server, queue, producer, count, block=False, native=False):
     return count
 
 
+END = "end of stream"  # a consumer stops at the first batch that holds one
+BATCH = 16
+
+
 @ray.remote(num_cpus=0)
-def consume(server, queue, idle_timeout=2.0, native=False):
+def consume(server, queue, native=False):
     got = []
     while True:
         if native:
-            items = server.pull(queue, batch_size=16, block=True, timeout=idle_timeout)
+            items = server.pull(queue, batch_size=BATCH, block=True, timeout=120)
         else:
-            items = ray.get(server.pull.remote(queue, batch_size=16, block=True, timeout=idle_timeout))
-        if not items:
+            items = ray.get(server.pull.remote(queue, batch_size=BATCH, block=True, timeout=120))
+        got.extend(item for item in items if item != END)
+        if END in items:
             return got
-        got.extend(items)
+
+
+def end_streams(server, queue, pushed, consumers):
+    """Once all `pushed` items are in `queue`, push END markers behind them until every
+    consumer has ended (its last batch may wait to be full, or for room in the queue)."""
+    until(lambda: server.stats()["queues"][queue]["pushed"] >= pushed, "every item to be pushed")
+    while ray.wait(consumers, num_returns=len(consumers), timeout=0)[1]:
+        try:
+            server.push(END, queue, block=True, timeout=1)
+        except pype.QueueTimeoutError:  # full: the consumers still running will make room
+            pass
 
 
 # -- pull and push contract ----------------------------------------------------------
@@ -207,6 +222,7 @@ def test_many_producers_many_consumers_keep_per_producer_order(server, names, ma
     consumers = [consume.remote(server, q, native=c == 1) for c in range(3)]
     assert ray.get([produce.remote(server, q, p, count, block, native=p % 2 == 1)
                     for p in range(producers)]) == [count] * 4
+    end_streams(server, q, producers * count, consumers)
     results = ray.get(consumers)
     everything = [item for got in results for item in got]
     assert sorted(everything) == [(p, i) for p in range(producers) for i in range(count)]
@@ -408,7 +424,8 @@ def test_handle_pickles_and_data_operations_hardly_ask_the_router(fresh_server):
     """Native calls never ask the router; `.remote()` calls, which must learn of a resize
     without waiting, ask it at most once per TOPOLOGY_CHECK seconds and process."""
     server = fresh_server(shards=4)
-    assert pickle.loads(pickle.dumps(server.shard_of("abc"))) == shard_for("abc", 4, 0)
+    copy = pickle.loads(pickle.dumps(server))
+    assert copy.shard_of("abc") == shard_for("abc", 4, 0)
 
     @ray.remote(num_cpus=0)
     class Worker:
@@ -435,6 +452,8 @@ def test_handle_pickles_and_data_operations_hardly_ask_the_router(fresh_server):
     assert pulled == 200
     assert asked() - 1 <= 1 + seconds / TOPOLOGY_CHECK
     assert server.stats()["totals"]["pushed"] == 400
+    copy.push("through the copy", "pickled")
+    assert server.pull("pickled") == ["through the copy"]
 
 
 def test_queues_stats_print_and_remove(fresh_server, capsys):

@@ -246,7 +246,8 @@ class ShardLoop:
 
     def __init__(self, store: QueueStore, sockets: ShardSockets, index: int, poll_wait: float,
                  restarted: bool = False, lost: set[str] = frozenset(),
-                 housekeeping: Callable[[ShardLoop], None] | None = None):
+                 housekeeping: Callable[[ShardLoop], None] | None = None,
+                 housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
         self.store = store
         self.index = index
         self.counts = {"native_requests": 0, "tcp_requests": 0, "ray_requests": 0}
@@ -255,6 +256,7 @@ class ShardLoop:
         self._restarted = restarted
         self._lost = {name: set() for name in lost}  # queue lost in a restart -> callers told
         self._housekeeping = housekeeping
+        self._housekeeping_interval = housekeeping_interval
         # One lock guards the store and the parked requests: the loop thread holds it
         # while it serves what woke it, a Ray method's thread while it runs its request.
         self._lock = threading.Lock()
@@ -383,7 +385,7 @@ class ShardLoop:
         now = time.monotonic()
         self._expire(now)
         if now >= next_housekeeping:
-            next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            next_housekeeping = now + self._housekeeping_interval
             for name in self.store.expire_leases():
                 self.changed(name)
             self._wake()
