@@ -1,29 +1,24 @@
-"""The native data path's sockets: what a shard listens on, and one thread's connection to it.
+"""The client's side of the native data path: connections to shards, and the Pipeline.
 
-Clients on a shard's own Ray node connect to a Unix stream socket: a socket file
-in a directory only its owner may enter, which is the authentication (the same
-user's processes). A message there is a header (the number of frames and their
-lengths) and the frames, written with one sendmsg and read in large chunks: about
-two system calls per request, no helper thread. Clients on other nodes connect
-over TCP with ZeroMQ and CURVE: the connection is encrypted and the shard's ZAP
-handler admits only the client key of its server. Keys come from the router in
-the topology, which only processes of the Ray cluster can ask for, so nothing
-from anyone else ever reaches pickle.
+A client on a shard's own Ray node connects to its Unix stream socket (two system
+calls a request, no helper thread); a client on another node connects over TCP
+with ZeroMQ and CURVE: encrypted, and admitted only with its server's client key,
+which comes from the router in the topology (only processes of the Ray cluster can
+ask for it). How a message is framed is pype.framing's; what a shard listens on is
+pype.shards.listeners'.
 
 Why two: measured on a 2-core VM, a ZeroMQ round trip costs 150 us (its I/O
 thread hands every message between threads) where a Unix socket costs 54 us,
 and 44,000 against 122,000 pipelined messages/s. ZeroMQ earns its place across
 the network, with CURVE and reconnection; on one node the plain socket wins.
 
-ZeroMQ's pitfalls, and what this module does about them:
-- a socket must never be used by two threads: each thread has its own connection
-  per shard (Pipeline), and a shard's sockets belong to its loop thread;
-- a ROUTER drops a reply silently at its high-water mark or to an unknown peer:
-  the shard's ROUTER sets ROUTER_MANDATORY and no high-water mark;
+ZeroMQ's pitfalls, and what the client does about them:
+- a socket must never be used by two threads: each thread has its own Pipeline,
+  with its own connection per shard;
 - a DEALER queues requests for a connection that is not up yet, and messages queued
   for a peer are discarded when it disconnects: a client watches its connection
   (a monitor socket) and resends what a restarted shard never answered, where
-  that is safe (see retriable());
+  that is safe (pype.protocol.retriable);
 - LINGER defaults to forever: every socket here sets 0;
 - contexts do not survive fork: each process makes its own, lazily.
 """
@@ -34,168 +29,28 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from pype import protocol
 from pype.errors import ShardRestartedError, ShardUnavailableError
+from pype.framing import (
+    EVENTS,
+    POLLIN,
+    StreamReader,
+    receive_frames,
+    send_frames,
+    send_stream,
+    stream_message,
+)
 
 logger = logging.getLogger("pype")
 
-ZAP_DOMAIN = "pype"
 RECONNECT_ATTEMPTS = 10  # new incarnations of one shard a request is sent to before giving up
-# Plain ints: pyzmq's enum constants cost microseconds per use on the hot path.
-EVENTS, POLLIN, RCVMORE, SNDMORE = (int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE),
-                                    int(zmq.SNDMORE))
-
-
-def receive_frames(socket: zmq.Socket) -> list:
-    """The frames of one message waiting on `socket`: the first copied (it is small),
-    the rest, out-of-band buffers, without a copy."""
-    frames = [socket.recv()]
-    while socket.getsockopt(RCVMORE):
-        frames.append(socket.recv(copy=False))
-    return frames
-
-
-def send_frames(socket: zmq.Socket, frames: list, identity: bytes | None = None) -> None:
-    """Send one message: an optional ROUTER identity, the pickle, and its buffers uncopied."""
-    if identity is not None:
-        socket.send(identity, SNDMORE)
-    last = len(frames) - 1
-    socket.send(frames[0], SNDMORE if last else 0)
-    for number, frame in enumerate(frames[1:], 1):
-        socket.send(frame, SNDMORE if number < last else 0, copy=False)
-
-
-_COUNT = struct.Struct("<I")
-_LENGTH = struct.Struct("<Q")
-_ONE_FRAME = struct.Struct("<IQ")
-CHUNK = 1 << 18  # bytes a stream reader asks the kernel for at once
-
-
-def stream_message(frames: list) -> list:
-    """A message for a stream socket: a header (frame count, each frame's length), the frames."""
-    if len(frames) == 1:  # the common case, kept short: one pickle, no large buffers
-        return [_ONE_FRAME.pack(1, len(frames[0])), frames[0]]
-    lengths = [memoryview(frame).nbytes for frame in frames]
-    header = _COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(length) for length in lengths)
-    return [header, *frames]
-
-
-class StreamReader:
-    """Cuts a stream socket's bytes into messages (lists of frames).
-
-    It reads in chunks of CHUNK bytes, so that many small messages cost one system
-    call. A message larger than that gets one buffer of its own that the kernel
-    fills directly, and its frames are views into it (no copy after the kernel's).
-    """
-
-    def __init__(self):
-        self._chunk = bytearray(CHUNK)
-        self._start = self._end = 0  # unparsed bytes: self._chunk[start:end]
-        self._large: tuple | None = None  # (lengths, body, bytes filled) of a large message
-
-    def read(self, sock: socket.socket) -> list[list] | None:
-        """Read once from `sock` (blocking or not); return the messages now complete.
-
-        None when the peer closed the connection; [] when a non-blocking socket had
-        nothing (or not a whole message) yet.
-        """
-        if self._large is not None:
-            lengths, body, filled = self._large
-            got = sock.recv_into(memoryview(body)[filled:])
-            if not got:
-                return None
-            if filled + got < len(body):
-                self._large = (lengths, body, filled + got)
-                return []
-            self._large = None
-            return [_split(memoryview(body), lengths)]
-        if self._start and self._end == len(self._chunk):  # full: move the rest to the front
-            rest = self._chunk[self._start:self._end]
-            self._chunk[:len(rest)] = rest
-            self._start, self._end = 0, len(rest)
-        got = sock.recv_into(memoryview(self._chunk)[self._end:])
-        if not got:
-            return None
-        self._end += got
-        return self._parse()
-
-    def _parse(self) -> list[list]:
-        messages, chunk = [], self._chunk
-        while self._end - self._start >= _ONE_FRAME.size:
-            count, length = _ONE_FRAME.unpack_from(chunk, self._start)
-            if count == 1:  # the common case, kept short: one pickle
-                end = self._start + _ONE_FRAME.size + length
-                if end <= self._end:
-                    messages.append([bytes(memoryview(chunk)[self._start + _ONE_FRAME.size:end])])
-                    self._start = end
-                    continue
-            header = _COUNT.size + count * _LENGTH.size
-            if header > CHUNK:
-                raise ValueError(f"a message of {count} frames: not a Pype peer")
-            if self._end - self._start < header:
-                break
-            lengths = [_LENGTH.unpack_from(chunk, self._start + _COUNT.size + i * _LENGTH.size)[0]
-                       for i in range(count)]
-            size = sum(lengths)
-            body_start = self._start + header
-            available = self._end - body_start
-            if available >= size:
-                body = bytes(memoryview(chunk)[body_start:body_start + size])  # the chunk is reused
-                messages.append(_split(memoryview(body), lengths))
-                self._start = body_start + size
-            elif header + size > CHUNK:  # larger than a chunk: a buffer of its own
-                body = bytearray(size)
-                body[:available] = chunk[body_start:self._end]
-                self._start = self._end = 0
-                self._large = (lengths, body, available)
-                break
-            else:
-                break
-        if self._start == self._end:
-            self._start = self._end = 0
-        return messages
-
-
-def _split(body: memoryview, lengths: list[int]) -> list[memoryview]:
-    frames, offset = [], 0
-    for length in lengths:
-        frames.append(body[offset:offset + length])
-        offset += length
-    return frames
-
-
-def send_stream(sock: socket.socket, message: list) -> list | None:
-    """Write `message` (stream_message frames) to `sock`; return what is left (non-blocking
-    socket, kernel buffer full) or None when all was written. Raises OSError if the peer left."""
-    views = message
-    while views:
-        try:
-            sent = sock.sendmsg(views)
-        except BlockingIOError:
-            return [memoryview(part).cast("B") for part in views]
-        if sent == sum(len(part) if type(part) is bytes else memoryview(part).nbytes
-                       for part in views):
-            return None  # the common case: all of it at once
-        rest = []
-        for part in views:
-            size = memoryview(part).nbytes
-            if sent >= size:
-                sent -= size
-            else:
-                rest.append(memoryview(part).cast("B")[sent:])
-                sent = 0
-        views = rest
-    return None
 
 
 @dataclass(frozen=True)
@@ -237,111 +92,6 @@ def _context() -> zmq.Context:
 
 _process_context: tuple[int, zmq.Context] | None = None
 
-
-# -- the shard's side ---------------------------------------------------------------------
-
-class _AdmitOneKey:
-    """ZAP credentials provider: admits exactly the server's client key."""
-
-    def __init__(self, client_public: bytes):
-        self._client = client_public
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """key: the client's public key, Z85-encoded (as pyzmq's authenticator passes it)."""
-        return key == self._client
-
-
-def private_directory(path: Path) -> Path:
-    """Create `path` with mode 0700, or check that an existing one is ours and private.
-
-    Raises PermissionError for a directory that others could enter: its socket
-    files would admit them.
-    """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise PermissionError(f"{path} must belong to this user and admit nobody else "
-                              f"(mode 0700); it has mode {stat.S_IMODE(info.st_mode):o}")
-    return path
-
-
-class ShardSockets:
-    """A shard's listening sockets (used only by its loop thread) and its address."""
-
-    def __init__(self, node_id: str, node_ip: str, keys: Keys, server_secret: bytes,
-                 unix_dir: Path | None, tcp_port: int, name: str):
-        self.context = zmq.Context()
-        self._auth = ThreadAuthenticator(self.context)
-        self._auth.start()
-        self._auth.configure_curve_callback(ZAP_DOMAIN, _AdmitOneKey(keys.client_public))
-        self.tcp = self.context.socket(zmq.ROUTER)
-        self.tcp.linger = 0
-        self.tcp.router_mandatory = True  # a reply to a peer that left raises, never vanishes
-        self.tcp.sndhwm = self.tcp.rcvhwm = 0  # nor is it dropped at a high-water mark
-        self.tcp.curve_server = True
-        self.tcp.curve_secretkey = server_secret
-        self.tcp.curve_publickey = keys.server_public
-        self.tcp.zap_domain = ZAP_DOMAIN.encode()
-        if tcp_port:
-            self.tcp.bind(f"tcp://{node_ip}:{tcp_port}")
-            tcp_endpoint = f"tcp://{node_ip}:{tcp_port}"
-        else:
-            port = self.tcp.bind_to_random_port(f"tcp://{node_ip}")
-            tcp_endpoint = f"tcp://{node_ip}:{port}"
-        self.unix = None
-        self._unix_path = None
-        if unix_dir is not None:
-            directory = private_directory(unix_dir)
-            _remove_stale_sockets(directory)
-            self._unix_path = directory / f"{name}-{os.getpid()}.sock"
-            self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.unix.bind(str(self._unix_path))
-            self.unix.listen(128)
-            self.unix.setblocking(False)
-        self.address = DataAddress(node_id, self._unix_path and str(self._unix_path), tcp_endpoint,
-                                   os.getpid())
-
-    def close(self) -> None:
-        self.tcp.close(linger=0)
-        self._auth.stop()
-        self.context.term()
-        if self.unix is not None:
-            self.unix.close()
-            self._unix_path.unlink(missing_ok=True)
-
-
-class UnixPeer:
-    """A client connected to the shard's Unix socket: what it sent, what waits to go back."""
-
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        self.socket = sock
-        self.reader = StreamReader()
-        self.outgoing: list = []  # replies not written yet (kernel buffer full, or corked)
-        self.corked = False  # answering a batch of requests: write the answers together
-        self.watching_output = False  # the loop waits for room in the socket
-        self.closed = False
-
-    def flush(self) -> bool:
-        """Write what waits; return True if some still waits."""
-        if self.outgoing:
-            self.outgoing = send_stream(self.socket, self.outgoing) or []
-        return bool(self.outgoing)
-
-
-def _remove_stale_sockets(directory: Path) -> None:
-    """Remove socket files of shard processes that are gone (their name ends in the pid)."""
-    for path in directory.glob("*.sock"):
-        try:
-            pid = int(path.stem.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (IndexError, ValueError, ProcessLookupError):
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
-# -- the client's side ---------------------------------------------------------------------
 
 class Disconnected(Exception):
     """The connection to the shard broke (its process died or became unreachable)."""
@@ -577,25 +327,6 @@ class CurveConnection(Connection):
         self.socket.close(linger=0)
 
 
-def retriable(request: tuple) -> bool:
-    """May `request` be sent again to a restarted shard that may have applied it already?
-
-    Yes for pushes that carry a producer sequence number (the shard applies each
-    once), leasing and peeking pulls (an unanswered lease expires and its items
-    come back), requests that change nothing, and add(exist_ok=True). Not for a
-    plain pull (its items would be gone unseen), ack/nack, remove, add, or a
-    blocking push: those raise ShardRestartedError.
-    """
-    kind = type(request)
-    if kind is protocol.Push:
-        return request.producer is not None
-    if kind is protocol.Pull:
-        return request.ack or not request.remove
-    if kind is protocol.Add:
-        return request.exist_ok
-    return kind not in (protocol.Settle, protocol.Remove, protocol.AwaitPush)
-
-
 class Pipeline:
     """Requests to the shards of one server, several in flight per shard, resent after restarts.
 
@@ -608,7 +339,7 @@ class Pipeline:
     When a connection breaks (the shard's process died), the pipeline asks
     locate(index) for the shard's new address (Ray restarts the actor), connects,
     and sends again, in their order, the requests still unanswered that are safe
-    to send again (retriable()); the others fail with ShardRestartedError. A shard
+    to send again (protocol.retriable); the others fail with ShardRestartedError. A shard
     that does not come back within request_timeout seconds fails them with
     ShardUnavailableError.
     """
@@ -626,11 +357,10 @@ class Pipeline:
         self._failures: dict[int, Exception] = {}  # ticket -> why it failed in a reconnect
 
     def send(self, index: int, caller: tuple, request: tuple) -> tuple[int, int]:
-        if type(request) is protocol.Push and not request.block:
+        if protocol.takes_a_sequence(request):
             sequence = self._sequences.get(index, 0) + 1
             self._sequences[index] = sequence
-            request = request[:5] + ((self._producer, sequence),) + request[6:]  # as _replace, 4x faster
-            request = tuple.__new__(protocol.Push, request)
+            request = protocol.with_field(request, "producer", (self._producer, sequence))
         ticket = next(self._tickets)
         entry = [0, caller, request]
         self._in_flight.setdefault(index, {})[ticket] = entry
@@ -734,7 +464,7 @@ class Pipeline:
         ShardUnavailableError that says the shard did not come back."""
         in_flight = self._in_flight.get(index, {})
         unsafe = {ticket: type(entry[2]).__name__.lower() for ticket, entry in in_flight.items()
-                  if ticket != unsent and not retriable(entry[2])}
+                  if ticket != unsent and not protocol.retriable(entry[2])}
         for ticket in unsafe:
             del in_flight[ticket]
         unavailable = self._send_again(index, in_flight)

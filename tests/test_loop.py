@@ -17,11 +17,13 @@ import zmq
 
 from pype import protocol
 from pype.errors import QueueFullError, QueueNotFoundError, ShardLostError
+from pype.framing import stream_message
 from pype.options import QueueOptions
 from pype.protocol import Add, CanPull, CanPush, Pull, Push, Remove, Settle, Stats
+from pype.shards.listeners import ShardSockets
 from pype.shards.loop import HOUSEKEEPING_INTERVAL, ShardLoop
 from pype.shards.store import QueueStore
-from pype.transport import Keys, Pipeline, ShardSockets, stream_message
+from pype.transport import Keys, Pipeline
 from tests.events import until
 
 NODE = "this-node"

@@ -42,6 +42,7 @@ import zmq
 
 from pype import protocol
 from pype.errors import QueueNotFoundError, ShardLostError
+from pype.framing import EVENTS, POLLIN, receive_frames, send_frames, stream_message
 from pype.partitions import Partitioned
 from pype.payloads import resolved
 from pype.protocol import (
@@ -65,16 +66,8 @@ from pype.protocol import (
     Settle,
     Stats,
 )
+from pype.shards.listeners import ShardSockets, UnixPeer
 from pype.shards.store import PendingPush, QueueStore
-from pype.transport import (
-    EVENTS,
-    POLLIN,
-    ShardSockets,
-    UnixPeer,
-    receive_frames,
-    send_frames,
-    stream_message,
-)
 
 logger = logging.getLogger("pype")
 

@@ -39,9 +39,10 @@ from pype.partitions import Partitioned
 from pype.payloads import keep_references_here
 from pype.protocol import AwaitPush, Moved, Names, Push, Stats
 from pype.shards.journal import Journal
+from pype.shards.listeners import ShardSockets
 from pype.shards.loop import ShardLoop
 from pype.shards.store import QueueStore
-from pype.transport import DataAddress, Keys, ShardSockets
+from pype.transport import DataAddress, Keys
 
 logger = logging.getLogger("pype")
 
