@@ -5,7 +5,7 @@ Layout of one shard's directory (Pype creates it with mode 0700, files 0600):
     snapshot-<g>.pkl   the whole state when log generation g began (none for g = 0)
     wal-<g>.log        every change since then, one framed record each
 
-A record is a 4-byte length, a 4-byte CRC32 and a pickle. Appending writes the
+A frame is a 4-byte length, a 4-byte CRC32 and a pickle. Appending writes the
 record to the operating system before the call that caused it returns, so a
 killed shard process loses nothing it acknowledged; `fsync` decides what
 survives the loss of the machine: "always" syncs every record before the call
@@ -18,6 +18,27 @@ renamed), starts wal-(g+1).log and deletes generation g. Reading takes the
 newest complete snapshot and replays its log.
 
 Queue names live only inside records: no file name is made from user input.
+
+Formats. This code writes format 2 (FORMAT):
+
+- a log's first frame is its format record, (0, 2); every other frame is one
+  record of pype.shards.records as (its type code, *its fields), a plain tuple,
+  which pickles several times faster than the named tuple itself (the hot path:
+  one record per push);
+- a snapshot is the pickle of the store's state dict with "format": 2 added.
+
+Format 1 (before records were typed) had no format record: each frame was a
+plain tuple whose first field named its kind, ("push", queues, entered, ...),
+the fields in the order of the typed record's, and the snapshot had no "format".
+Journals of format 1 still restore, exactly: reading converts each of its
+records to the typed record (_from_format_1, the only place that knows format 1),
+and QueueStore.restore then compacts at once, so that the journal is all in
+format 2 before anything is appended to it. (Converting was chosen over refusing
+old journals: it is one table, and a shard keeps what it had accepted across the
+upgrade.) A journal of a format newer than this code reads (a snapshot's
+"format", a log's format record) is refused with JournalFormatError, which names
+it, rather than read wrongly. The framing and the format record (0, <format>)
+stay as they are in every format, so that any version can tell which it meets.
 """
 
 from __future__ import annotations
@@ -29,21 +50,48 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from pype.errors import PypeError
 from pype.options import FSYNC_MODES
+from pype.shards import records
+from pype.shards.records import Record
 
 logger = logging.getLogger("pype")
 
 FSYNC_INTERVAL = 0.05  # seconds between syncs in "batch" mode
-_HEADER = struct.Struct("<II")  # length, crc32 of the pickled record
+FORMAT = 2  # the format this code writes; it reads 1 to FORMAT (see the module docstring)
+_FRAME = struct.Struct("<II")  # length, crc32 of the pickled record
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
+
+# Each record type's code in the log. The codes are the format: never change one
+# (a new record type takes a new code; changing what a code means is a new FORMAT).
+_FORMAT_RECORD = 0  # the code of a log's first frame, (0, FORMAT)
+_CODES: dict[type, int] = {
+    records.Add: 1, records.Remove: 2, records.Pin: 3, records.Push: 4, records.Insert: 5,
+    records.Admit: 6, records.Take: 7, records.Lease: 8, records.Settle: 9, records.Expect: 10,
+    records.Import: 11, records.Arrived: 12, records.Export: 13, records.Release: 14}
+_TYPES: dict[int, type] = {code: kind for kind, code in _CODES.items()}
+
+# Format 1's name for each record type: its records were (name, *fields).
+_FORMAT_1: dict[str, type] = {
+    "add": records.Add, "remove": records.Remove, "pin": records.Pin, "push": records.Push,
+    "insert": records.Insert, "admit": records.Admit, "take": records.Take,
+    "lease": records.Lease, "settle": records.Settle, "expect": records.Expect,
+    "import": records.Import, "arrived": records.Arrived, "export": records.Export,
+    "release": records.Release}
+_FORMAT_1_NAMES: dict[type, str] = {kind: name for name, kind in _FORMAT_1.items()}
+
+
+class JournalFormatError(PypeError, ValueError):
+    """A shard's journal is in a format this version of Pype does not read (a newer
+    one), or is not a journal; the message names the file and the format."""
 
 
 def safe_dir_name(label: str) -> str:
@@ -78,10 +126,12 @@ class Journal:
 
     # -- reading back ---------------------------------------------------------------
 
-    def load(self) -> tuple[Any, list]:
-        """Return (the newest snapshot's state or None, the records logged after it).
+    def load(self) -> JournalContents:
+        """Read the directory (see read_journal) and open the newest log for appending,
+        cut back to its last whole record.
 
-        Opens that generation's log for appending, cut back to its last whole record.
+        If contents.format is older than FORMAT, compact() before appending: a log
+        holds the records of one format (QueueStore.restore does so).
         """
         contents = read_journal(self.directory)
         if contents.torn_bytes:
@@ -89,14 +139,13 @@ class Journal:
                            self._log_path(contents.generation), contents.torn_bytes)
         self.generation = contents.generation
         self._open_log(self._log_path(contents.generation), truncate_to=contents.log_bytes)
-        return contents.state, contents.records
+        return contents
 
     # -- writing --------------------------------------------------------------------
 
-    def append(self, record: tuple) -> None:
+    def append(self, record: Record) -> None:
         """Write one record; with fsync "always", also sync it before returning."""
-        payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        frame = _frame((_CODES[type(record)],) + record)  # a plain tuple: (code, *fields)
         with self._lock:
             os.write(self._fd, frame)
             self.log_bytes += len(frame)
@@ -105,14 +154,15 @@ class Journal:
             else:
                 self._dirty = True
 
-    def compact(self, state: Any) -> None:
-        """Make `state` the next generation's snapshot and start its empty log."""
+    def compact(self, state: dict) -> None:
+        """Make `state` (the store's dict, to which the snapshot adds "format": FORMAT)
+        the next generation's snapshot, and start its log."""
         generation = self.generation + 1
         final = self._snapshot_path(generation)
         temporary = final.with_suffix(".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
-            os.write(fd, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+            os.write(fd, pickle.dumps({**state, "format": FORMAT}, protocol=pickle.HIGHEST_PROTOCOL))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -136,9 +186,16 @@ class Journal:
                 self._fd = -1
 
     def _open_log(self, path: Path, truncate_to: int) -> None:
+        """Open the log at `path` for appending after its first `truncate_to` bytes; a log
+        started afresh (truncate_to=0) gets its format record first."""
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _FILE_MODE)
         os.ftruncate(self._fd, truncate_to)
         self.log_bytes = truncate_to
+        if truncate_to == 0:
+            format_record = _frame((_FORMAT_RECORD, FORMAT))
+            os.write(self._fd, format_record)
+            os.fsync(self._fd)  # whatever "fsync" says: no record may outlive it
+            self.log_bytes = len(format_record)
         self._sync_directory()
 
     def _sync_periodically(self) -> None:
@@ -168,23 +225,107 @@ class JournalContents:
     """What a journal directory holds, as read_journal() found it."""
 
     generation: int
-    state: Any          # the newest readable snapshot's state, None before the first
-    records: list       # the whole records logged after it
-    log_bytes: int      # bytes of those records
+    state: dict | None  # the newest readable snapshot's state, None before the first
+    records: list[Record]  # the whole records logged after it
+    log_bytes: int      # bytes of the log's whole frames
     torn_bytes: int     # bytes after them: a record cut short by a crash
+    format: int         # the oldest format of the files read (FORMAT if there were none)
 
 
 def read_journal(directory: Path) -> JournalContents:
-    """Read a shard's journal without changing it (Journal.load, and tools that inspect one)."""
+    """Read a shard's journal without changing it (Journal.load, and tools that inspect one).
+
+    Records of format 1 come back typed, like those of format 2. Raises
+    JournalFormatError for a file of a newer format than FORMAT.
+    """
     directory = Path(directory)
     generation, state = _newest_snapshot(directory)
+    formats = []
+    if state is not None:
+        formats.append(_snapshot_format(state, directory / f"snapshot-{generation}.pkl"))
     path = directory / f"wal-{generation}.log"
     data = path.read_bytes() if path.exists() else b""
-    records, good_bytes = [], 0
-    for record, end in _frames(data):
-        records.append(record)
+    frames, good_bytes = [], 0
+    for frame, end in _frames(data):
+        frames.append(frame)
         good_bytes = end
-    return JournalContents(generation, state, records, good_bytes, len(data) - good_bytes)
+    log_format, typed = _decode_log(frames, path)
+    if log_format is not None:
+        formats.append(log_format)
+    return JournalContents(generation, state, typed, good_bytes, len(data) - good_bytes,
+                           min(formats, default=FORMAT))
+
+
+def as_format_1(record: Record) -> tuple:
+    """`record` as format 1 wrote it, ("push", queues, entered, ...): the form that
+    QueueStore.replay's observe hands bench/soak.py's journal trace."""
+    if type(record) is records.Arrived:
+        return ("arrived", None)
+    return (_FORMAT_1_NAMES[type(record)], *record)
+
+
+def _frame(value: tuple) -> bytes:
+    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _check_format(found: Any, path: Path) -> int:
+    if type(found) is not int or not 1 <= found <= FORMAT:
+        raise JournalFormatError(
+            f"pype journal {path} is in format {found!r}; this version of Pype reads formats "
+            f"1 to {FORMAT}. Start the shard with the (newer) Pype that wrote it, or move the "
+            f"journal's directory aside to start the shard empty.")
+    return found
+
+
+def _snapshot_format(state: Any, path: Path) -> int:
+    """The format of a snapshot's `state`, which loses its "format" entry (the store's
+    state is the rest)."""
+    if not isinstance(state, dict):
+        raise JournalFormatError(f"pype journal {path} is not a snapshot Pype wrote "
+                                 f"(a {type(state).__name__}, not a dict)")
+    return _check_format(state.pop("format", 1), path)
+
+
+def _decode_log(frames: list, path: Path) -> tuple[int | None, list[Record]]:
+    """(the format of a log's frames, None for an empty log; its records, typed)."""
+    if not frames:
+        return None, []
+    first = frames[0]
+    if type(first) is tuple and first and type(first[0]) is str:  # format 1: no format record
+        return 1, _decoded(frames, _from_format_1, path, 1)
+    if type(first) is not tuple or len(first) != 2 or first[0] != _FORMAT_RECORD:
+        raise JournalFormatError(f"pype journal {path} does not begin with a format record: "
+                                 f"{first!r:.80}")
+    log_format = _check_format(first[1], path)
+    return log_format, _decoded(frames[1:], _from_format_2, path, log_format)
+
+
+def _decoded(frames: list, decode: Callable[[tuple], Record], path: Path,
+             log_format: int) -> list[Record]:
+    typed = []
+    for frame in frames:
+        try:
+            typed.append(decode(frame))
+        except (KeyError, TypeError, ValueError) as error:
+            raise JournalFormatError(f"pype journal {path}: a record that is not one of format "
+                                     f"{log_format}: {frame!r:.80}") from error
+    return typed
+
+
+def _from_format_2(frame: tuple) -> Record:
+    kind = _TYPES[frame[0]]
+    if len(frame) != len(kind._fields) + 1:
+        raise TypeError(f"{kind.__name__} has {len(kind._fields)} fields")
+    return tuple.__new__(kind, frame[1:])
+
+
+def _from_format_1(frame: tuple) -> Record:
+    """The typed record of a format-1 record: ("push", queues, entered, ...) is
+    records.Push(queues, entered, ...); ("arrived", None) is records.Arrived()."""
+    name, *fields = frame
+    kind = _FORMAT_1[name]
+    return records.Arrived() if kind is records.Arrived else kind(*fields)
 
 
 def _newest_snapshot(directory: Path) -> tuple[int, Any]:
@@ -202,11 +343,11 @@ def _newest_snapshot(directory: Path) -> tuple[int, Any]:
 
 
 def _frames(data: bytes) -> Iterator[tuple[Any, int]]:
-    """Yield (record, offset after it) for each whole, intact record of `data`."""
+    """Yield (the unpickled frame, offset after it) for each whole, intact frame of `data`."""
     offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start, end = offset + _HEADER.size, offset + _HEADER.size + length
+    while offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        start, end = offset + _FRAME.size, offset + _FRAME.size + length
         if end > len(data) or zlib.crc32(data[start:end]) != crc:
             return
         try:

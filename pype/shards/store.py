@@ -6,13 +6,10 @@ returns at once. Methods that find a condition (pull_ready, can_pull, can_push,
 push_outcome) let the loop decide when a parked request is done.
 
 Durability: with a Journal (pype.shards.journal), every change is logged in the
-order it happened, before the call that made it returns:
-("add", name, options), ("remove", name), ("push", names, entered, items,
-priority, nbytes, producer) for a whole push, ("insert", name, items, priority,
-nbytes) and ("admit", name) for parked pushes that got room, ("take", name,
-count), ("lease", name, count, first_id, deadline) and ("settle", name,
-lease_ids, requeue). restore() replays them onto a snapshot; replay calls the
-same Queue methods, which are deterministic.
+order it happened, before the call that made it returns, as one record of
+pype.shards.records (Add, Push, Lease, Settle, ...). restore() replays them onto
+a snapshot, with one method per record type (_REPLAY); replay calls the same
+Queue methods as the call that logged the record, which are deterministic.
 
 Exactly-once pushes: a native push carries (producer id, sequence number), and a
 client that lost the reply to a shard restart sends it again. The store keeps
@@ -32,8 +29,9 @@ import pickle
 import reprlib
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pype.errors import (
     LeaseNotHeldError,
@@ -46,7 +44,8 @@ from pype.errors import (
 from pype.hashing import shard_for
 from pype.options import QueueOptions
 from pype.protocol import Moved
-from pype.shards.journal import Journal
+from pype.shards import records
+from pype.shards.journal import FORMAT, Journal, as_format_1
 from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
 
 COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
@@ -99,18 +98,26 @@ class QueueStore:
     # -- durability -------------------------------------------------------------------
 
     def restore(self) -> int:
-        """Load the journal's snapshot and replay its log; return the records replayed."""
-        state, records = self._journal.load()
-        self.replay(state, records)
-        return len(records)
+        """Load the journal's snapshot and replay its log; return the records replayed.
 
-    def replay(self, state: dict | None, records: list, observe=None) -> None:
-        """Load a snapshot's `state`, then apply the journal `records` logged after it.
+        A journal of an older format is rewritten in this one at once (a compaction),
+        so that its log never mixes two formats.
+        """
+        contents = self._journal.load()
+        self.replay(contents.state, contents.records)
+        if contents.format < FORMAT:
+            self._compact()
+        return len(contents.records)
 
-        observe(record, moved), if given, sees each record and the items it moved:
-        the items pushed, parked, admitted or taken, (lease_id, item, redelivered)
-        for a lease, (lease_id, item) of the leases a settle found held. Tools that
-        trace items through a journal use it (pype bench soak).
+    def replay(self, state: dict | None, journal_records: list[records.Record],
+               observe: Callable[[tuple, list], None] | None = None) -> None:
+        """Load a snapshot's `state`, then apply the records logged after it.
+
+        observe(record, moved), if given, sees each record, as format 1 wrote it
+        (pype.shards.journal.as_format_1), and the items it moved: the items pushed,
+        parked, admitted or taken, (lease_id, item, redelivered) for a lease,
+        (lease_id, item) of the leases a settle found held. Tools that trace items
+        through a journal use it (pype bench soak).
         """
         if state is not None:
             self._queues = state["queues"]
@@ -119,71 +126,104 @@ class QueueStore:
             self._producers = state.get("producers", OrderedDict())
             self.owner = state.get("owner")
             self.expecting = state.get("expecting")
-        for record in records:
-            moved = self._replay(*record)
+        for record in journal_records:
+            moved = self._REPLAY[type(record)](self, record)
             if observe is not None:
-                observe(record, moved)
+                observe(as_format_1(record), moved)
         self._nbytes = sum(queue.nbytes for queue in self._queues.values())
 
-    def _replay(self, operation: str, name: Any, *args: Any) -> list:
-        queue = self._queues.get(name) if isinstance(name, str) else None
-        if operation == "add":
-            self._queues[name] = make_queue(args[0])
-        elif operation == "remove":
-            self._retire(name)
-        elif operation == "push":
-            entered, items, priority, nbytes, producer = args
-            for queue_name, now in zip(name, entered, strict=True):
-                target = self._queues[queue_name]  # its "add" record came first
-                if now:
-                    target.insert(items, priority, nbytes)
-                else:
-                    target.parked.append(ParkedPush(items, priority, None, nbytes, acknowledged=True))
-            self._note_producer(producer)
-            return items
-        elif operation == "insert":
-            queue.insert(*args)
-            return args[0]
-        elif operation == "admit":
-            ticket = queue.parked.popleft()
-            queue.insert(ticket.items, ticket.priority, ticket.nbytes)
-            return ticket.items
-        elif operation == "take":
-            return queue.take(*args)
-        elif operation == "lease":
-            count, first_id, deadline = args
-            self._next_lease_id = max(self._next_lease_id, first_id + count)
-            return queue.lease(count, first_id, deadline)
-        elif operation == "settle":
-            lease_ids, requeue = args
-            held = [(lease_id, queue.leases[lease_id].item) for lease_id in lease_ids
-                    if lease_id in queue.leases]
-            queue.settle(lease_ids, requeue)
-            return held
-        elif operation == "expect":
-            self.expecting = (name, *args)
-        elif operation == "export":
-            self.owner, self._mine = (name, *args), {}
-        elif operation == "release":
-            self._drop_leaving(name)
-        elif operation == "import":
-            self._place(name, *args)
-        elif operation == "arrived":
-            self.expecting = None
-        elif operation == "pin":
-            self._pin(queue, *args)
+    # One method per record type: apply `record` as the call that logged it did, and
+    # return the items it moved (see replay's observe).
+
+    def _replay_add(self, record: records.Add) -> list:
+        self._queues[record.queue] = make_queue(record.options)
         return []
 
-    def _log(self, *record: Any) -> None:
+    def _replay_remove(self, record: records.Remove) -> list:
+        self._retire(record.queue)
+        return []
+
+    def _replay_pin(self, record: records.Pin) -> list:
+        self._pin(self._queues[record.queue], record.producer, record.partition)
+        return []
+
+    def _replay_push(self, record: records.Push) -> list:
+        for name, now in zip(record.queues, record.entered, strict=True):
+            queue = self._queues[name]  # its Add record came first
+            if now:
+                queue.insert(record.items, record.priority, record.nbytes)
+            else:
+                queue.parked.append(ParkedPush(record.items, record.priority, None, record.nbytes,
+                                               acknowledged=True))
+        self._note_producer(record.producer)
+        return record.items
+
+    def _replay_insert(self, record: records.Insert) -> list:
+        self._queues[record.queue].insert(record.items, record.priority, record.nbytes)
+        return record.items
+
+    def _replay_admit(self, record: records.Admit) -> list:
+        queue = self._queues[record.queue]
+        ticket = queue.parked.popleft()
+        queue.insert(ticket.items, ticket.priority, ticket.nbytes)
+        return ticket.items
+
+    def _replay_take(self, record: records.Take) -> list:
+        return self._queues[record.queue].take(record.count)
+
+    def _replay_lease(self, record: records.Lease) -> list:
+        self._next_lease_id = max(self._next_lease_id, record.first_id + record.count)
+        return self._queues[record.queue].lease(record.count, record.first_id, record.deadline)
+
+    def _replay_settle(self, record: records.Settle) -> list:
+        queue = self._queues[record.queue]
+        held = [(lease_id, queue.leases[lease_id].item) for lease_id in record.lease_ids
+                if lease_id in queue.leases]
+        queue.settle(record.lease_ids, record.requeue)
+        return held
+
+    def _replay_expect(self, record: records.Expect) -> list:
+        self.expecting = (record.shards, record.seed)
+        return []
+
+    def _replay_import(self, record: records.Import) -> list:
+        self._place(record.queue, record.state)
+        return []
+
+    def _replay_arrived(self, record: records.Arrived) -> list:
+        self.expecting = None
+        return []
+
+    def _replay_export(self, record: records.Export) -> list:
+        self.owner, self._mine = (record.shards, record.seed, record.epoch), {}
+        return []
+
+    def _replay_release(self, record: records.Release) -> list:
+        self._drop_leaving(record.index)
+        return []
+
+    _REPLAY: ClassVar[dict[type, Callable[[QueueStore, Any], list]]] = {
+        records.Add: _replay_add, records.Remove: _replay_remove, records.Pin: _replay_pin,
+        records.Push: _replay_push, records.Insert: _replay_insert, records.Admit: _replay_admit,
+        records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
+        records.Expect: _replay_expect, records.Import: _replay_import,
+        records.Arrived: _replay_arrived, records.Export: _replay_export,
+        records.Release: _replay_release}
+
+    def _log(self, record: records.Record) -> None:
         """Journal one change; compact when the log has grown large."""
         if self._journal is None:
             return
         self._journal.append(record)
         if self._journal.log_bytes >= self._compact_bytes:
-            self._journal.compact({"queues": self._queues, "retired": self._retired,
-                                   "next_lease_id": self._next_lease_id,
-                                   "producers": self._producers, "owner": self.owner,
-                                   "expecting": self.expecting})
+            self._compact()
+
+    def _compact(self) -> None:
+        """Make the whole state the journal's next snapshot (see Journal.compact)."""
+        self._journal.compact({"queues": self._queues, "retired": self._retired,
+                               "next_lease_id": self._next_lease_id,
+                               "producers": self._producers, "owner": self.owner,
+                               "expecting": self.expecting})
 
     def close(self) -> None:
         if self._journal is not None:
@@ -202,7 +242,7 @@ class QueueStore:
 
     def _create(self, name: str, options: QueueOptions) -> Queue:
         queue = self._queues[name] = make_queue(options)
-        self._log("add", name, options)
+        self._log(records.Add(name, options))
         return queue
 
     def remove(self, name: str) -> int:
@@ -213,7 +253,7 @@ class QueueStore:
         if name not in self._queues:
             raise QueueNotFoundError(f"queue {name!r} does not exist")
         discarded = self._retire(name)
-        self._log("remove", name)
+        self._log(records.Remove(name))
         return discarded
 
     def _retire(self, name: str) -> int:
@@ -251,7 +291,7 @@ class QueueStore:
             pin = head.__dict__.get("next_pin", 0)
             if assign:
                 self._pin(head, producer, pin)
-                self._log("pin", name, producer, pin)
+                self._log(records.Pin(name, producer, pin))
         return pin
 
     @staticmethod
@@ -336,7 +376,7 @@ class QueueStore:
     def expect(self, old_shards: int, seed: int) -> None:
         """Queues owned by other shards of an `old_shards` topology may come here."""
         self.expecting = (old_shards, seed)
-        self._log("expect", old_shards, seed)
+        self._log(records.Expect(old_shards, seed))
 
     def export(self, index: int, shards: int, seed: int, epoch: int) -> dict[str, bytes]:
         """Hand over the queues that a topology of `shards` shards (topology `epoch`)
@@ -351,7 +391,7 @@ class QueueStore:
         owner).
         """
         self.owner, self._mine = (shards, seed, epoch), {}
-        self._log("export", shards, seed, epoch)
+        self._log(records.Export(shards, seed, epoch))
         leaving = {name: queue for name, queue in self._queues.items()
                    if shard_for(name, shards, seed) != index}
         for queue in leaving.values():
@@ -370,17 +410,17 @@ class QueueStore:
             if name not in self._queues:
                 queue = pickle.loads(pickled)
                 self._place(name, queue)
-                self._log("import", name, queue)
+                self._log(records.Import(name, queue))
 
     def arrived(self) -> None:
         """Every queue on its way here has come."""
         self.expecting = None
-        self._log("arrived", None)
+        self._log(records.Arrived())
 
     def release(self, index: int) -> None:
         """Drop the queues that export() handed over: their new shards hold them now."""
         self._drop_leaving(index)
-        self._log("release", index)
+        self._log(records.Release(index))
 
     def _drop_leaving(self, index: int) -> None:
         for name in [name for name in self._queues if self.belongs_elsewhere(name, index)]:
@@ -427,8 +467,8 @@ class QueueStore:
         took = [(name, now) for name, now in zip(names, entered, strict=True) if now is not None]
         if took:
             self._note_producer(producer)
-            self._log("push", tuple(name for name, _ in took), [now for _, now in took], items,
-                      priority, nbytes, producer)
+            self._log(records.Push(tuple(name for name, _ in took), [now for _, now in took],
+                                   items, priority, nbytes, producer))
         if full:
             others = len(names) - len(full)
             rest = f"; the other {others} queues of this push took it" if len(names) > 1 else ""
@@ -482,7 +522,7 @@ class QueueStore:
             ticket = queue.offer(items, priority, deadline, nbytes)
             if ticket.state == "admitted":
                 self._nbytes += queue.nbytes - before
-                self._log("insert", name, items, priority, nbytes)
+                self._log(records.Insert(name, items, priority, nbytes))
                 pending.accepted += len(items)
             else:
                 ticket_id = next(self._ticket_ids)
@@ -550,13 +590,13 @@ class QueueStore:
             items = queue.lease(size, first_id, deadline)
             self._next_lease_id += len(items)
             if items:
-                self._log("lease", name, len(items), first_id, deadline)
+                self._log(records.Lease(name, len(items), first_id, deadline))
         else:
             before = queue.nbytes
             items = queue.take(size)
             self._nbytes += queue.nbytes - before
             if items:
-                self._log("take", name, len(items))
+                self._log(records.Take(name, len(items)))
         if items:
             self._admit_parked(name, queue)
         return items
@@ -570,9 +610,9 @@ class QueueStore:
             if ticket.state != "admitted":
                 continue
             if ticket.acknowledged:
-                self._log("admit", name)
+                self._log(records.Admit(name))
             else:
-                self._log("insert", name, ticket.items, ticket.priority, ticket.nbytes)
+                self._log(records.Insert(name, ticket.items, ticket.priority, ticket.nbytes))
         self._nbytes += queue.nbytes - before
 
     # -- leases -----------------------------------------------------------------------
@@ -593,7 +633,7 @@ class QueueStore:
             missing = queue.settle(lease_ids, requeue)
             self._nbytes += queue.nbytes - before
             if len(missing) < len(lease_ids):
-                self._log("settle", name, lease_ids, requeue)
+                self._log(records.Settle(name, lease_ids, requeue))
                 if not requeue:
                     self._admit_parked(name, queue)
         if missing:
@@ -613,7 +653,7 @@ class QueueStore:
             lease_ids = queue.expired_leases(now) if queue.leases else ()
             if lease_ids:
                 queue.settle(lease_ids, requeue=True)
-                self._log("settle", name, lease_ids, True)
+                self._log(records.Settle(name, lease_ids, True))
                 changed.append(name)
                 expired += len(lease_ids)
         if expired:

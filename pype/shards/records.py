@@ -1,0 +1,155 @@
+"""What a shard's journal says: one record type per kind of change to its queues.
+
+QueueStore (pype.shards.store) logs one record for every change it makes, in the
+order it made them, before the call that made it returns, and replays them onto
+a snapshot when the shard starts again (QueueStore.replay, one method per record
+type). Each record is a named tuple whose fields are what replaying it needs:
+replay calls the same deterministic Queue methods the original call did, so it
+needs the call's outcome (which queues took a push, the lease ids issued), not
+its arguments alone. How records are stored, and which older formats are read,
+is pype.shards.journal's business.
+
+The types follow the requests of pype.protocol where a request changes a queue;
+they are not the same types: a request says what a client asks for, a record
+what the shard did (a Push request may log Add, Pin and Push records, or none: a
+push sent again).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from pype.options import QueueOptions
+
+# -- queues ---------------------------------------------------------------------------
+
+class Add(NamedTuple):
+    """Queue `queue` was created, empty, with `options` (add(), or a first push)."""
+
+    queue: str
+    options: QueueOptions
+
+
+class Remove(NamedTuple):
+    """Queue `queue` was removed: its items, leases and parked pushes are gone, and its
+    counters were added to those of the removed queues (stats)."""
+
+    queue: str
+
+
+class Pin(NamedTuple):
+    """`producer` (a caller id) pushes to partition `partition` of the partitioned queue
+    whose head is `queue` (pype.partitions); the head hands out the next pin after it."""
+
+    queue: str
+    producer: str
+    partition: int
+
+
+# -- items in -------------------------------------------------------------------------
+
+class Push(NamedTuple):
+    """A non-blocking push of `items` (of `nbytes` in all) was applied to each of `queues`
+    that took it: entered[i] says if the items went into queues[i] at once (True) or
+    wait in its line, acknowledged (False: a full queue with overflow "block").
+
+    producer: the push's (producer id, sequence number), or None; replay remembers it
+    as that producer's last, so that the push is applied once however often it is sent.
+    """
+
+    queues: tuple[str, ...]
+    entered: list[bool]
+    items: list
+    priority: Any
+    nbytes: int
+    producer: tuple[int, int] | None
+
+
+class Insert(NamedTuple):
+    """The items of a blocking push went into `queue`, past flow control: at once, or
+    later, when a pull made room for them while they waited in line."""
+
+    queue: str
+    items: list
+    priority: Any
+    nbytes: int
+
+
+class Admit(NamedTuple):
+    """The oldest acknowledged push waiting in `queue`'s line (see Push.entered) went in:
+    a pull made room for it."""
+
+    queue: str
+
+
+# -- items out ------------------------------------------------------------------------
+
+class Take(NamedTuple):
+    """A pull removed the first `count` items of `queue` in pull order."""
+
+    queue: str
+    count: int
+
+
+class Lease(NamedTuple):
+    """A pull leased the first `count` items of `queue` in pull order, with the lease ids
+    first_id, first_id + 1, ..., until `deadline` (time.time())."""
+
+    queue: str
+    count: int
+    first_id: int
+    deadline: float
+
+
+class Settle(NamedTuple):
+    """Leases of `queue` ended: acked (requeue=False: the items are gone) or returned
+    (requeue=True: a nack, or the deadline passed; the items go back to the head of the
+    queue). Ids that were not held are passed over."""
+
+    queue: str
+    lease_ids: list[int]
+    requeue: bool
+
+
+# -- moving queues between shards (pype.router's resize) ----------------------------------
+
+class Expect(NamedTuple):
+    """Queues that a topology of `shards` shards (hash seed `seed`) gave to other shards
+    may come here, until Arrived."""
+
+    shards: int
+    seed: int
+
+
+class Import(NamedTuple):
+    """Queue `queue` came from another shard: `state` is the whole queue, as it left."""
+
+    queue: str
+    state: Any  # a pype.shards.queues.Queue
+
+
+class Arrived(NamedTuple):
+    """Every queue on its way here came."""
+
+
+class Export(NamedTuple):
+    """From now on a topology of `shards` shards (hash seed `seed`, topology `epoch`)
+    decides which queues are this shard's; the others were handed over, and stay here
+    unserved until Release."""
+
+    shards: int
+    seed: int
+    epoch: int
+
+
+class Release(NamedTuple):
+    """The queues that the Export topology gives to other shards than this one, shard
+    `index`, were dropped here: their new shards hold them."""
+
+    index: int
+
+
+RECORD_TYPES = (Add, Remove, Pin, Push, Insert, Admit, Take, Lease, Settle, Expect, Import,
+                Arrived, Export, Release)
+Record = (Add | Remove | Pin | Push | Insert | Admit | Take | Lease | Settle | Expect | Import
+          | Arrived | Export | Release)
