@@ -46,6 +46,7 @@ from rich.table import Table
 import pype
 from pype.options import QueueOptions
 from pype.partitions import split_name
+from pype.shards import records
 from pype.shards.journal import read_journal
 from pype.shards.store import QueueStore
 
@@ -285,6 +286,10 @@ def left_in_queues(stats: dict) -> int:
     return stats["totals"]["depth"] + stats["totals"]["leased"]
 
 
+_MOVES_ITEMS = {records.Push: "pushed into", records.Insert: "inserted into",
+                records.Admit: "admitted into", records.Take: "taken from"}
+
+
 class JournalTrace:
     """Every item's history in the shards' journals, by replaying them (see QueueStore.replay)."""
 
@@ -293,25 +298,23 @@ class JournalTrace:
         self.acked_leases = set()        # (queue, lease_id) of leases acked while held
         self.pushes = Counter()          # item -> how often a push brought it in
 
-    def observe(self, shard: str, record: tuple, moved: list) -> None:
-        operation, queue, *args = record
-        if operation in ("push", "insert", "admit", "take"):
-            where = ", ".join(queue) if operation == "push" else queue  # a push names its queues
-            verb = {"push": "pushed into", "insert": "inserted into", "admit": "admitted into",
-                    "take": "taken from"}[operation]
+    def observe(self, shard: str, record: records.Record, moved: list) -> None:
+        kind = type(record)
+        if kind in _MOVES_ITEMS:
+            where = ", ".join(record.queues) if kind is records.Push else record.queue
             for item in moved:
-                self.events[item].append(f"{shard}: {verb} {where}")
-                if operation in ("push", "insert"):
+                self.events[item].append(f"{shard}: {_MOVES_ITEMS[kind]} {where}")
+                if kind in (records.Push, records.Insert):
                     self.pushes[item] += 1
-        elif operation == "lease":
+        elif kind is records.Lease:
             for lease, item, again in moved:
                 self.events[item].append(f"{shard}: leased as {lease}{' (again)' * again}")
-        elif operation == "settle":
-            requeue = args[1]
+        elif kind is records.Settle:
             for lease, item in moved:
-                self.events[item].append(f"{shard}: lease {lease} {'returned' if requeue else 'acked'}")
-                if not requeue:
-                    self.acked_leases.add(self._as_consumers_saw(queue, lease))
+                verb = "returned" if record.requeue else "acked"
+                self.events[item].append(f"{shard}: lease {lease} {verb}")
+                if not record.requeue:
+                    self.acked_leases.add(self._as_consumers_saw(record.queue, lease))
 
     @staticmethod
     def _as_consumers_saw(queue: str, lease: int) -> tuple[str, int]:

@@ -5,13 +5,13 @@ re-raises an instance of the original class, so ``except pype.QueueFullError`` w
 around ``ray.get(server.push.remote(...))``.
 
 Where a built-in exception fits, a class also derives from it, so code that
-catches the built-in catches the Pype error too: QueueExistsError, ConfigError and
-ServerExistsError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
+catches the built-in catches the Pype error too: QueueExistsError, ConfigError,
+ServerExistsError and JournalFormatError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
 ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
 VideoSourceError is an OSError; ShardUnavailableError and ShardRestartedError are
 ConnectionErrors. Empty and Full (pype.Queue's) are the standard library's
-queue.Empty and queue.Full, through ray.util.queue's Empty and Full. QueueFullError, ShardLostError
-and ItemLostError name states no built-in exception describes, and derive from
+queue.Empty and queue.Full, through ray.util.queue's Empty and Full. QueueFullError, ShardLostError,
+RedirectLimitError and ItemLostError name states no built-in exception describes, and derive from
 PypeError alone.
 """
 
@@ -76,6 +76,18 @@ class ShardRestartedError(PypeError, ConnectionError):
     send again: it may or may not have been applied (a plain pull's items may be gone,
     an ack may have been applied). Like Ray's RayActorError on the `.remote()` path.
     """
+
+
+class RedirectLimitError(PypeError):
+    """A request was sent on to a queue's new place more times than a client follows
+    (pype.routing.MAX_REDIRECTS): the queue's shard or layout kept changing meanwhile.
+    Nothing of it was applied; it may be sent again."""
+
+
+class JournalFormatError(PypeError, ValueError):
+    """A shard's journal is in a format this version of Pype does not read (a newer
+    one), or is not a journal; the message names the file and the format. The shard
+    does not start, and the directory is left as it was."""
 
 
 class ItemLostError(PypeError):

@@ -22,6 +22,8 @@ BUILTIN_BASES = {
     pype.ShardUnavailableError: ConnectionError,
     pype.ShardRestartedError: ConnectionError,
     pype.ItemLostError: None,
+    pype.JournalFormatError: ValueError,
+    pype.RedirectLimitError: None,
     pype.Empty: queue.Empty,
     pype.Full: queue.Full,
 }

@@ -57,7 +57,7 @@ from typing import Any
 
 import xxhash
 
-from pype.errors import PypeError
+from pype.errors import JournalFormatError
 from pype.options import FSYNC_MODES
 from pype.shards import records
 from pype.shards.records import Record
@@ -86,12 +86,6 @@ _FORMAT_1: dict[str, type] = {
     "lease": records.Lease, "settle": records.Settle, "expect": records.Expect,
     "import": records.Import, "arrived": records.Arrived, "export": records.Export,
     "release": records.Release}
-_FORMAT_1_NAMES: dict[type, str] = {kind: name for name, kind in _FORMAT_1.items()}
-
-
-class JournalFormatError(PypeError, ValueError):
-    """A shard's journal is in a format this version of Pype does not read (a newer
-    one), or is not a journal; the message names the file and the format."""
 
 
 def safe_dir_name(label: str) -> str:
@@ -255,13 +249,6 @@ def read_journal(directory: Path) -> JournalContents:
     return JournalContents(generation, state, typed, good_bytes, len(data) - good_bytes,
                            min(formats, default=FORMAT))
 
-
-def as_format_1(record: Record) -> tuple:
-    """`record` as format 1 wrote it, ("push", queues, entered, ...): the form that
-    QueueStore.replay's observe hands bench/soak.py's journal trace."""
-    if type(record) is records.Arrived:
-        return ("arrived", None)
-    return (_FORMAT_1_NAMES[type(record)], *record)
 
 
 def _frame(value: tuple) -> bytes:

@@ -45,7 +45,7 @@ from pype.hashing import shard_for
 from pype.options import QueueOptions
 from pype.protocol import Moved
 from pype.shards import records
-from pype.shards.journal import FORMAT, Journal, as_format_1
+from pype.shards.journal import FORMAT, Journal
 from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
 
 COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
@@ -63,7 +63,7 @@ class PendingPush:
 
     accepted: int
     tickets: dict[str, int] = field(default_factory=dict)  # queue name -> ticket id
-    deadline: float | None = None  # time.monotonic() after which the waiting parts give up
+    deadline: float | None = None  # the store's clock() after which the waiting parts give up
     request: Any = None  # the Push, kept by the loop
 
 
@@ -72,8 +72,11 @@ class QueueStore:
 
     def __init__(self, queue_defaults: QueueOptions, memory_budget: int = 0,
                  max_item_bytes: int = 0, journal: Journal | None = None,
-                 compact_bytes: int = 64 << 20):
+                 compact_bytes: int = 64 << 20, clock: Callable[[], float] = time.monotonic):
         self.queue_defaults = queue_defaults
+        # How long blocking pushes wait (a test may drive it); leases keep wall-clock
+        # time.time(), which their journal records carry across restarts.
+        self.clock = clock
         self.memory_budget = memory_budget      # bytes; 0 = unbounded
         self.max_item_bytes = max_item_bytes    # bytes; 0 = unbounded
         self._journal = journal
@@ -110,11 +113,11 @@ class QueueStore:
         return len(contents.records)
 
     def replay(self, state: dict | None, journal_records: list[records.Record],
-               observe: Callable[[tuple, list], None] | None = None) -> None:
+               observe: Callable[[records.Record, list], None] | None = None) -> None:
         """Load a snapshot's `state`, then apply the records logged after it.
 
-        observe(record, moved), if given, sees each record, as format 1 wrote it
-        (pype.shards.journal.as_format_1), and the items it moved: the items pushed,
+        observe(record, moved), if given, sees each record (pype.shards.records) and the
+        items it moved: the items pushed,
         parked, admitted or taken, (lease_id, item, redelivered) for a lease,
         (lease_id, item) of the leases a settle found held. Tools that trace items
         through a journal use it (pype bench soak).
@@ -129,7 +132,7 @@ class QueueStore:
         for record in journal_records:
             moved = self._REPLAY[type(record)](self, record)
             if observe is not None:
-                observe(as_format_1(record), moved)
+                observe(record, moved)
         self._nbytes = sum(queue.nbytes for queue in self._queues.values())
 
     # One method per record type: apply `record` as the call that logged it did, and
@@ -515,7 +518,7 @@ class QueueStore:
         return queue
 
     def _offer(self, names, queues, items, priority, nbytes, timeout) -> int | PendingPush:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self.clock() + timeout
         pending = PendingPush(accepted=0, deadline=deadline)
         for name, queue in zip(names, queues, strict=True):
             before = queue.nbytes
@@ -533,7 +536,7 @@ class QueueStore:
     def push_outcome(self, pending: int | PendingPush, now: float) -> int | None:
         """The number of items a blocking push got accepted, or None while parts still wait.
 
-        At the deadline (`now`, time.monotonic()) the parts still waiting are
+        At the deadline (`now`, the store's clock()) the parts still waiting are
         withdrawn. Raises QueueTimeoutError if a part found no room before its
         deadline (that part was not accepted), QueueNotFoundError if its queue was
         removed meanwhile, or ShardLostError if the shard restarted since the push
@@ -606,7 +609,7 @@ class QueueStore:
         if not queue.parked:
             return
         before = queue.nbytes
-        for ticket in queue.admit_parked(time.monotonic()):
+        for ticket in queue.admit_parked(self.clock()):
             if ticket.state != "admitted":
                 continue
             if ticket.acknowledged:
