@@ -1,21 +1,22 @@
 """The Server handle: the seed's API in front of the router and its shards, on two paths.
 
-A Server is a plain picklable object, not an actor. Each handle routes by itself:
-it hashes the queue name (pype.hashing.shard_for) and talks to the owning shard
-directly. Every data method can be called two ways:
+A Server is a plain picklable object, not an actor, and a thin facade: it checks a
+call's arguments, makes the typed request (pype.protocol), and hands it to its
+Routes (pype.routing), which finds the queue's shard and follows redirects. Every
+data method can be called two ways:
 
 - server.push.remote(...) has the shape of an actor method, as in the original
   single-actor Pype: it returns a ray.ObjectRef at once, errors come from
   ray.get, fire-and-forget is fine, and the handle passes into tasks. These calls
   are Ray actor calls to the shard.
 - server.push(...) is the native, synchronous form: it sends the same typed request
-  (pype.protocol) over the shard's ZeroMQ socket (pype.transport) and returns the
-  answer or raises the error, in about a tenth of a Ray call's time.
+  over the shard's data socket (pype.transport) and returns the answer or raises
+  the error, in about a tenth of a Ray call's time.
 
-Both reach the same loop in the shard (pype.shards.loop), so they share one set of
-semantics. Ordering: one thread's calls to one queue apply in the order it made
-them, on either path; a native call is held in the shard until the `.remote()`
-calls its process made before it have run.
+Both reach the same engine in the shard, so they share one set of semantics.
+Ordering: one thread's calls to one queue apply in the order it made them, on
+either path; a native call is held in the shard until the `.remote()` calls its
+process made before it have run.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import threading
-import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,13 +35,10 @@ from pype import partitions as partitioning
 from pype.config import load_config
 from pype.errors import (
     QueueExistsError,
-    QueueNotFoundError,
     QueueTimeoutError,
     ServerExistsError,
     ServerNotFoundError,
-    ShardUnavailableError,
 )
-from pype.hashing import shard_for
 from pype.options import (
     as_items,
     as_names,
@@ -54,7 +48,7 @@ from pype.options import (
     check_timeout,
     resolve_capacity,
 )
-from pype.partitions import Layout, Partitioned
+from pype.partitions import Layout
 from pype.payloads import by_reference
 from pype.placement import shard_options
 from pype.protocol import (
@@ -63,7 +57,6 @@ from pype.protocol import (
     CanPush,
     Describe,
     Length,
-    Moved,
     Names,
     Pull,
     Push,
@@ -71,38 +64,15 @@ from pype.protocol import (
     Render,
     Settle,
 )
-from pype.router import Router, Topology
+from pype.router import Router
+from pype.routing import PULLS, PUSHES, Routes
 from pype.shards.store import COUNTERS
 from pype.streams import Consumer, Producer
-from pype.transport import DataAddress, Pipeline
+from pype.topology import Topology
 
 logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
-PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
-MAX_REMEMBERED = 100_000  # queue names whose shard a handle remembers
-REDIRECTS = 3  # times a call follows Partitioned or a stale layout before it gives up
-RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
-TOPOLOGY_CHECK = 1.0  # seconds between a `.remote()` caller's looks for a newer topology
-
-# Read-your-writes (see pype.shards.loop): this process numbers the `.remote()` calls it
-# sends to each shard's main thread. The lock keeps the numbers in the order Ray sends.
-_sequence_lock = threading.Lock()
-_sent: dict[tuple[str, int], int] = {}
-_caller = {"pid": -1, "id": ""}
-# Where each shard's current incarnation listens, learned from the shard (per process).
-_addresses: dict[tuple[str, str], DataAddress] = {}
-# The newest topology of each server this process has seen (server id -> Topology).
-_topologies: dict[str, Topology] = {}
-_this_thread = threading.local()  # pid, and server id -> this thread's Pipeline
-
-
-def _caller_id() -> str:
-    if _caller["pid"] != os.getpid():
-        _caller.update(pid=os.getpid(), id=uuid.uuid4().hex)
-        _sent.clear()
-        _addresses.clear()
-    return _caller["id"]
 
 
 @ray.remote(num_cpus=0)
@@ -136,7 +106,7 @@ class _BoundOperation:
         return self._operation._native(self._handle, *args, **kwargs)
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
-        self._handle._look_for_a_newer_topology()
+        self._handle.routes.look_for_a_newer_topology()
         return self._operation._remote(self._handle, *args, **kwargs)
 
     @property
@@ -155,20 +125,11 @@ class Server:
     """
 
     def __init__(self, router: ray.actor.ActorHandle, topology: Topology, name: str | None = None):
-        self._router = router
-        self._topology = topology
-        self._shards = topology.shards
-        self._seed = topology.config.hash_seed
-        self._newer: ray.ObjectRef | None = None  # a topology asked of the router, not yet seen
-        self._next_look = 0.0
-        self._sent_by_old: dict[int, ray.ObjectRef] = {}  # shard -> the last `.remote()` call to it
+        self.routes = Routes(router, topology)  # how this handle reaches the shards (pype.routing)
         # Items kept by reference die with their pusher; a journal must hold the items.
         self._by_reference = topology.config.persistence.dir is None
         self.name = name
         self._kinds: dict[str, str] = {}  # queue name -> kind, learned on first pull
-        self._owners: dict[str, int] = {}  # queue name -> shard index
-        # queue -> its layout (pype.partitions) if partitioned, None if known to be plain
-        self._layouts: dict[str, Layout | None] = {}
         self._companions: list = []  # actors that feed this server (video), kept alive with it
 
     # -- making and finding servers ----------------------------------------------------
@@ -211,20 +172,17 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop the server's shards and router; its queues and their items are gone."""
-        closing = [shard.close.remote() for shard in self._shards]  # removes socket files
+        shards = self.routes.shards
+        closing = [shard.close.remote() for shard in shards]  # removes socket files
         ray.wait(closing, num_returns=len(closing), timeout=5)
-        for shard in self._shards:
+        for shard in shards:
             ray.kill(shard)
-        ray.kill(self._router)
+        ray.kill(self.routes.router)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_kinds"] = {}
-        state["_owners"] = {}  # caches: each process learns its own
-        state["_layouts"] = {}
+        state["_kinds"] = {}  # a cache: each process learns its own
         state["_companions"] = []
-        state["_newer"] = None  # an ObjectRef must not be pickled out of band
-        state["_sent_by_old"] = {}
         return state
 
     def keep_alive(self, actor: ray.actor.ActorHandle) -> None:
@@ -233,199 +191,27 @@ class Server:
 
     def __repr__(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
-        return f"pype.Server({label}shards={len(self._shards)})"
+        return f"pype.Server({label}shards={len(self.routes.shards)})"
 
     # -- the topology: which shards there are (resize changes it) ------------------------
 
     def resize(self, shards: int) -> dict:
-        """Change the server's number of shards while it serves (see README, Resizing).
+        """Change the server's number of shards while it serves (see docs/scale-out.md).
 
         Only the queues whose shard changes move, each whole; their producers and
         consumers pause while it moves and go on without an error. Returns the
         router's account: epoch, shards, moved_queues, seconds.
         """
-        outcome = ray.get(self._router.resize.remote(shards))
-        self._refresh(outcome["epoch"])
+        outcome = ray.get(self.routes.router.resize.remote(shards))
+        self.routes.refresh(outcome["epoch"])
         return outcome
 
-    def _adopt(self, topology: Topology) -> None:
-        """Route by `topology` from now on if it is newer than this handle's."""
-        newest = _topologies.get(topology.server_id)
-        if newest is None or newest.epoch < topology.epoch:
-            _topologies[topology.server_id] = topology
-        if topology.epoch > self._topology.epoch:
-            self._topology, self._shards = topology, topology.shards
-            self._owners.clear()
-            self._sent_by_old.clear()
-            logger.info("pype: server %s now has %d shards (topology epoch %d)",
-                        self.name or topology.server_id[:12], len(topology.shards), topology.epoch)
-
-    def _refresh(self, epoch: int) -> None:
-        """Fetch a topology of at least `epoch` (a shard said Moved(epoch))."""
-        newest = _topologies.get(self._topology.server_id)
-        if newest is not None:
-            self._adopt(newest)
-        deadline = time.monotonic() + self._topology.config.transport.request_timeout
-        while self._topology.epoch < epoch:
-            self._adopt(ray.get(self._router.topology.remote()))
-            if self._topology.epoch < epoch:
-                if time.monotonic() > deadline:
-                    raise ShardUnavailableError(
-                        f"the router did not publish topology epoch {epoch} within "
-                        f"{self._topology.config.transport.request_timeout:g} s")
-                time.sleep(RESTART_POLL)
-
-    def _look_for_a_newer_topology(self) -> None:
-        """Let `.remote()` callers, which never wait, learn of a resize: at most once a
-        TOPOLOGY_CHECK, ask the router, and adopt its answer on a later call once it came
-        and every call sent by the old topology has run. Until then a shard that gave a
-        queue away runs the calls for it on the caller's behalf, in the caller's order,
-        so that a call sent to the new shard never overtakes one still on its way there."""
-        now = time.monotonic()
-        if now < self._next_look:
-            return
-        if self._newer is None:
-            self._newer = self._router.topology.remote()
-            return
-        ready, _ = ray.wait([self._newer], timeout=0)
-        if not ready:
-            return
-        newer = ray.get(self._newer)
-        if newer.epoch > self._topology.epoch and self._sent_by_old:
-            calls = list(self._sent_by_old.values())
-            done, _ = ray.wait(calls, num_returns=len(calls), timeout=0, fetch_local=False)
-            if len(done) < len(calls):
-                self._next_look = now + RESTART_POLL / 10
-                return
-        self._adopt(newer)
-        self._newer = None
-        self._next_look = now + TOPOLOGY_CHECK
-
-    # -- routing and the two paths -----------------------------------------------------------
-
     def shard_of(self, queue: str) -> int:
-        """Index of the shard that owns `queue` (remembered: hashing costs microseconds)."""
-        index = self._owners.get(queue)
-        if index is None:
-            index = self._owners[queue] = shard_for(queue, len(self._shards), self._seed)
-            if len(self._owners) > MAX_REMEMBERED:
-                self._owners.clear()
-        return index
-
-    def _call(self, index: int, request: tuple) -> ray.ObjectRef:
-        """Send `request` to the main thread of shard `index` through Ray, numbering the call."""
-        key = self._shard_key(index)
-        caller = _caller_id()
-        with _sequence_lock:
-            sequence = _sent.get(key, 0) + 1
-            ref = self._shards[index].call.remote(request, (caller, sequence))
-            _sent[key] = sequence  # only once sent: a number never sent would never be run
-            self._sent_by_old[index] = ref
-            return ref
-
-    def _after(self, index: int) -> tuple[str, int]:
-        """(this process, its last `.remote()` call to shard `index`), which must run first."""
-        caller = _caller_id()
-        return caller, _sent.get(self._shard_key(index), 0)
-
-    def _shard_key(self, index: int) -> tuple[str, str]:
-        """(server, shard actor): a shard started at an index that another had before a
-        shrink is another shard."""
-        return self._topology.server_id, self._topology.shard_ids[index]
-
-    def _wait_call(self, index: int, request: tuple, group: str) -> ray.ObjectRef:
-        """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
-        shard = self._shards[index]
-        method = shard.wait_pull if group == PULLS else shard.wait_push
-        return method.remote(request, self._after(index))
+        """Index of the shard that owns `queue`."""
+        return self.routes.shard_of(queue)
 
     def _call_each(self, request: tuple) -> list:
-        return ray.get([self._call(index, request) for index in range(len(self._shards))])
-
-    def pipeline(self) -> Pipeline:
-        """This thread's pipeline of native requests to the server's shards (pype.transport)."""
-        pipelines = getattr(_this_thread, "pipelines", None)
-        if pipelines is None or _this_thread.pid != os.getpid():
-            pipelines = _this_thread.pipelines = {}
-            _this_thread.pid = os.getpid()
-        pipeline = pipelines.get(self._topology.server_id)
-        if pipeline is None:
-            pipeline = pipelines[self._topology.server_id] = self.new_pipeline()
-        return pipeline
-
-    def new_pipeline(self) -> Pipeline:
-        """A pipeline of native requests of its own (a Producer's or a Consumer's)."""
-        if not ray.is_initialized():
-            ray.init()
-        return Pipeline(self._topology.keys, self._locate, ray.get_runtime_context().get_node_id(),
-                        self._topology.config.transport.request_timeout)
-
-    def _native(self, index: int, request: tuple, wait: float | None = 0.0) -> Any:
-        """Run `request` natively on shard `index`; `wait`: seconds it may wait there.
-
-        If the queue moved to another shard (a resize), send it there."""
-        for _ in range(REDIRECTS):
-            try:
-                return self.pipeline().call(index, self._after(index), request, wait)
-            except Moved as moved:
-                self._refresh(moved.epoch)
-                index = self.shard_of(moved.queue)
-            except ShardUnavailableError:  # a shrink may have stopped it: is there a newer topology?
-                epoch = self._topology.epoch
-                self._adopt(ray.get(self._router.topology.remote()))
-                queue = getattr(request, "queue", None)
-                if self._topology.epoch == epoch or queue is None:
-                    raise
-                index = self.shard_of(queue)
-        raise RuntimeError(f"pype: {type(request).__name__} kept meeting moved queues")
-
-    def result(self, ticket: tuple[int, int], request: tuple, wait: float | None = 0.0,
-               pipeline: Pipeline | None = None) -> Any:
-        """pipeline.result(ticket) (default: this thread's pipeline), sending `request` (a
-        single queue's) to the queue's new shard if it moved (partitions, consume())."""
-        pipeline = pipeline or self.pipeline()
-        for _ in range(REDIRECTS):
-            try:
-                return pipeline.result(ticket, wait)
-            except Moved as moved:
-                self._refresh(moved.epoch)
-                index = self.shard_of(moved.queue)
-                ticket = pipeline.send(index, self._after(index), request)
-        return pipeline.result(ticket, wait)
-
-    def _locate(self, index: int, fresh: bool = False) -> DataAddress:
-        """Where shard `index` listens; fresh=True asks it again (after a restart)."""
-        newest = _topologies.get(self._topology.server_id)  # pipelines are shared by handles
-        if newest is not None:
-            self._adopt(newest)
-        if index >= len(self._shards):
-            raise ShardUnavailableError(f"shard {index} was removed by a resize")
-        key = self._shard_key(index)
-        _caller_id()  # forgets the addresses of a parent process
-        address = _addresses.get(key)
-        if address is not None and not fresh:
-            return address
-        timeout = self._topology.config.transport.request_timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                address = ray.get(self._shards[index].data_address.remote(),
-                                  timeout=max(0.0, deadline - time.monotonic()))
-                break
-            except ray.exceptions.GetTimeoutError:
-                raise ShardUnavailableError(
-                    f"shard {index} did not answer within {timeout:g} s "
-                    f"(transport.request_timeout); Ray may still be restarting it") from None
-            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
-                if time.monotonic() >= deadline:
-                    raise ShardUnavailableError(
-                        f"shard {index} did not come back within {timeout:g} s "
-                        f"(transport.request_timeout)") from None
-                time.sleep(RESTART_POLL)
-            except ray.exceptions.RayActorError as error:
-                raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
-        _addresses[key] = address
-        return address
+        return ray.get([self.routes.call(index, request) for index in range(len(self.routes.shards))])
 
     # -- data -------------------------------------------------------------------------------
 
@@ -441,7 +227,7 @@ class Server:
         timeout, priority = check_timeout(timeout), check_priority(priority)
         by_shard: dict[int, list[str]] = defaultdict(list)
         for name in names:
-            by_shard[self.shard_of(name)].append(name)
+            by_shard[self.routes.shard_of(name)].append(name)
         return {index: Push(tuple(group), items, priority, bool(block), timeout, key=key)
                 for index, group in by_shard.items()}
 
@@ -464,168 +250,8 @@ class Server:
         names = as_names(queues)
         if key is not None:
             partitioning.partition_for_key(key, 1)  # checks its type
-        return self.push_to(names, as_items(data, expand), bool(block), check_timeout(timeout),
-                            check_priority(priority), key)
-
-    def push_to(self, names: tuple[str, ...], items: list, block: bool, timeout: float | None,
-                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None,
-                on_behalf: str | None = None) -> int:
-        """The native push of checked arguments. on_behalf: the caller a shard runs a
-        `.remote()` push for; then only `pins` (layouts with that caller's partitions) are
-        used, never this handle's, and heads pin new ones for that caller."""
-        pipeline, accepted, failure = self.pipeline(), 0, None
-        pins = dict(pins or {})
-        wait = timeout if block else 0.0
-        for _ in range(REDIRECTS + 1):
-            sent = []
-            for targets, index, request in self._native_pushes(names, items, block, timeout,
-                                                               priority, key, pins, on_behalf):
-                sent.append((targets, request, pipeline.send(index, self._after(index), request)))
-            names = ()
-            for targets, request, ticket in sent:
-                try:
-                    accepted += pipeline.result(ticket, wait)
-                except Partitioned as redirect:
-                    layout = self._learn(redirect, remember=on_behalf is None)
-                    if on_behalf is not None:
-                        pins[redirect.queue] = layout
-                    names += targets
-                except Moved as moved:  # applied to none of moved.queues: send them again
-                    self._refresh(moved.epoch)
-                    accepted += moved.accepted
-                    names += tuple(name for name, target in zip(targets, request.queues, strict=True)
-                                   if target in moved.queues)
-                except QueueNotFoundError as error:
-                    if self._forget_layouts(targets):
-                        names += targets
-                    else:
-                        failure = failure or error
-                except Exception as error:  # noqa: BLE001 - raised once every part answered
-                    failure = failure or error
-            if not names:
-                break
-        if failure is not None:
-            raise failure
-        if names:
-            raise RuntimeError(f"pype: the layout of queues {names} kept changing")
-        return accepted
-
-    def _native_pushes(self, names, items, block, timeout, priority, key, pins, on_behalf):
-        """(queue names, shard, Push) of a native push: one per shard for plain queues,
-        one per partition (which must exist: a stale layout then shows) for partitioned."""
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for name in names:
-            layout = pins.get(name) or (self._layouts.get(name) if on_behalf is None else None)
-            if layout is None:
-                by_shard[self.shard_of(name)].append(name)
-            else:
-                target = layout.target(key)
-                yield (name,), self.shard_of(target), Push((target,), items, priority, block,
-                                                           timeout, must_exist=True)
-        for index, group in by_shard.items():
-            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout,
-                                            key=key, on_behalf=on_behalf)
-
-    def _learn(self, redirect: Partitioned, remember: bool = True) -> Layout:
-        """A partitioned queue's layout, remembered unless remember=False (another caller's
-        pin); make its partitions if a first push made only its head (queue_defaults)."""
-        layout = Layout.of(redirect)
-        if remember:
-            self._layouts[redirect.queue] = layout
-        self.each_queue([Add(name, layout.partition_options(), True) for name in layout.names()])
-        return layout
-
-    def each_queue(self, requests: list[tuple], tolerate: tuple = ()) -> list:
-        """Send single-queue `requests` at once, each to its queue's shard, and return
-        their answers (an error of a `tolerate` class in its place). Moved queues are
-        followed; the first other error is raised once every request was answered."""
-        pipeline = self.pipeline()
-        tickets = []
-        for request in requests:
-            index = self.shard_of(request.queue)
-            tickets.append(pipeline.send(index, self._after(index), request))
-        answers, failure = [], None
-        for ticket, request in zip(tickets, requests, strict=True):
-            try:
-                answers.append(self.result(ticket, request))
-            except tolerate as error:
-                answers.append(error)
-            except Exception as error:  # noqa: BLE001 - raised once all were answered
-                failure = failure or error
-        if failure is not None:
-            raise failure
-        return answers
-
-    def _forget_layouts(self, names: tuple[str, ...]) -> bool:
-        """A partition was missing: the queue was removed. Forget the layouts of `names`;
-        True if there was one (the call is then sent again, to the queue itself)."""
-        forgotten = [self._layouts.pop(name, None) for name in names]  # all of them
-        return any(layout is not None for layout in forgotten)
-
-    def layout(self, queue: str) -> Layout | None:
-        """The layout of `queue` if it is partitioned, else None (asks its shard once)."""
-        if queue not in self._layouts:
-            if len(self._layouts) > MAX_REMEMBERED:
-                self._layouts.clear()
-            try:
-                self._native(self.shard_of(queue), Length(queue))
-                self._layouts[queue] = None  # plain (a head would have said Partitioned)
-            except Partitioned as redirect:
-                self._learn(redirect)
-        return self._layouts[queue]
-
-    def push_target(self, queue: str) -> tuple[int, str]:
-        """(shard, queue or partition name) where this process's pushes to `queue` go."""
-        layout = self.layout(queue)
-        target = queue if layout is None else layout.target()
-        return self.shard_of(target), target
-
-    def _routed(self, queue: str, plain, partitioned) -> Any:
-        """plain(): the call to `queue` itself; partitioned(layout): the call to its
-        partitions, once this handle knows `queue` is partitioned."""
-        for _ in range(REDIRECTS):
-            layout = self._layouts.get(queue)
-            try:
-                return plain() if layout is None else partitioned(layout)
-            except Partitioned as redirect:
-                self._learn(redirect)
-            except QueueNotFoundError:
-                if layout is None or not self._forget_layouts((queue,)):
-                    raise
-        raise RuntimeError(f"pype: the layout of queue {queue!r} kept changing")
-
-    def run_refused(self, request: tuple, caller: str, redirect: Partitioned | Moved) -> Any:
-        """Run natively a `.remote()` request that a shard refused, for `caller`: the
-        head of a partitioned queue (the redirect carries the caller's pin), or a shard
-        that gave the queue away (Moved); that shard calls this."""
-        if isinstance(redirect, Moved):
-            self._refresh(redirect.epoch)
-            if type(request) is Push:
-                return self.push_to(request.queues, request.items, request.block,
-                                    request.timeout, request.priority, request.key,
-                                    on_behalf=request.on_behalf or caller)
-            if type(request) in (Add, Describe):
-                return self._native(self.shard_of(request.queue), request)
-            redirect, layout = None, None
-        else:
-            layout = Layout.of(redirect)
-        if type(request) is Push:
-            return self.push_to(request.queues, request.items, request.block, request.timeout,
-                                request.priority, request.key, pins={redirect.queue: layout},
-                                on_behalf=request.on_behalf or caller)
-        operation = {Pull: self._pull_native, CanPull: self._can_pull_native,
-                     CanPush: self._can_push_native, Length: self._queue_len_native,
-                     Render: self._print_queue_native, Remove: self._remove_native}.get(type(request))
-        if type(request) is Settle:
-            operation = self._nack_native if request.requeue else self._ack_native
-            return operation(request.queue, request.lease_ids)
-        if operation is None:
-            raise TypeError(f"a {type(request).__name__} cannot be run on partitions")
-        if layout is not None:
-            self._layouts.setdefault(redirect.queue, layout)
-        fields = {Pull: ("batch_size", "block", "timeout", "remove", "ack"),
-                  CanPull: ("batch_size",)}.get(type(request), ())
-        return operation(request.queue, *(getattr(request, name) for name in fields))
+        return self.routes.push_to(names, as_items(data, expand), bool(block),
+                                   check_timeout(timeout), check_priority(priority), key)
 
     def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
@@ -634,10 +260,9 @@ class Server:
                                        self._by_reference, key)
         refs = []
         for index, request in requests.items():
-            ref = self._call(index, request)
+            ref = self.routes.call(index, request)
             if request.block:  # second half: waits among the shard's "pushes" threads for room
-                ref = self._shards[index].await_push.remote(ref, self._after(index))
-                self._sent_by_old[-1 - index] = ref  # it may be run for the caller elsewhere
+                ref = self.routes.await_push(index, ref)
             refs.append(ref)
         return refs[0] if len(refs) == 1 else _total.remote(*refs)
 
@@ -652,7 +277,8 @@ class Server:
             raise ValueError("ack=True leases items and remove=False only looks at them; "
                              "pass one of them")
         block = block if block is None else bool(block)
-        return self.shard_of(queue), Pull(queue, batch_size, block, timeout, bool(remove), bool(ack))
+        return self.routes.shard_of(queue), Pull(queue, batch_size, block, timeout, bool(remove),
+                                                 bool(ack))
 
     def _pull_native(self, queue: str, batch_size: int | None = None, block: bool | None = None,
                      timeout: float | None = None, remove: bool = True, ack: bool = False) -> list:
@@ -672,18 +298,15 @@ class Server:
         of the queue for another consumer (at-least-once delivery).
         server.pull.remote(...) does the same through Ray.
         """
-        index, request = self._pull_request(queue, batch_size, block, timeout, remove, ack)
-        wait = request.timeout if request.block is not False else 0.0
-        return self._routed(queue, lambda: self._native(index, request, wait),
-                            lambda layout: partitioning.pull(self, layout, *request[1:6]))
+        return self.routes.run(self._pull_request(queue, batch_size, block, timeout, remove, ack)[1])
 
     def _pull_remote(self, queue: str, batch_size: int | None = None, block: bool | None = None,
                      timeout: float | None = None, remove: bool = True,
                      ack: bool = False) -> ray.ObjectRef:
         index, request = self._pull_request(queue, batch_size, block, timeout, remove, ack)
         if request.block or (request.block is None and self._kind(index, queue) == "batch"):
-            return self._wait_call(index, request, PULLS)
-        return self._call(index, request._replace(block=False))
+            return self.routes.wait_call(index, request, PULLS)
+        return self.routes.call(index, request._replace(block=False))
 
     pull = _Operation(_pull_native, _pull_remote)
 
@@ -691,7 +314,7 @@ class Server:
         """The kind of `queue`, asked of its shard once (None while it does not exist)."""
         kind = self._kinds.get(queue)
         if kind is None:
-            options = ray.get(self._call(index, Describe(queue)))
+            options = ray.get(self.routes.call(index, Describe(queue)))
             if options is not None:
                 kind = self._kinds[queue] = options["kind"]
         return kind
@@ -702,7 +325,7 @@ class Server:
         if not isinstance(ids, (list, tuple)) or any(
                 isinstance(i, bool) or not isinstance(i, int) for i in ids):
             raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
-        return self.shard_of(queue), Settle(queue, list(ids), requeue)
+        return self.routes.shard_of(queue), Settle(queue, list(ids), requeue)
 
     def _ack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
         """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
@@ -714,12 +337,10 @@ class Server:
         return self._settle_native(queue, lease_ids, requeue=False)
 
     def _settle_native(self, queue: str, lease_ids: Any, requeue: bool) -> int:
-        index, request = self._settle_request(queue, lease_ids, requeue)
-        return self._routed(queue, lambda: self._native(index, request),
-                            lambda layout: partitioning.settle(self, layout, request.lease_ids, requeue))
+        return self.routes.run(self._settle_request(queue, lease_ids, requeue)[1])
 
     def _ack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        return self._call(*self._settle_request(queue, lease_ids, requeue=False))
+        return self.routes.call(*self._settle_request(queue, lease_ids, requeue=False))
 
     ack = _Operation(_ack_native, _ack_remote)
 
@@ -729,7 +350,7 @@ class Server:
         return self._settle_native(queue, lease_ids, requeue=True)
 
     def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        return self._call(*self._settle_request(queue, lease_ids, requeue=True))
+        return self.routes.call(*self._settle_request(queue, lease_ids, requeue=True))
 
     nack = _Operation(_nack_native, _nack_remote)
 
@@ -746,15 +367,12 @@ class Server:
 
     def _can_pull_waiting(self, queue: str, batch_size: int | None, wait: float | None) -> bool:
         """can_pull with the shard's `wait` (None: poll_wait, math.inf: no limit)."""
-        request = CanPull(queue, batch_size, wait)
-        return self._routed(
-            queue, lambda: self._native(self.shard_of(queue), request, None if wait == math.inf else wait),
-            lambda layout: partitioning.can_pull(self, layout, batch_size, wait))
+        return self.routes.run(CanPull(queue, batch_size, wait))
 
     def _can_pull_remote(self, queue: str, batch_size: int | None = None) -> ray.ObjectRef:
         check_name(queue)
-        return self._wait_call(self.shard_of(queue), CanPull(queue, check_batch_size(batch_size)),
-                               PULLS)
+        return self.routes.wait_call(self.routes.shard_of(queue),
+                                     CanPull(queue, check_batch_size(batch_size)), PULLS)
 
     can_pull = _Operation(_can_pull_native, _can_pull_remote)
 
@@ -765,17 +383,11 @@ class Server:
 
     def _can_push_waiting(self, queue: str, wait: float | None) -> bool:
         """can_push with the shard's `wait`; on a partitioned queue, this producer's partition."""
-        def partitioned(layout: Layout) -> bool:
-            target = layout.target()
-            return self._native(self.shard_of(target), CanPush(target, wait),
-                                None if wait == math.inf else wait)
-        return self._routed(queue, lambda: self._native(self.shard_of(queue), CanPush(queue, wait),
-                                                        None if wait == math.inf else wait),
-                            partitioned)
+        return self.routes.run(CanPush(queue, wait))
 
     def _can_push_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
-        return self._wait_call(self.shard_of(queue), CanPush(queue), PUSHES)
+        return self.routes.wait_call(self.routes.shard_of(queue), CanPush(queue), PUSHES)
 
     can_push = _Operation(_can_push_native, _can_push_remote)
 
@@ -788,7 +400,8 @@ class Server:
                      max_bytes: int | None = None, visibility_timeout: float | None = None,
                      exist_ok: bool = False, partitions: int | None = None) -> tuple[int, Add]:
         check_name(queue)
-        kind = kind or self._topology.config.queue_defaults.kind
+        defaults = self.routes.topology.config.queue_defaults
+        kind = kind or defaults.kind
         if kind != "batch" and (batch_size is not None or batch_timeout is not None):
             raise ValueError(f"batch_size and batch_timeout apply to kind='batch', not {kind!r}")
         if overflow is None and (use_locking or semaphore or batch_lock):
@@ -797,10 +410,10 @@ class Server:
                  "batch_timeout": batch_timeout, "max_bytes": max_bytes,
                  "visibility_timeout": visibility_timeout, "partitions": partitions,
                  "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock)}
-        options = dataclasses.replace(self._topology.config.queue_defaults,
+        options = dataclasses.replace(defaults,
                                       **{key: value for key, value in given.items() if value is not None})
         self._kinds.pop(queue, None)
-        return self.shard_of(queue), Add(queue, options, bool(exist_ok))
+        return self.routes.shard_of(queue), Add(queue, options, bool(exist_ok))
 
     def _add_native(self, queue: str, kind: str | None = None, maxsize: int | None = None,
                     use_locking: bool = False, semaphore: int | None = None,
@@ -827,19 +440,21 @@ class Server:
             queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
             batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions)
         wanted = request.options.partitions
-        existing = self._native(index, Describe(queue)) if wanted > 1 else None
+        existing = self.routes.native(index, Describe(queue)) if wanted > 1 else None
         if existing is not None and existing.get("partitions", 1) != wanted:
             raise QueueExistsError(
                 f"queue {queue!r} exists with {existing.get('partitions', 1)} partitions; the "
                 f"number of partitions of a queue cannot change (remove it and add it again)")
         if wanted > 1 and existing is None:  # the partitions first: a head is never without them
-            seed = partitioning.spreading_seed(queue, wanted, len(self._shards), self._seed)
+            topology = self.routes.topology
+            seed = partitioning.spreading_seed(queue, wanted, len(topology.shards),
+                                               topology.config.hash_seed)
             request = request._replace(options=dataclasses.replace(request.options,
                                                                    partition_seed=seed))
             layout = Layout(queue, wanted, request.options, 0)
-            self.each_queue([Add(name, layout.partition_options(), True)
+            self.routes.each_queue([Add(name, layout.partition_options(), True)
                              for name in layout.names()])
-        return self._native(index, request)
+        return self.routes.native(index, request)
 
     def _add_remote(self, queue: str, kind: str | None = None, maxsize: int | None = None,
                     use_locking: bool = False, semaphore: int | None = None,
@@ -852,7 +467,7 @@ class Server:
         index, request = self._add_request(*arguments)
         if request.options.partitions > 1:  # several shards: a task makes them natively
             return self._settled(_add_in_task.remote(self, arguments))
-        return self._settled(self._call(index, request))
+        return self._settled(self.routes.call(index, request))
 
     add = _Operation(_add_native, _add_remote)
 
@@ -860,20 +475,12 @@ class Server:
         """Delete `queue` and its items; returns how many items it held."""
         check_name(queue)
         self._kinds.pop(queue, None)
-
-        def partitioned(layout: Layout) -> int:
-            self._layouts.pop(queue, None)
-            removed = self._native(self.shard_of(queue), Remove(queue, layout.partitions))
-            answers = self.each_queue([Remove(name) for name in layout.names()],
-                                      tolerate=(QueueNotFoundError,))  # removed meanwhile
-            return removed + sum(answer for answer in answers if isinstance(answer, int))
-        return self._routed(queue, lambda: self._native(self.shard_of(queue), Remove(queue)),
-                            partitioned)
+        return self.routes.run(Remove(queue))
 
     def _remove_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
         self._kinds.pop(queue, None)
-        return self._settled(self._call(self.shard_of(queue), Remove(queue)))
+        return self._settled(self.routes.call(self.routes.shard_of(queue), Remove(queue)))
 
     remove = _Operation(_remove_native, _remove_remote)
 
@@ -886,24 +493,22 @@ class Server:
     def _queue_len_native(self, queue: str) -> int:
         """The number of items in `queue` ready to pull (0 if it does not exist)."""
         check_name(queue)
-        return self._routed(queue, lambda: self._native(self.shard_of(queue), Length(queue)),
-                            lambda layout: partitioning.length(self, layout))
+        return self.routes.run(Length(queue))
 
     def _queue_len_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
-        return self._call(self.shard_of(queue), Length(queue))
+        return self.routes.call(self.routes.shard_of(queue), Length(queue))
 
     queue_len = _Operation(_queue_len_native, _queue_len_remote)
 
     def _print_queue_native(self, queue: str) -> str:
         """Print `queue` and its items from its shard (Ray shows it in the driver's output)."""
         check_name(queue)
-        return self._routed(queue, lambda: self._native(self.shard_of(queue), Render(queue)),
-                            lambda layout: partitioning.render(self, layout))
+        return self.routes.run(Render(queue))
 
     def _print_queue_remote(self, queue: str) -> ray.ObjectRef:
         check_name(queue)
-        return self._call(self.shard_of(queue), Render(queue))
+        return self.routes.call(self.routes.shard_of(queue), Render(queue))
 
     print_queue = _Operation(_print_queue_native, _print_queue_remote)
 
@@ -927,20 +532,37 @@ class Server:
         also native_requests and ray_requests (requests served on each path; of the
         native ones, tcp_requests came over TCP from other nodes) and waiting_calls
         (requests parked now). "lost" lists shard restarts that lost
-        queues (no persistence).
+        queues (no persistence). A shard that did not answer within
+        transport.request_timeout (Ray restarts it, or its node is gone) is listed as
+        {"shard": i, "unreachable": why}, and counted nowhere else.
         """
-        shards = ray.get([shard.stats.remote() for shard in self._shards])
+        shards = self._each_shards_stats()
+        answered = [shard for shard in shards if "unreachable" not in shard]
         queues = {}
-        for shard in shards:
+        for shard in answered:
             for name, counters in shard.pop("per_queue").items():
                 queues[name] = {"shard": shard["shard"], **counters}
         partitioning.fold_stats(queues)
-        totals = {key: sum(shard[key] for shard in shards)
+        totals = {key: sum(shard[key] for shard in answered)
                   for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
                               "native_requests", "tcp_requests", "ray_requests")}
-        router = ray.get(self._router.stats.remote())
+        router = ray.get(self.routes.router.stats.remote())
         return {"server": self.name, "router": router, "totals": totals, "shards": shards,
                 "queues": queues, "lost": router["lost"]}
+
+    def _each_shards_stats(self) -> list[dict]:
+        """Each shard's stats, in index order, waiting transport.request_timeout at most:
+        stats never hang on a shard that cannot be reached (see stats())."""
+        asked = [shard.stats.remote() for shard in self.routes.shards]
+        ray.wait(asked, num_returns=len(asked), fetch_local=False,
+                 timeout=self.routes.topology.config.transport.request_timeout)
+        shards = []
+        for index, ref in enumerate(asked):
+            try:
+                shards.append(ray.get(ref, timeout=0))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as error:
+                shards.append({"shard": index, "unreachable": f"{type(error).__name__}: {error}"[:300]})
+        return shards
 
     def _stats_remote(self) -> ray.ObjectRef:
         return ray.put(self._stats_native())

@@ -47,12 +47,15 @@ def describe(address: str | None, name: str, namespace: str | None) -> Table:
 
 def placement_table(server: Server, title: str) -> Table:
     stats = ray.get(server.stats.remote())
-    per_node = Counter(shard["node_id"] for shard in stats["shards"])
+    per_node = Counter(shard.get("node_id") for shard in stats["shards"])
     table = Table(title=f"{title}: {len(stats['shards'])} shards on {len(per_node)} nodes, "
                         f"{stats['totals']['queues']} queues")
     for column in ("shard", "node", "pid", "queues", "depth", "restarted"):
         table.add_column(column, justify="left" if column == "node" else "right")
     for shard in stats["shards"]:
+        if "unreachable" in shard:
+            table.add_row(str(shard["shard"]), "unreachable", "", "", "", "")
+            continue
         table.add_row(str(shard["shard"]), _node(shard),
                       str(shard["pid"]), str(shard["queues"]), f"{shard['depth']:,}",
                       "yes" if shard["restarted"] else "no")
@@ -71,7 +74,7 @@ class StatsView:
         now = time.monotonic()
         seconds, before = (now - self._last[0], self._last[1]) if self._last else (None, {})
         self._last = (now, stats["queues"])
-        nodes = {shard["shard"]: _node(shard) for shard in stats["shards"]}
+        nodes = {shard["shard"]: _node(shard) for shard in stats["shards"] if "unreachable" not in shard}
         table = Table(title=f"pype server {stats['server']!r}: {stats['totals']['queues']} queues, "
                             f"{stats['totals']['depth']:,} items, "
                             f"{stats['totals']['leased']:,} leased")
@@ -80,7 +83,7 @@ class StatsView:
             table.add_column(column, justify="left" if column in ("queue", "node", "kind") else "right")
         for name in sorted(stats["queues"]):
             queue = stats["queues"][name]
-            table.add_row(name, str(queue["shard"]), nodes[queue["shard"]], queue["kind"],
+            table.add_row(name, str(queue["shard"]), nodes.get(queue["shard"], "?"), queue["kind"],
                           f"{queue['depth']:,}", f"{queue['leased']:,}",
                           _rate(queue, before.get(name), "pushed", seconds),
                           _rate(queue, before.get(name), "pulled", seconds),
@@ -91,7 +94,9 @@ class StatsView:
                     f"through Ray (.remote())")
         lost = [f"shard {event['shard']} restarted and lost {', '.join(event['queues']) or 'nothing known'}"
                 for event in stats["lost"]]
-        return Group(table, requests, *lost)
+        unreachable = [f"shard {shard['shard']} did not answer: {shard['unreachable']}"
+                       for shard in stats["shards"] if "unreachable" in shard]
+        return Group(table, requests, *lost, *unreachable)
 
 
 def _node(shard: dict) -> str:

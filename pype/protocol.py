@@ -28,6 +28,7 @@ frames that ZeroMQ sends without a copy (pickle protocol 5).
 
 from __future__ import annotations
 
+import math
 import pickle
 import pickletools
 from typing import Any, NamedTuple
@@ -193,7 +194,13 @@ class Release(NamedTuple):
     """The queues this shard exported arrived where they belong: drop them here."""
 
 
-class Moved(PypeError):
+class Redirect(PypeError):
+    """A shard's answer that the request belongs elsewhere: the client follows it
+    (pype.routing.Routes.follow, the one place that knows each kind) and sends the
+    request again where it now goes. It never reaches a user."""
+
+
+class Moved(Redirect):
     """A request reached a shard that gave `queue` up to another one, in the topology
     of `epoch` (a resize). Clients handle it: they fetch that topology and send the
     request again to the new shard, for `queues` (the request's queues that it did not
@@ -235,6 +242,19 @@ def retriable(request: tuple) -> bool:
     if kind is Add:
         return request.exist_ok
     return kind not in (Settle, Remove, AwaitPush)
+
+
+def wait_of(request: tuple) -> float | None:
+    """Seconds `request` may wait in the shard before it is answered (None: no limit);
+    the client waits that long, and its request_timeout more, for the answer."""
+    kind = type(request)
+    if kind is Pull:
+        return 0.0 if request.block is False else request.timeout
+    if kind is Push:
+        return request.timeout if request.block else 0.0
+    if kind is CanPull or kind is CanPush:
+        return None if request.wait == math.inf else request.wait
+    return 0.0
 
 
 def with_field(request: tuple, field: str, value: Any) -> tuple:

@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from pype.client import PULLS, PUSHES, Server, connect
+from pype.client import Server, connect
 from pype.errors import (
     Empty,
     Full,
@@ -38,6 +38,7 @@ from pype.errors import (
 )
 from pype.options import check_timeout
 from pype.protocol import Describe, Length, Pull, Push, Remove
+from pype.routing import PULLS, PUSHES
 
 logger = logging.getLogger("pype")
 
@@ -140,8 +141,10 @@ class Queue:
                                        f"not a FIFO of maxsize {bound} that rejects what "
                                        f"does not fit")
 
-    def _call(self, request: tuple, wait: float | None = 0.0) -> Any:
-        return self.server._native(self.server.shard_of(self.name), request, wait)
+    def _call(self, request: tuple) -> Any:
+        """Run `request` natively; it may wait in the shard as long as it asks (its timeout)."""
+        routes = self.server.routes
+        return routes.native(routes.shard_of(self.name), request)
 
     def _wait(self, request: Pull | Push, timeout: float | None, group: str) -> Any:
         """Run `request`, which may wait `timeout` seconds in the shard (None: no limit).
@@ -152,21 +155,25 @@ class Queue:
         and tasks that wait for each other could then hold every slot forever.
         """
         if (timeout is not None and timeout <= TASK_NATIVE_WAIT) or not _in_task():
-            return self._call(request, timeout)
+            return self._call(request)
         started = time.monotonic()
         answer = self._attempt(request)
         if answer:
             return answer
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        self.server._look_for_a_newer_topology()
-        return ray.get(self.server._wait_call(self.server.shard_of(self.name),
-                                              request._replace(timeout=left), group))
+        return ray.get(self._wait_call(request._replace(timeout=left), group))
+
+    def _wait_call(self, request: Pull | Push, group: str) -> ray.ObjectRef:
+        """`request` through a Ray call to a thread of the shard's `group` that may wait."""
+        routes = self.server.routes
+        routes.look_for_a_newer_topology()
+        return routes.wait_call(routes.shard_of(self.name), request, group)
 
     def _attempt(self, request: Pull | Push, wait: float = TASK_NATIVE_WAIT) -> Any:
         """The request with a short wait, natively: its answer, or None if it found
         no item (a pull) or no room (a push, which was then not accepted)."""
         try:
-            return self._call(request._replace(timeout=wait), wait) or None
+            return self._call(request._replace(timeout=wait)) or None
         except QueueTimeoutError:
             return None
 
@@ -235,7 +242,7 @@ class Queue:
             if not block:
                 self._call(request)
             elif self._attempt(request, 0.0) is None:
-                await self.server._wait_call(self.server.shard_of(self.name), request, PUSHES)
+                await self._wait_call(request, PUSHES)
 
     # -- get -------------------------------------------------------------------------------
 
@@ -281,7 +288,7 @@ class Queue:
         request = self._pull_request(block, timeout)
         items = self._call(request._replace(block=False, timeout=None))
         if not items and block:
-            items = await self.server._wait_call(self.server.shard_of(self.name), request, PULLS)
+            items = await self._wait_call(request, PULLS)
         return self._first(items)
 
     # -- end -------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import ray
 
@@ -25,30 +24,13 @@ from pype.placement import shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
 from pype.shards.journal import safe_dir_name
 from pype.shards.shard import shard_actor
+from pype.topology import Topology
 from pype.transport import Keys
 
 logger = logging.getLogger("pype")
 
 RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwhile
 SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
-
-
-@dataclass(frozen=True)
-class Topology:
-    """What a client needs to route: the shards in hash order, the seed, the config.
-
-    epoch grows with every resize; a shard that gave a queue away answers requests
-    for it with Moved(epoch), and a client then fetches a topology at least that new.
-    shard_ids name each shard actor, so that a client never mistakes a new shard at
-    an index for the one that was there before a shrink.
-    """
-
-    server_id: str
-    shards: tuple  # of Shard actor handles; index i serves the names shard_for() maps to i
-    config: Config
-    keys: Keys     # for native calls over TCP
-    epoch: int = 0
-    shard_ids: tuple = ()
 
 
 @ray.remote(num_cpus=0, concurrency_groups={RESIZE: 1})

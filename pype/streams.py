@@ -5,9 +5,10 @@
     with server.producer("out") as out:           # buffers items, pushes batches
         out.push(item)
 
-Both use the native path (pype.transport), each with a pipeline of its own, so
+Both use the native path (pype.routing), each with a pipeline of its own, so
 that a request can be in flight while the code works: a Consumer's next pull
-(prefetch), a Producer's last `window` batches.
+(prefetch), a Producer's last `window` batches (a PushWindow, which the video
+actor uses too).
 
 Delivery: both are at-most-once, like a plain pull. A Consumer has taken from the
 queue the items of the batch it is yielding and the next batch (it prefetches):
@@ -26,10 +27,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
 from pype.protocol import Moved, Pull, Push
+from pype.routing import Routes
+from pype.transport import Pipeline
 
 if TYPE_CHECKING:
     from pype.client import Server
@@ -54,8 +57,9 @@ class Consumer(Iterator):
         self._wait = PULL_WAIT if timeout is None else min(PULL_WAIT, timeout)
         self._server = server
         self._request = Pull(queue, batch_size, True, self._wait)
-        self._pipeline = server.new_pipeline()
-        self._partitioned = server.layout(queue) is not None  # pulled by server.pull, unprefetched
+        self._routes = server.routes
+        self._pipeline = self._routes.new_pipeline()
+        self._partitioned = self._routes.layout(queue) is not None  # pulled by server.pull, unprefetched
         self._queue = queue
         self._timeout = timeout
         self._idle = 0.0
@@ -66,13 +70,12 @@ class Consumer(Iterator):
     def _pull(self) -> tuple:
         if self._partitioned:
             return ()
-        index = self._server.shard_of(self._queue)  # changes when the queue moves (resize)
-        return self._pipeline.send(index, self._server._after(index), self._request)
+        return self._routes.send(self._request, self._pipeline)  # to its shard now (resizes)
 
     def _result(self) -> list:
         if self._partitioned:
             return self._server.pull(self._queue, *self._request[1:4])
-        return self._server.result(self._next, self._request, self._wait, self._pipeline)
+        return self._routes.result(self._next, self._request, self._wait, self._pipeline)
 
     def __next__(self) -> Any:
         while not self._buffer:
@@ -95,7 +98,7 @@ class Consumer(Iterator):
         left = list(self._buffer)
         self._buffer.clear()
         if self._next is not None and not self._partitioned:
-            left += self._server.result(self._next, self._request, self._wait, self._pipeline)
+            left += self._routes.result(self._next, self._request, self._wait, self._pipeline)
         self._next = None
         self._pipeline.close()
         return left
@@ -118,15 +121,91 @@ class Consumer(Iterator):
                            "(call close() to get them back)", self._queue, len(left))
 
 
+class PushWindow:
+    """Pushes of one sender to one queue, with up to `window` of them unanswered.
+
+    send(items) pushes them to `queue` (or to this process's partition of it) and
+    returns at once; the answer of each push is handed to on_answer(items, accepted,
+    error) in the order the pushes were sent, once `window` later pushes are out, or
+    on drain(). Pushes of one window keep their order: one connection carries them,
+    and a push that met a moved queue (a resize) is sent again to its new shard
+    together with every later one in flight, in order, before anything new.
+    Producer and the video actor push through one each. Not thread-safe.
+    """
+
+    def __init__(self, routes: Routes, queue: str, window: int, block: bool,
+                 on_answer: Callable[[list, int, Exception | None], None],
+                 pipeline: Pipeline | None = None):
+        self._routes = routes
+        self._queue = queue
+        self._window = window
+        self._block = block
+        self._on_answer = on_answer
+        self._pipeline = pipeline or routes.new_pipeline()
+        self._index, self._target = routes.push_target(queue)
+        self._sent: deque[tuple] = deque()  # (ticket, request), oldest first
+
+    def send(self, items: list) -> None:
+        """Push `items` (one push); answer the oldest beyond the window."""
+        self._send(Push((self._target,), items, block=self._block,
+                        must_exist=self._target != self._queue))
+        while len(self._sent) > self._window:
+            self._answer_oldest()
+
+    def drain(self) -> None:
+        """Wait for the answer of every push sent."""
+        while self._sent:
+            self._answer_oldest()
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+    def _send(self, request: Push) -> None:
+        # By the shard this window knows, even if its process learned of a resize meanwhile:
+        # a push must not reach the new shard before those in flight to the old one.
+        ticket = self._pipeline.send(self._index, self._routes.after(self._index), request)
+        self._sent.append((ticket, request))
+
+    def _answer_oldest(self) -> None:
+        ticket, request = self._sent.popleft()
+        try:
+            accepted = self._pipeline.result(ticket, None if self._block else 0.0)
+        except Moved as moved:
+            self._send_again(request, moved)
+        except Exception as error:  # noqa: BLE001 - the push's own error, for on_answer
+            self._on_answer(request.items, 0, error)
+        else:
+            self._on_answer(request.items, accepted, None)
+
+    def _send_again(self, request: Push, moved: Moved) -> None:
+        """The queue moved (a resize): this push and every later one in flight went to
+        its old shard, which applied none of them. Send them all again, in order."""
+        self._routes.follow(moved)
+        self._index, self._target = self._routes.push_target(self._queue)
+        again = [request]
+        for ticket, later in list(self._sent):
+            try:
+                accepted = self._pipeline.result(ticket, None if self._block else 0.0)
+            except Moved:
+                again.append(later)
+            except Exception as error:  # noqa: BLE001 - as in _answer_oldest
+                self._on_answer(later.items, 0, error)
+            else:
+                self._on_answer(later.items, accepted, None)
+        self._sent.clear()
+        for push in again:
+            self._send(push._replace(queues=(self._target,), must_exist=self._target != self._queue))
+
+
 class Producer:
     """Buffers pushes of one process to one queue and sends them in batches.
 
     A batch goes out when it holds batch_size items, when its first item has
     waited `linger` seconds (a background thread sees to that), on flush(), and on
     close(). Batches keep the order of push() calls. At most `window` batches are
-    unanswered at a time. block=True makes every batch a blocking push (see
-    Server.push). The linger thread and the caller's thread take turns on the
-    Producer's socket under its lock.
+    unanswered at a time (a PushWindow). block=True makes every batch a blocking
+    push (see Server.push). The linger thread and the caller's thread take turns on
+    the Producer's socket under its lock.
     """
 
     def __init__(self, server: Server, queue: str, batch_size: int = 1000,
@@ -135,18 +214,13 @@ class Producer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self._server = server
         self._queue = queue
-        self._index, self._target = server.push_target(queue)
         self._batch_size = batch_size
         self._linger = linger
-        self._block = block
-        self._window = window
-        self._pipeline = server.new_pipeline()
+        self._pushes = PushWindow(server.routes, queue, window, block, self._answered)
         self._lock = threading.Lock()
         self._items: list = []
         self._first_at = 0.0
-        self._sent: deque[tuple] = deque()
         self._accepted = 0
         self._failure: Exception | None = None
         self._closed = threading.Event()
@@ -182,9 +256,8 @@ class Producer:
             self._closed.set()
         self._timer.join()
         with self._lock:
-            while self._sent:
-                self._settle_oldest()
-            self._pipeline.close()
+            self._pushes.drain()
+            self._pushes.close()
             self._raise_failure()
         return self._accepted
 
@@ -195,48 +268,15 @@ class Producer:
         self.close()
 
     def _send(self) -> None:
-        """Send the current batch (lock held); settle the oldest beyond the window."""
-        if not self._items:
-            return
-        self._send_request(Push((self._target,), self._items, block=self._block,
-                                must_exist=self._target != self._queue))
-        self._items = []
-        while len(self._sent) > self._window:
-            self._settle_oldest()
+        """Send the current batch (lock held)."""
+        if self._items:
+            self._pushes.send(self._items)
+            self._items = []
 
-    def _send_request(self, request: Push) -> None:
-        # By the shard this Producer knows, even if its process learned of a resize meanwhile:
-        # a batch must not reach the new shard before those in flight to the old one.
-        index = self._index
-        self._sent.append((self._pipeline.send(index, self._server._after(index), request), request))
-
-    def _settle_oldest(self) -> None:
-        ticket, request = self._sent.popleft()
-        try:
-            self._accepted += self._pipeline.result(ticket, None if self._block else 0.0)
-        except Moved as moved:
-            self._send_again(request, moved)
-        except Exception as error:  # noqa: BLE001 - kept and raised to the caller, first one first
-            if self._failure is None:
-                self._failure = error
-
-    def _send_again(self, request: Push, moved: Moved) -> None:
-        """The queue moved (a resize): this batch and every later one in flight went to
-        its old shard, which applied none of them. Send them all again, in order."""
-        self._server._refresh(moved.epoch)
-        self._index = self._server.shard_of(self._target)
-        again = [request]
-        for ticket, later in list(self._sent):
-            try:
-                self._accepted += self._pipeline.result(ticket, None if self._block else 0.0)
-            except Moved:
-                again.append(later)
-            except Exception as error:  # noqa: BLE001 - as in _settle_oldest
-                if self._failure is None:
-                    self._failure = error
-        self._sent.clear()
-        for batch in again:
-            self._send_request(batch)
+    def _answered(self, items: list, accepted: int, error: Exception | None) -> None:
+        self._accepted += accepted
+        if error is not None and self._failure is None:  # kept and raised, first one first
+            self._failure = error
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

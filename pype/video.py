@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ from typing import Any
 import ray
 
 from pype.errors import QueueFullError, VideoSourceError
-from pype.protocol import Moved, Push
+from pype.streams import PushWindow
 
 logger = logging.getLogger("pype")
 
 POLICIES = ("block", "drop_oldest", "drop_newest")
-PUSH_WINDOW = 4  # frames whose pushes may be unacknowledged at once
+PUSH_WINDOW = 4  # frames whose pushes to one queue may be unacknowledged at once
 
 
 @dataclass(frozen=True)
@@ -109,9 +108,8 @@ class _VideoActor:
         self._stop = threading.Event()
         self._server = None
         self._names: list[str] = []
-        self._pipeline = None  # the capture thread's native requests
-        self._in_flight: deque[list] = deque()  # tickets of pushes not yet acknowledged
-        self._routes: dict[str, tuple[int, str]] = {}  # output queue -> (shard, queue or partition)
+        self._windows: list[PushWindow] = []  # one per output queue, on the capture thread
+        self._unanswered: dict[int, list] = {}  # frame index -> [queues not answered, reached one]
         self._counts = {"read": 0, "pushed": 0, "dropped": 0}
         self._started = time.monotonic()
         self._finished: str | None = None
@@ -160,7 +158,10 @@ class _VideoActor:
     def _run(self, server, capture, frame, is_file, names, scale, fps, loop, stream_name, policy):
         import cv2
 
-        self._pipeline = server.new_pipeline()
+        block = policy == "block"
+        pipeline = server.routes.new_pipeline()
+        self._windows = [PushWindow(server.routes, name, PUSH_WINDOW, block, self._answered, pipeline)
+                         for name in names]
         index = 0
         began = time.monotonic()
         try:
@@ -182,11 +183,13 @@ class _VideoActor:
                         time.sleep(delay)
                 record = {"frame": frame, "index": index, "time": time.time(),
                           "stream_name": stream_name}
-                self._push(server, names, record, policy)
+                self._unanswered[index] = [len(names), False]
+                for window in self._windows:
+                    window.send([record])
                 index += 1
                 frame = None
-            while self._in_flight:
-                self._settle(self._in_flight.popleft(), policy == "block")
+            for window in self._windows:
+                window.drain()
             if not self._stop.is_set():
                 self._finished = "end of stream"
                 server.push(EndOfStream(stream_name, index), names, block=True)
@@ -198,36 +201,16 @@ class _VideoActor:
         finally:
             capture.release()
 
-    def _push(self, server, names, record, policy) -> None:
-        """Send the frame to every queue; wait only for frames older than PUSH_WINDOW.
-
-        Waiting for each frame's acknowledgement would add a round trip per frame;
-        order holds anyway, since one connection's pushes arrive in order and pushes
-        that wait for room enter in line order.
-        """
-        block = policy == "block"
-        tickets = []
-        for name in names:
-            if name not in self._routes:  # a partition, for a partitioned queue
-                self._routes[name] = server.push_target(name)
-            index, target = self._routes[name]  # changed only on Moved, after the frames in flight
-            tickets.append((self._pipeline.send(index, server._after(index), Push(
-                (target,), [record], block=block, must_exist=target != name)), name, record))
-        self._in_flight.append(tickets)
-        while len(self._in_flight) > PUSH_WINDOW:
-            self._settle(self._in_flight.popleft(), block)
-
-    def _settle(self, tickets: list, block: bool = True) -> None:
-        accepted = 0
-        for ticket, name, record in tickets:
-            try:
-                accepted += self._pipeline.result(ticket, None if block else 0.0)
-            except QueueFullError:  # drop_newest: this queue skips the frame
-                self._counts["dropped"] += 1
-            except Moved as moved:  # a resize moved the queue: this frame and the later
-                self._server._refresh(moved.epoch)  # ones in flight went to its old shard
-                self._routes[name] = self._server.push_target(name)
-                accepted += self._server.push_to((name,), [record], block, None, None)
-                while self._in_flight:  # in order, before any new frame goes out
-                    self._settle(self._in_flight.popleft(), block)
-        self._counts["pushed"] += accepted > 0
+    def _answered(self, items: list, accepted: int, error: Exception | None) -> None:
+        """A push of one frame to one queue was answered (see PushWindow)."""
+        if isinstance(error, QueueFullError):  # drop_newest: this queue skips the frame
+            self._counts["dropped"] += 1
+        elif error is not None:
+            raise error
+        frame = items[0]["index"]
+        waiting = self._unanswered[frame]
+        waiting[0] -= 1
+        waiting[1] = waiting[1] or accepted > 0
+        if waiting[0] == 0:
+            self._counts["pushed"] += waiting[1]
+            del self._unanswered[frame]

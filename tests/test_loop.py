@@ -1,6 +1,6 @@
 """The shard's loop with real sockets and threads, without Ray.
 
-Requests reach it as a Ray method's thread hands them in (ShardLoop.submit) and
+Requests reach it as a Ray method's thread hands them in (ShardEngine.submit) and
 over its data sockets (a transport.Pipeline), as they do in a shard actor.
 """
 
@@ -20,6 +20,7 @@ from pype.errors import QueueFullError, QueueNotFoundError, ShardLostError
 from pype.framing import stream_message
 from pype.options import QueueOptions
 from pype.protocol import Add, CanPull, CanPush, Pull, Push, Remove, Settle, Stats
+from pype.shards.engine import ShardEngine
 from pype.shards.listeners import ShardSockets
 from pype.shards.loop import HOUSEKEEPING_INTERVAL, ShardLoop
 from pype.shards.store import QueueStore
@@ -37,9 +38,9 @@ class Shard:
                  housekeeping_interval=HOUSEKEEPING_INTERVAL):
         self.keys, secret = Keys.generate()
         sockets = ShardSockets(NODE, "127.0.0.1", self.keys, secret, directory / "sockets", 0, "test-0")
-        self.loop = ShardLoop(QueueStore(defaults or QueueOptions()), sockets, 0, poll_wait=0.05,
-                              restarted=restarted, lost=lost,
-                              housekeeping_interval=housekeeping_interval)
+        self.engine = ShardEngine(QueueStore(defaults or QueueOptions()), 0, poll_wait=0.05,
+                                  restarted=restarted, lost=lost)
+        self.loop = ShardLoop(self.engine, sockets, housekeeping_interval=housekeeping_interval)
         self.threads = ThreadPoolExecutor(max_workers=16)
 
     def pipeline(self, local=True) -> Pipeline:
@@ -51,7 +52,7 @@ class Shard:
 
     def ray(self, request, caller="ray", sequence=None, after=0, may_wait=True):
         """As a Ray method would: sequence for main-thread calls (may_wait False)."""
-        return self.loop.submit(request, caller, sequence=sequence, after=after, may_wait=may_wait)
+        return self.engine.submit(request, caller, sequence=sequence, after=after, may_wait=may_wait)
 
     def in_thread(self, function, *args, **kwargs):
         return self.threads.submit(function, *args, **kwargs)
@@ -98,7 +99,7 @@ def test_requests_that_timed_out_leave_nothing_behind_on_an_idle_queue(shard):
     for _ in range(20):
         assert shard.native(Pull("idle", 1, True, 0.01), wait=0.01) == []
     assert shard.ray(Stats(), may_wait=False)["waiting_calls"] == 0
-    assert "idle" not in shard.loop._parked  # the loop's list of parked requests for the queue
+    assert "idle" not in shard.engine._parked  # the loop's list of parked requests for the queue
 
 
 def test_a_blocking_pull_for_more_than_fits_returns_when_the_queue_is_full(shard):
@@ -226,7 +227,7 @@ def test_a_parked_pull_wakes_when_a_lease_expires(tmp_path):
 
 def test_a_request_is_held_until_its_callers_earlier_main_thread_call_ran(shard):
     pulled = shard.in_thread(shard.native, Pull("q", 1, False), ("p1", 2))  # after call 2 of p1
-    until(lambda: shard.loop._behind.get("p1"), "the pull to be held")
+    until(lambda: shard.engine._behind.get("p1"), "the pull to be held")
     assert shard.ray(Push(("q",), ["first"]), "p1", sequence=1, may_wait=False) == 1
     assert not pulled.done()
     assert shard.ray(Push(("q",), ["second"]), "p1", sequence=2, may_wait=False) == 1
@@ -405,7 +406,7 @@ def test_protocol_sends_large_buffers_out_of_band():
 def test_no_two_threads_are_ever_in_the_store_at_once(shard):
     """Native requests run on the loop's thread, Ray's on their own: one lock keeps them apart."""
     inside, overlaps = [], []
-    original = shard.loop.store.push
+    original = shard.engine.store.push
 
     def spy(*args, **kwargs):
         if inside:
@@ -417,7 +418,7 @@ def test_no_two_threads_are_ever_in_the_store_at_once(shard):
         finally:
             inside.pop()
 
-    shard.loop.store.push = spy
+    shard.engine.store.push = spy
 
     def native_pushes():
         pipeline = shard.pipeline()

@@ -16,8 +16,9 @@ from tests.events import until
 
 
 def shard_pid(server, queue):
+    """The pid of the shard of `queue`; None while it cannot be reached (restarting)."""
     stats = ray.get(server.stats.remote())
-    return stats["shards"][server.shard_of(queue)]["pid"]
+    return stats["shards"][server.shard_of(queue)].get("pid")
 
 
 def kill_shard(server, queue):
@@ -30,10 +31,7 @@ def kill_shard(server, queue):
 def until_restarted(server, queue, old_pid):
     """Wait until the shard of `queue` answers from a new process."""
     def restarted():
-        try:
-            return shard_pid(server, queue) != old_pid
-        except ray.exceptions.RayActorError:
-            return False
+        return shard_pid(server, queue) not in (None, old_pid)
     until(restarted, "the shard to come back", interval=0.2)
 
 
@@ -199,7 +197,7 @@ def test_without_persistence_a_restarted_shard_reports_the_queues_it_lost(fresh_
     server = fresh_server(shards=1)
     q = names()
     ray.get(server.push.remote([1, 2, 3], q, expand=True))
-    until(lambda: q in ray.get(server._router.stats.remote())["reported_queues"].get(0, ()),
+    until(lambda: q in ray.get(server.routes.router.stats.remote())["reported_queues"].get(0, ()),
           "the shard to report its queue to the router")
     until_restarted(server, q, kill_shard(server, q))
     with pytest.raises(pype.ShardLostError, match=f"queue '{q}' lost its items.*not applied"):

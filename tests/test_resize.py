@@ -152,7 +152,7 @@ def test_items_leases_and_options_move_whole(fresh_server, names):
     for q in queues:
         assert server.ack(q, [lease for lease, _, _ in leases[q]]) == 2  # leases moved along
         assert server.pull(q, -1) == [7, 6, 5, 4, 3, 2, 1, 0]  # a stack still
-        described = ray.get(server._call(server.shard_of(q), pype.protocol.Describe(q)))
+        described = ray.get(server.routes.call(server.shard_of(q), pype.protocol.Describe(q)))
         assert described["kind"] == "lifo" and described["maxsize"] == 50
 
 
@@ -174,9 +174,9 @@ def test_a_shard_killed_during_a_resize_loses_nothing_and_a_second_resize_finish
     for name in names:
         server.push([name, 1, 2], name, expand=True)
     victim = server.stats()["shards"][0]["pid"]
-    resizing = server._router.resize.remote(4)
+    resizing = server.routes.router.resize.remote(4)
     # The new topology is published before the queues move: kill a giver in the move.
-    until(lambda: ray.get(server._router.topology.remote()).epoch == 1, "the move to begin",
+    until(lambda: ray.get(server.routes.router.topology.remote()).epoch == 1, "the move to begin",
           interval=0.002)
     os.kill(victim, signal.SIGKILL)
     try:

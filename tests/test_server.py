@@ -12,8 +12,8 @@ import pytest
 import ray
 
 import pype
-from pype.client import TOPOLOGY_CHECK
 from pype.hashing import shard_for
+from pype.routing import TOPOLOGY_CHECK
 from tests.events import until
 
 

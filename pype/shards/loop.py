@@ -1,39 +1,21 @@
-"""The shard's loop: the one thread that owns the shard's queues.
+"""A shard's I/O loop: the thread that serves the data sockets for the request engine.
 
-Requests come from two places: the data sockets (native calls, pype.transport)
-and the shard actor's Ray methods (`.remote()` calls), which hand theirs in
-through an inbox and wait for the answer. The loop runs each request against
-the QueueStore, which never waits. A request that must wait (a blocking pull, a
-blocking push, can_pull/can_push with a wait) is parked: it costs no thread,
-only an entry in the list of its queue and, with a timeout, in a heap of
-deadlines. Whatever changes a queue wakes the requests parked on it, in the
-order they parked; a deadline answers a parked request with what its timeout
-means (a partial batch, False, QueueTimeoutError). This is the shape of Redis:
-one thread, no locks, blocked clients as data.
-
-Read-your-writes across the two paths. Ray runs one caller's calls to the
-actor's main thread in order, but not in order with its calls to the waiting
-groups, nor with its native calls. So every `.remote()` call to the main thread
-carries (caller id, sequence number), and every other request carries the
-sequence number of its caller's last such call: the loop holds it until that
-call has run. A shard that Ray restarted does not hold requests of callers it
-has not seen since: their earlier calls went to its predecessor.
-
-Without persistence a restarted shard lost its queues: each caller's first call
-to one of them raises ShardLostError once, and is not applied.
+It waits on the shard's listening sockets (pype.shards.listeners) and the peers of
+its Unix socket with epoll, and on an eventfd that other threads write to wake it.
+Each native request it reads goes to the engine (pype.shards.engine) under the
+engine's lock, with a reply function that writes the answer back to the peer it
+came from: over the Unix socket, or over the ZeroMQ socket, which only this thread
+may use (an answer made on a Ray thread goes through an outbox and the eventfd).
+Between events it sleeps until the engine's next deadline or housekeeping tick.
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
-import itertools
 import logging
-import math
 import os
 import select
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -41,61 +23,16 @@ from typing import Any
 import zmq
 
 from pype import protocol
-from pype.errors import QueueNotFoundError, ShardLostError
 from pype.framing import EVENTS, POLLIN, receive_frames, send_frames, stream_message
-from pype.partitions import Partitioned
 from pype.payloads import resolved
-from pype.protocol import (
-    Add,
-    Arrived,
-    AwaitPush,
-    CanPull,
-    CanPush,
-    Describe,
-    Expect,
-    Export,
-    Import,
-    Length,
-    Moved,
-    Names,
-    Pull,
-    Push,
-    Release,
-    Remove,
-    Render,
-    Settle,
-    Stats,
-)
+from pype.shards.engine import Reply, ShardEngine
 from pype.shards.listeners import ShardSockets, UnixPeer
-from pype.shards.store import PendingPush, QueueStore
 
 logger = logging.getLogger("pype")
 
 _WAKEUP, _ACCEPT, _TCP = object(), object(), object()  # what woke the loop, besides a peer
 HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks for expired leases and new queue names
 MAX_BATCH = 256              # messages read from one socket before the loop looks elsewhere
-
-Reply = Callable[[int, Any], None]  # reply(status, value)
-
-
-class RayReply:
-    """The answer to a request from a Ray method's thread, which waits for it."""
-
-    __slots__ = ("_event", "status", "value")
-
-    def __init__(self):
-        self._event = threading.Event()
-        self.status, self.value = None, None
-
-    def __call__(self, status: int, value: Any) -> None:
-        self.status, self.value = status, value
-        self._event.set()
-
-    def result(self) -> Any:
-        self._event.wait()
-        if self.status == protocol.ERROR:
-            raise self.value
-        return self.value
 
 
 def _answer(request_id: int, status: int, value: Any) -> list:
@@ -142,163 +79,33 @@ class _UnixReply:
         self.loop.send_to(self.peer, _answer(self.request_id, status, value))
 
 
-def _queue_names(request) -> tuple[str, ...]:
-    """The queues a request names (none for AwaitPush, Names, Stats, ...)."""
-    kind = type(request)
-    if kind is Push:
-        return request.queues
-    if kind in _ONE_QUEUE:
-        return (request.queue,)
-    return ()
+class ShardLoop:
+    """Serves one shard's data sockets on a thread of its own; see the module docstring.
 
-
-_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render)
-
-
-# -- parked requests ----------------------------------------------------------------------
-
-class _Parked:
-    """A request waiting in the shard on queues `names`; poll() answers it once it can.
-
-    A handler returns one instead of an answer; the loop attaches the reply.
+    housekeeping(engine), if given, runs every housekeeping_interval seconds on this
+    thread, under the engine's lock, after the engine's own (expired leases).
     """
 
-    __slots__ = ("deadline", "done", "names", "reply")
-
-    def __init__(self, names: tuple[str, ...], deadline: float | None):
-        self.names, self.deadline, self.done = names, deadline, False
-        self.reply: Reply | None = None
-
-    def finish(self, status: int, value: Any) -> None:
-        self.done = True
-        self.reply(status, value)
-
-
-class _PullWait(_Parked):
-    __slots__ = ("ack", "must_exist", "name", "remove", "size")
-
-    def __init__(self, deadline, name, size, remove, ack, must_exist):
-        super().__init__((name,), deadline)
-        self.name, self.size, self.remove, self.ack = name, size, remove, ack
-        self.must_exist = must_exist
-
-    def poll(self, loop: ShardLoop, late: bool) -> bool:
-        if not (late or loop.store.pull_ready(self.name, self.size)):
-            return False
-        items = loop.store.pull(self.name, self.size, self.remove, self.ack)
-        if items:
-            loop.changed(self.name)
-        self.finish(protocol.RESULT, items)
-        return True
-
-
-class _ConditionWait(_Parked):
-    """can_pull / can_push with a wait: True once the condition holds, False at the deadline."""
-
-    __slots__ = ("condition",)
-
-    def __init__(self, name, deadline, condition: Callable[[], bool]):
-        super().__init__((name,), deadline)
-        self.condition = condition
-
-    def poll(self, loop: ShardLoop, late: bool) -> bool:
-        if self.condition():
-            self.finish(protocol.RESULT, True)
-        elif late:
-            self.finish(protocol.RESULT, False)
-        else:
-            return False
-        return True
-
-
-class _PushWait(_Parked):
-    """The parts of a blocking push that wait in their queues' lines for room."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self, pending: PendingPush):
-        super().__init__(tuple(pending.tickets), pending.deadline)
-        self.pending = pending
-
-    def poll(self, loop: ShardLoop, late: bool) -> bool:
-        try:
-            outcome = loop.store.push_outcome(self.pending, time.monotonic())
-        except Exception as error:  # noqa: BLE001 - the push's own error, for its caller
-            self.finish(protocol.ERROR, error)
-            return True
-        if outcome is None:
-            return False
-        self.finish(protocol.RESULT, outcome)
-        return True
-
-
-# -- the loop ---------------------------------------------------------------------------------
-
-class ShardLoop:
-    """Serves one shard's requests on a thread of its own; see the module docstring."""
-
-    def __init__(self, store: QueueStore, sockets: ShardSockets, index: int, poll_wait: float,
-                 restarted: bool = False, lost: set[str] = frozenset(),
-                 housekeeping: Callable[[ShardLoop], None] | None = None,
+    def __init__(self, engine: ShardEngine, sockets: ShardSockets,
+                 housekeeping: Callable[[ShardEngine], None] | None = None,
                  housekeeping_interval: float = HOUSEKEEPING_INTERVAL):
-        self.store = store
-        self.index = index
-        self.counts = {"native_requests": 0, "tcp_requests": 0, "ray_requests": 0}
+        self.engine = engine
+        self.index = engine.index
         self._sockets = sockets
-        self._poll_wait = poll_wait
-        self._restarted = restarted
-        self._lost = {name: set() for name in lost}  # queue lost in a restart -> callers told
         self._housekeeping = housekeeping
         self._housekeeping_interval = housekeeping_interval
-        # One lock guards the store and the parked requests: the loop thread holds it
-        # while it serves what woke it, a Ray method's thread while it runs its request.
-        self._lock = threading.Lock()
         self._tcp_outbox: deque = deque()  # answers for TCP peers made on Ray's threads
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK)
         self._epoll = select.epoll()
         self._sources: dict[int, object] = {}  # file descriptor -> _WAKEUP, _ACCEPT, _TCP or a peer
         self._tcp_unread = True  # look at the ZeroMQ socket's EVENTS before sleeping
-        self._parked: dict[str, list[_Parked]] = {}
-        self._deadlines: list = []
-        self._tiebreak = itertools.count()
-        self._changed: list[str] = []
-        self._applied: dict[str, int] = {}           # caller id -> last main-thread call run
-        self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
         self._stopping = False
-        self._handlers = {
-            Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
-            CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
-            Length: self._length,
-            Describe: lambda _, r, __: self.store.describe(r.queue),
-            Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
-            Expect: self._expect, Export: self._export, Import: self._import,
-            Arrived: self._arrived, Release: self._release,
-        }
-        self._held: list[tuple] = []  # requests for queues on their way here
-        self._thread = threading.Thread(target=self._run, name=f"pype-shard-{index}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"pype-shard-{engine.index}",
+                                        daemon=True)
+        engine.new_deadline = self._wake_for_a_deadline
         self._thread.start()
 
     # -- entry points from other threads ------------------------------------------------
-
-    def submit(self, request: tuple, caller_id: str, sequence: int | None = None,
-               after: int = 0, may_wait: bool = True) -> Any:
-        """Run `request` on a Ray method's thread and return its answer (or raise its error).
-
-        The request runs here, under the lock, as it would on the loop's thread: a
-        hand-off to that thread and back cost the `.remote()` path a third of its
-        speed (two thread wake-ups per call on 2 cores). A request that must wait
-        parks like any other, and this thread waits for its answer outside the lock.
-        sequence: the number of a main-thread call (recorded once it ran); after:
-        the caller's last main-thread call, which must run first; may_wait=False
-        (the main thread) answers at once, never parking the request.
-        """
-        reply = RayReply()
-        with self._lock:
-            self.counts["ray_requests"] += 1
-            self._dispatch(request, caller_id, after, may_wait, reply)
-            if sequence is not None:
-                self._record(caller_id, sequence)
-        return reply.result()
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread.ident
@@ -308,6 +115,10 @@ class ShardLoop:
         alone may use the ZeroMQ socket)."""
         self._tcp_outbox.append((identity, frames))
         os.eventfd_write(self._wakeup, 1)
+
+    def _wake_for_a_deadline(self) -> None:
+        if not self.on_loop_thread():  # the loop sleeps until its old deadline: wake it
+            os.eventfd_write(self._wakeup, 1)
 
     def stop(self) -> None:
         self._stopping = True
@@ -319,15 +130,6 @@ class ShardLoop:
     def address(self):
         """Where the data sockets listen (a pype.transport.DataAddress)."""
         return self._sockets.address
-
-    def stats(self) -> dict:
-        """The store's counters, requests served per path, requests parked now, lost queues.
-
-        Call it on the loop's thread (housekeeping does), or send a Stats request.
-        """
-        waiting = sum(not parked.done for parked_on in self._parked.values() for parked in parked_on)
-        return {**self.store.stats(), **self.counts, "waiting_calls": waiting,
-                "lost_queues": sorted(self._lost)}
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -343,14 +145,14 @@ class ShardLoop:
         self._watch(self._sockets.tcp.getsockopt(zmq.FD), _TCP)
         if self._sockets.unix is not None:
             self._watch(self._sockets.unix.fileno(), _ACCEPT)
-        next_housekeeping = time.monotonic()
+        engine = self.engine
+        next_housekeeping = engine.clock()
         while not self._stopping:
-            now = time.monotonic()
-            until = next_housekeeping
-            if self._deadlines:
-                until = min(until, self._deadlines[0][0])
+            now = engine.clock()
+            deadline = engine.next_deadline()
+            until = next_housekeeping if deadline is None else min(next_housekeeping, deadline)
             events = poll(0 if self._tcp_unread else max(0.0, until - now))
-            with self._lock:
+            with engine.lock:
                 try:
                     next_housekeeping = self._serve(events, next_housekeeping)
                 except Exception:  # the loop must outlive any one request's bug
@@ -375,15 +177,13 @@ class ShardLoop:
                     self._serve_unix(source)
         if self._tcp_unread:
             self._serve_tcp()
-        now = time.monotonic()
-        self._expire(now)
+        now = self.engine.clock()
+        self.engine.expire(now)
         if now >= next_housekeeping:
             next_housekeeping = now + self._housekeeping_interval
-            for name in self.store.expire_leases():
-                self.changed(name)
-            self._wake()
+            self.engine.housekeep()
             if self._housekeeping is not None:
-                self._housekeeping(self)
+                self._housekeeping(self.engine)
         return next_housekeeping
 
     def _send_tcp_outbox(self) -> None:
@@ -405,12 +205,12 @@ class ShardLoop:
                 self._tcp_unread = False
                 return
             identity = receive()
-            self.counts["tcp_requests"] += 1
+            self.engine.counts["tcp_requests"] += 1
             reply_to = functools.partial(_TcpReply, self, identity)
             request = self._decode(receive_frames(socket), reply_to)
             if request is not None:
                 request_id, (caller_id, after), request = request
-                self._dispatch(request, caller_id, after, True, reply_to(request_id))
+                self.engine.dispatch(request, caller_id, after, True, reply_to(request_id))
 
     @property
     def tcp_socket(self) -> zmq.Socket:
@@ -444,7 +244,7 @@ class ShardLoop:
             request = self._decode(frames, reply_to)
             if request is not None:
                 request_id, (caller_id, after), request = request
-                self._dispatch(request, caller_id, after, True, reply_to(request_id))
+                self.engine.dispatch(request, caller_id, after, True, reply_to(request_id))
         peer.corked = False
         self._flush(peer)
 
@@ -487,7 +287,7 @@ class ShardLoop:
         answered with a TypeError when its request id can be read, so that its caller
         does not wait for an answer that never comes.
         """
-        self.counts["native_requests"] += 1
+        self.engine.counts["native_requests"] += 1
         try:
             return protocol.decode_request(frames)
         except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
@@ -501,263 +301,3 @@ class ShardLoop:
                     f"not in the driver's __main__)"))
             return None
 
-    # -- running requests -------------------------------------------------------------------
-
-    def _dispatch(self, request, caller_id: str, after: int, may_wait: bool, reply: Reply) -> None:
-        if after and self._applied.get(caller_id, 0) < after and not (
-                self._restarted and caller_id not in self._applied):
-            self._behind.setdefault(caller_id, []).append((after, request, may_wait, reply))
-            return
-        if (self.store.owner or self.store.expecting) and self._elsewhere(
-                request, caller_id, may_wait, reply):
-            return
-        try:
-            answer = self._handlers[type(request)](caller_id, request, may_wait)
-        except Exception as error:  # noqa: BLE001 - the request's own error, for its caller
-            reply(protocol.ERROR, error)
-        else:
-            if isinstance(answer, _Parked):
-                answer.reply = reply
-                self._park(answer)
-            else:
-                reply(protocol.RESULT, answer)
-        self._wake()
-
-    def _elsewhere(self, request, caller_id: str, may_wait: bool, reply: Reply) -> bool:
-        """Answer a request for a queue that moved away with Moved, and hold one for a
-        queue that may be on its way here until it arrived; True if it was handled so."""
-        names = _queue_names(request)
-        if type(request) is Push and self.store.applied_before(request.producer):
-            reply(protocol.RESULT, len(request.items) * len(names))  # sent again after a restart
-            return True
-        for name in names:
-            epoch = self.store.belongs_elsewhere(name, self.index)
-            if epoch is not None:
-                reply(protocol.ERROR, Moved(name, epoch, names))
-                return True
-        if any(self.store.on_its_way(name, self.index) for name in names):
-            self._held.append((request, caller_id, may_wait, reply))
-            return True
-        return False
-
-    def _record(self, caller_id: str, sequence: int) -> None:
-        """The caller's main-thread call `sequence` has run: release what waited for it."""
-        if sequence > self._applied.get(caller_id, 0):
-            self._applied[caller_id] = sequence
-        behind = self._behind.get(caller_id)
-        if behind:
-            ready = [entry for entry in behind if entry[0] <= sequence]
-            self._behind[caller_id] = [entry for entry in behind if entry[0] > sequence]
-            for _, request, may_wait, reply in ready:
-                self._dispatch(request, caller_id, 0, may_wait, reply)
-
-    def _park(self, parked: _Parked) -> None:
-        for name in parked.names:
-            self._parked.setdefault(name, []).append(parked)
-        if parked.deadline is not None:
-            heapq.heappush(self._deadlines, (parked.deadline, next(self._tiebreak), parked))
-            if not self.on_loop_thread():  # the loop sleeps until its old deadline: wake it
-                os.eventfd_write(self._wakeup, 1)
-
-    def changed(self, name: str) -> None:
-        """Queue `name` changed: its parked requests get another look."""
-        self._changed.append(name)
-
-    def _wake(self) -> None:
-        """Answer the parked requests of changed queues that can be answered now, in order."""
-        while self._changed:
-            name = self._changed.pop()
-            waiting = self._parked.get(name)
-            if not waiting:
-                continue
-            still = [parked for parked in waiting if not parked.done and not parked.poll(self, False)]
-            if still:
-                self._parked[name] = still
-            else:
-                del self._parked[name]
-
-    def _expire(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            parked = heapq.heappop(deadlines)[2]
-            if not parked.done:
-                parked.poll(self, True)
-                for name in parked.names:  # _wake() also drops it from its queues' lists
-                    self.changed(name)
-        self._wake()
-
-    def _check_lost(self, caller_id: str, names) -> None:
-        """Raise ShardLostError if `caller_id` has not been told that a queue of `names` was lost."""
-        if not self._lost:
-            return
-        for name in names:
-            told = self._lost.get(name)
-            if told is not None and caller_id not in told:
-                told.add(caller_id)
-                raise ShardLostError(
-                    f"queue {name!r} lost its items: shard {self.index} restarted without "
-                    f"persistence. This call was not applied; the next one works on the new, "
-                    f"empty queue")
-
-    def _refuse_heads(self, caller_id: str, names, partitions: int = 1, create: bool = False,
-                      push: bool = False) -> None:
-        """Raise Partitioned if a queue of `names` is the head of a partitioned queue (of
-        other than `partitions` partitions): the caller must use its partitions. The head
-        pins each producer (a caller that pushes) to a partition, round robin, so that
-        producers spread."""
-        for name in names:
-            options = self.store.partitions(name, create)
-            if options is None or options.partitions == partitions:
-                continue
-            pin = self.store.pin(name, caller_id, push)
-            raise Partitioned(name, options.partitions, options, pin)
-
-    @staticmethod
-    def _deadline(timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
-
-    # -- handlers: (caller id, request, may_wait) -> answer or PARKED -------------------------
-
-    def _push(self, caller_id, request: Push, may_wait: bool):
-        self._check_lost(caller_id, request.queues)
-        self._refuse_heads(request.on_behalf or caller_id, request.queues,
-                           create=not request.must_exist, push=True)
-        if request.must_exist:
-            self.store.require(request.queues)
-        try:
-            result = self.store.push(request.queues, request.items, request.priority, request.block,
-                                     request.timeout, request.producer)
-        finally:
-            for name in request.queues:
-                self.changed(name)
-        if isinstance(result, PendingPush):
-            result.request = request  # to send again to a new shard, should its queue move
-            if may_wait:
-                return self._await_push(caller_id, AwaitPush(result), True)
-        return result
-
-    def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
-        outcome = self.store.push_outcome(request.pending, time.monotonic())
-        return _PushWait(request.pending) if outcome is None else outcome
-
-    def _pull(self, caller_id, request: Pull, may_wait: bool):
-        name = request.queue
-        self._check_lost(caller_id, (name,))
-        self._refuse_heads(caller_id, (name,), create=not request.must_exist)
-        if request.must_exist:
-            self.store.require((name,))
-        options = self.store.options(name)
-        is_batch = options.kind == "batch"
-        size = options.pull_size if request.batch_size is None else request.batch_size
-        block = is_batch if request.block is None else request.block
-        timeout = options.batch_timeout if is_batch and request.timeout is None else request.timeout
-        if may_wait and block and not self.store.pull_ready(name, size):
-            if request.exactly:
-                raise ValueError("exactly applies to pulls that do not wait (block=False)")
-            return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack,
-                             request.must_exist)
-        if request.exactly and self.store.length(name) < size:
-            return []
-        items = self.store.pull(name, size, request.remove, request.ack)
-        if items:
-            self.changed(name)
-        return items
-
-    def _settle(self, caller_id, request: Settle, may_wait: bool):
-        self._refuse_heads(caller_id, (request.queue,))
-        try:
-            return self.store.settle(request.queue, request.lease_ids, request.requeue)
-        finally:
-            self.changed(request.queue)
-
-    def _wait_limit(self, wait: float | None) -> float | None:
-        """Seconds a condition may wait: None is the shard's poll_wait, math.inf no limit."""
-        if wait is None:
-            return self._poll_wait
-        return None if wait == math.inf else wait
-
-    def _can_pull(self, caller_id, request: CanPull, may_wait: bool):
-        self._refuse_heads(caller_id, (request.queue,), create=True)
-        condition = lambda: self.store.can_pull(request.queue, request.batch_size)
-        return self._condition(request.queue, condition, request.wait, may_wait)
-
-    def _can_push(self, caller_id, request: CanPush, may_wait: bool):
-        self._refuse_heads(caller_id, (request.queue,))
-        condition = lambda: self.store.can_push(request.queue)
-        return self._condition(request.queue, condition, request.wait, may_wait)
-
-    def _condition(self, name, condition, wait, may_wait):
-        if condition():
-            return True
-        wait = self._wait_limit(wait)
-        if not may_wait or wait == 0:
-            return False
-        return _ConditionWait(name, self._deadline(wait), condition)
-
-    def _add(self, caller_id, request: Add, may_wait: bool):
-        created = self.store.add(request.queue, request.options, request.exist_ok)
-        self._lost.pop(request.queue, None)
-        partitions = request.options.partitions
-        if created and partitions > 1:  # what waits on the name must go to the partitions
-            moved = Partitioned(request.queue, partitions, request.options, 0)
-            for parked in self._parked.pop(request.queue, ()):
-                if not parked.done:
-                    parked.finish(protocol.ERROR, moved)
-        return created
-
-    def _remove(self, caller_id, request: Remove, may_wait: bool):
-        self._refuse_heads(caller_id, (request.queue,), request.partitions)
-        try:
-            removed = self.store.remove(request.queue)
-        finally:
-            self.changed(request.queue)  # its parked pushes end with QueueNotFoundError
-        # So do blocking pulls that need the queue to exist (a plain one waits on: a
-        # push makes the queue again).
-        gone = QueueNotFoundError(f"queue {request.queue!r} was removed while this pull waited")
-        for parked in self._parked.get(request.queue, ()):
-            if isinstance(parked, _PullWait) and parked.must_exist and not parked.done:
-                parked.finish(protocol.ERROR, gone)
-        return removed
-
-    def _length(self, caller_id, request: Length, may_wait: bool) -> int:
-        self._refuse_heads(caller_id, (request.queue,))
-        if request.must_exist:
-            self.store.require((request.queue,))
-        return self.store.length(request.queue)
-
-    def _render(self, caller_id, request: Render, may_wait: bool) -> str:
-        self._refuse_heads(caller_id, (request.queue,))
-        text = self.store.render(request.queue)
-        if request.show:
-            print(text, flush=True)  # the seed's debugging habit: Ray shows it in the driver
-        return text
-
-    def _stats(self, caller_id, request: Stats, may_wait: bool) -> dict:
-        return self.stats()
-
-    # -- moving queues (the router's resize) ---------------------------------------------
-
-    def _expect(self, caller_id, request: Expect, may_wait: bool) -> None:
-        self.store.expect(request.shards, request.seed)
-
-    def _export(self, caller_id, request: Export, may_wait: bool) -> dict:
-        exported = self.store.export(self.index, request.shards, request.seed, request.epoch)
-        for name in exported:  # what waits here for these queues must go there
-            moved = Moved(name, request.epoch)
-            for parked in self._parked.get(name, ()):
-                if not parked.done and not isinstance(parked, _PushWait):
-                    parked.finish(protocol.ERROR, moved)
-            self.changed(name)  # parked pushes: push_outcome raises Moved
-        return exported
-
-    def _import(self, caller_id, request: Import, may_wait: bool) -> None:
-        self.store.import_(request.queues)
-
-    def _release(self, caller_id, request: Release, may_wait: bool) -> None:
-        self.store.release(self.index)
-
-    def _arrived(self, caller_id, request: Arrived, may_wait: bool) -> None:
-        self.store.arrived()
-        held, self._held = self._held, []
-        for request_, caller, may_wait_, reply in held:  # in the order they came
-            self._dispatch(request_, caller, 0, may_wait_, reply)

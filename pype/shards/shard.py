@@ -1,14 +1,20 @@
-"""The shard actor: a thin Ray shell around the shard's loop (pype.shards.loop).
+"""The shard actor: a thin Ray shell around the shard's request engine (pype.shards.engine).
 
 Ray starts, places and restarts shards, and carries `.remote()` calls. Each Ray
-method hands its typed request (pype.protocol) to the loop, which owns the
-queues, and returns the answer. Native calls reach the same loop over its data
-sockets without Ray (pype.transport); data_address() tells clients where.
+method hands its typed request (pype.protocol) to the engine, which owns the
+queues, and returns the answer. Native calls reach the same engine through its I/O
+loop (pype.shards.loop) over its data sockets, without Ray; data_address() tells
+clients where.
+
+A `.remote()` request that this shard refuses with a redirect (it names a
+partitioned queue's head, or a queue that moved away in a resize) is run here,
+natively, for its caller, through the routing core (pype.routing.Routes.forward):
+the caller's `.remote()` call could not follow the redirect without waiting.
 
 Methods that never wait run on the actor's main thread, where Ray keeps each
 caller's calls in the order they were sent (a sync actor: an async one would
 reorder them). A `.remote()` call that may wait blocks a thread of one of two
-concurrency groups while its request is parked in the loop: "pulls" for
+concurrency groups while its request is parked in the engine: "pulls" for
 consumers' waits, "pushes" for producers' (a pile of blocked pushes must never
 keep out the pulls that would make room for them). Native calls need no thread.
 
@@ -35,9 +41,10 @@ import ray
 
 from pype.config import Config
 from pype.metrics import ShardMetrics
-from pype.partitions import Partitioned
 from pype.payloads import keep_references_here
-from pype.protocol import AwaitPush, Moved, Names, Push, Stats
+from pype.protocol import AwaitPush, Moved, Names, Push, Redirect, Stats
+from pype.routing import Routes
+from pype.shards.engine import ShardEngine
 from pype.shards.journal import Journal
 from pype.shards.listeners import ShardSockets
 from pype.shards.loop import ShardLoop
@@ -122,7 +129,7 @@ class _Refused:
 
     request: tuple
     caller_id: str
-    redirect: Partitioned | Moved
+    redirect: Redirect
 
 
 class Shard:
@@ -136,7 +143,7 @@ class Shard:
         return_large_blocks_to_the_os()
         self._index = index
         self._router = router
-        self._server = None  # a handle of our own server, for _run_refused
+        self._routes: Routes | None = None  # how this shard reaches the others, for _run_refused
         persistence = config.persistence
         journal = None if journal_dir is None else Journal(journal_dir, persistence.fsync)
         store = QueueStore(config.queue_defaults, config.shard.memory_budget,
@@ -168,19 +175,19 @@ class Shard:
         self._metrics = ShardMetrics(server, index)
         self._reported: frozenset | None = None
         self._rounds = 0
-        self._loop = ShardLoop(store, sockets, index, config.shard.poll_wait, self._restarted,
-                               lost, self._housekeeping)
+        self._engine = ShardEngine(store, index, config.shard.poll_wait, self._restarted, lost)
+        self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
 
-    def _housekeeping(self, loop: ShardLoop) -> None:
+    def _housekeeping(self, engine: ShardEngine) -> None:
         """Every 0.1 s, on the loop's thread: report new queue names, export metrics."""
         self._rounds += 1
-        names = frozenset(loop.store.names())
+        names = frozenset(engine.store.names())
         if names != self._reported:
             self._router.note_queues.remote(self._index, names)
             self._reported = names
         if self._rounds % METRICS_EVERY == 0:
-            self._metrics.export(loop.stats())
+            self._metrics.export(engine.stats())
 
     @ray.method(concurrency_group=CONTROL)
     def data_address(self) -> DataAddress:
@@ -192,36 +199,35 @@ class Shard:
     @ray.method(concurrency_group=CONTROL)
     def move(self, request: tuple) -> object:
         """A step of a resize (pype.protocol Expect, Export, Import, Arrived): see Router.resize."""
-        return self._loop.submit(request, "", may_wait=False)
+        return self._engine.submit(request, "", may_wait=False)
 
     @ray.method(concurrency_group=CONTROL)
     def names(self) -> list[str]:
-        return self._loop.submit(Names(), "", may_wait=False)
+        return self._engine.submit(Names(), "", may_wait=False)
 
     # -- main thread: never waits ----------------------------------------------------
 
     def call(self, request: tuple, caller: tuple[str, int]) -> object:
         """Run `request` (pype.protocol) for `caller` = (caller id, number of this call)."""
         try:
-            return self._loop.submit(request, caller[0], sequence=caller[1], may_wait=False)
-        except (Partitioned, Moved) as redirect:
+            return self._engine.submit(request, caller[0], sequence=caller[1], may_wait=False)
+        except Redirect as redirect:
             if type(request) is Push and request.block:  # it waits: await_push runs it
                 return _Refused(request, caller[0], redirect)
             return self._run_refused(request, caller[0], redirect)
 
-    def _run_refused(self, request: tuple, caller_id: str, redirect: Partitioned | Moved) -> object:
+    def _run_refused(self, request: tuple, caller_id: str, redirect: Redirect) -> object:
         """Run natively, where it belongs, a `.remote()` request that this shard refused: it
         named a partitioned queue's head, or a queue that moved to another shard. The
         caller could not follow the redirect itself without waiting."""
-        if self._server is None:
-            from pype.client import Server  # the client imports this module's router
-            self._server = Server(self._router, ray.get(self._router.topology.remote()))
-        return self._server.run_refused(request, caller_id, redirect)
+        if self._routes is None:
+            self._routes = Routes(self._router, ray.get(self._router.topology.remote()))
+        return self._routes.forward(request, caller_id, redirect)
 
     def _submit_waiting(self, request: tuple, after: tuple[str, int]) -> object:
         try:
-            return self._loop.submit(request, after[0], after=after[1])
-        except (Partitioned, Moved) as redirect:
+            return self._engine.submit(request, after[0], after=after[1])
+        except Redirect as redirect:
             return self._run_refused(request, after[0], redirect)
 
     def stats(self) -> dict:
@@ -229,7 +235,7 @@ class Shard:
         return {"shard": self._index, "pid": os.getpid(), **self._node, "peak_rss_mb": peak_rss_mb,
                 "rss_mb": _resident_mb(),
                 "restarted": self._restarted, "address": self.data_address(),
-                **self._loop.submit(Stats(), "", may_wait=False)}
+                **self._engine.submit(Stats(), "", may_wait=False)}
 
     def close(self) -> None:
         """Stop serving: close the data sockets (and remove the Unix socket file)."""
@@ -251,7 +257,7 @@ class Shard:
         if isinstance(pending, _Refused):
             return self._run_refused(pending.request, pending.caller_id, pending.redirect)
         try:
-            return self._loop.submit(AwaitPush(pending), after[0], after=after[1])
+            return self._engine.submit(AwaitPush(pending), after[0], after=after[1])
         except Moved as moved:  # its queue moved while the push waited for room there
             rest = pending.request._replace(queues=moved.queues)
             return moved.accepted + self._run_refused(rest, after[0], moved)

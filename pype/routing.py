@@ -1,0 +1,442 @@
+"""The routing core: how a client reaches the shard of a queue, on either path.
+
+Everything that talks to shards routes through a Routes: the Server handle
+(pype.client), its streams, pype.Queue, the video actor, and a shard that runs a
+`.remote()` call for its caller elsewhere (pype.shards.shard). A Routes holds:
+
+- the topology it routes by, and how it learns a newer one (adopt, refresh, and for
+  `.remote()` callers, which never wait, look_for_a_newer_topology);
+- the `.remote()` path: call() numbers each call to a shard's main thread for
+  read-your-writes (pype.topology.ProcessState), after() is the number a request on
+  any other path waits for;
+- the native path: this thread's Pipeline, where each shard listens (locate), and
+  send/result/native for requests to one shard;
+- redirects: a shard answers a request that belongs elsewhere with a
+  pype.protocol.Redirect. follow() is the one place that knows each kind (Moved:
+  fetch the newer topology; Partitioned: learn the queue's layout); run() and
+  push_to() are the loops that follow them, at most MAX_REDIRECTS times, and send
+  the request again where it now goes.
+
+A shard that cannot be reached makes the client fetch the topology again: if a newer
+one names another shard for the queue, the request goes there (see native()).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import ray
+
+from pype import partitioned, protocol
+from pype.errors import QueueNotFoundError, RedirectLimitError, ShardUnavailableError
+from pype.hashing import shard_for
+from pype.partitions import Layout, Partitioned
+from pype.protocol import Add, Length, Moved, Push, Redirect
+from pype.topology import Topology, this_process
+from pype.transport import DataAddress, Pipeline
+
+logger = logging.getLogger("pype")
+
+PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
+MAX_REMEMBERED = 100_000  # queue names whose shard (or layout) a Routes remembers
+MAX_REDIRECTS = 3  # redirects a request follows before RedirectLimitError
+RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
+TOPOLOGY_CHECK = 1.0  # seconds between a `.remote()` caller's looks for a newer topology
+
+_this_thread = threading.local()  # pid, and server id -> this thread's Pipeline
+
+
+class Routes:
+    """How one handle reaches its server's queues (see the module docstring).
+
+    Picklable: a copy in another process starts with empty caches and learns its own.
+    """
+
+    def __init__(self, router: ray.actor.ActorHandle, topology: Topology):
+        self.router = router
+        self.topology = topology
+        self._newer: ray.ObjectRef | None = None  # a topology asked of the router, not yet seen
+        self._next_look = 0.0
+        self._sent_by_old: dict[int, ray.ObjectRef] = {}  # shard -> the last `.remote()` call to it
+        self._owners: dict[str, int] = {}  # queue name -> shard index
+        # queue -> its layout if partitioned, None if known to be plain
+        self._layouts: dict[str, Layout | None] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_owners={}, _layouts={}, _sent_by_old={},
+                     _newer=None)  # an ObjectRef must not be pickled out of band
+        return state
+
+    @property
+    def shards(self) -> tuple:
+        return self.topology.shards
+
+    # -- the topology ----------------------------------------------------------------------
+
+    def adopt(self, topology: Topology) -> None:
+        """Route by `topology` from now on if it is newer than this one's."""
+        this_process().saw(topology)
+        if topology.epoch > self.topology.epoch:
+            self.topology = topology
+            self._owners.clear()
+            self._sent_by_old.clear()
+            logger.info("pype: server %s now has %d shards (topology epoch %d)",
+                        topology.server_id[:12], len(topology.shards), topology.epoch)
+
+    def fetch_topology(self) -> bool:
+        """Ask the router for its topology; True if it was newer than this one's."""
+        epoch = self.topology.epoch
+        self.adopt(ray.get(self.router.topology.remote()))
+        return self.topology.epoch > epoch
+
+    def refresh(self, epoch: int) -> None:
+        """Route by a topology of at least `epoch` (a shard said Moved(epoch))."""
+        newest = this_process().newest(self.topology.server_id)
+        if newest is not None:
+            self.adopt(newest)
+        timeout = self.topology.config.transport.request_timeout
+        deadline = time.monotonic() + timeout
+        while self.topology.epoch < epoch:
+            self.fetch_topology()
+            if self.topology.epoch < epoch:
+                if time.monotonic() > deadline:
+                    raise ShardUnavailableError(
+                        f"the router did not publish topology epoch {epoch} within {timeout:g} s")
+                time.sleep(RESTART_POLL)
+
+    def look_for_a_newer_topology(self) -> None:
+        """Let `.remote()` callers, which never wait, learn of a resize: at most once a
+        TOPOLOGY_CHECK, ask the router, and adopt its answer on a later call once it came
+        and every call sent by the old topology has run. Until then a shard that gave a
+        queue away runs the calls for it on the caller's behalf, in the caller's order,
+        so that a call sent to the new shard never overtakes one still on its way there."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        if self._newer is None:
+            self._newer = self.router.topology.remote()
+            return
+        ready, _ = ray.wait([self._newer], timeout=0)
+        if not ready:
+            return
+        newer = ray.get(self._newer)
+        if newer.epoch > self.topology.epoch and self._sent_by_old:
+            calls = list(self._sent_by_old.values())
+            done, _ = ray.wait(calls, num_returns=len(calls), timeout=0, fetch_local=False)
+            if len(done) < len(calls):
+                self._next_look = now + RESTART_POLL / 10
+                return
+        self.adopt(newer)
+        self._newer = None
+        self._next_look = now + TOPOLOGY_CHECK
+
+    def shard_of(self, queue: str) -> int:
+        """Index of the shard that owns `queue` (remembered: hashing costs microseconds)."""
+        index = self._owners.get(queue)
+        if index is None:
+            topology = self.topology
+            index = self._owners[queue] = shard_for(queue, len(topology.shards),
+                                                    topology.config.hash_seed)
+            if len(self._owners) > MAX_REMEMBERED:
+                self._owners.clear()
+        return index
+
+    # -- the `.remote()` path ------------------------------------------------------------------
+
+    def call(self, index: int, request: tuple) -> ray.ObjectRef:
+        """Send `request` to the main thread of shard `index` through Ray, numbering the call."""
+        state = this_process()
+        shard = self.shards[index]
+        caller = state.caller_id
+        ref = state.send_numbered(self.topology.shard_key(index),
+                                  lambda sequence: shard.call.remote(request, (caller, sequence)))
+        self._sent_by_old[index] = ref
+        return ref
+
+    def after(self, index: int) -> tuple[str, int]:
+        """(this process, its last `.remote()` call to shard `index`), which must run first."""
+        return this_process().after(self.topology.shard_key(index))
+
+    def wait_call(self, index: int, request: tuple, group: str) -> ray.ObjectRef:
+        """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
+        shard = self.shards[index]
+        method = shard.wait_pull if group == PULLS else shard.wait_push
+        return method.remote(request, self.after(index))
+
+    def await_push(self, index: int, first_half: ray.ObjectRef) -> ray.ObjectRef:
+        """The second half of a blocking `.remote()` push (see Shard.await_push)."""
+        ref = self.shards[index].await_push.remote(first_half, self.after(index))
+        self._sent_by_old[-1 - index] = ref  # it may be run for the caller elsewhere
+        return ref
+
+    # -- the native path ---------------------------------------------------------------------
+
+    def pipeline(self) -> Pipeline:
+        """This thread's pipeline of native requests to the server's shards (pype.transport)."""
+        pipelines = getattr(_this_thread, "pipelines", None)
+        if pipelines is None or _this_thread.pid != os.getpid():
+            pipelines = _this_thread.pipelines = {}
+            _this_thread.pid = os.getpid()
+        pipeline = pipelines.get(self.topology.server_id)
+        if pipeline is None:
+            pipeline = pipelines[self.topology.server_id] = self.new_pipeline()
+        return pipeline
+
+    def new_pipeline(self) -> Pipeline:
+        """A pipeline of native requests of its own (a Producer's or a Consumer's)."""
+        if not ray.is_initialized():
+            ray.init()
+        return Pipeline(self.topology.keys, self.locate, ray.get_runtime_context().get_node_id(),
+                        self.topology.config.transport.request_timeout)
+
+    def locate(self, index: int, fresh: bool = False) -> DataAddress:
+        """Where shard `index` listens; fresh=True asks it again (after a restart)."""
+        state = this_process()
+        newest = state.newest(self.topology.server_id)  # pipelines are shared by handles
+        if newest is not None:
+            self.adopt(newest)
+        if index >= len(self.shards):
+            raise ShardUnavailableError(f"shard {index} was removed by a resize")
+        key = self.topology.shard_key(index)
+        address = state.address(key)
+        if address is not None and not fresh:
+            return address
+        timeout = self.topology.config.transport.request_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                address = ray.get(self.shards[index].data_address.remote(),
+                                  timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise ShardUnavailableError(
+                    f"shard {index} did not answer within {timeout:g} s "
+                    f"(transport.request_timeout); Ray may still be restarting it") from None
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
+                if time.monotonic() >= deadline:
+                    raise ShardUnavailableError(
+                        f"shard {index} did not come back within {timeout:g} s "
+                        f"(transport.request_timeout)") from None
+                time.sleep(RESTART_POLL)
+            except ray.exceptions.RayActorError as error:
+                raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
+        state.remember_address(key, address)
+        return address
+
+    def send(self, request: tuple, pipeline: Pipeline | None = None,
+             index: int | None = None) -> tuple[int, int]:
+        """Send `request` natively to shard `index` (default: its queue's); a ticket."""
+        if index is None:
+            index = self.shard_of(request.queue)
+        return (pipeline or self.pipeline()).send(index, self.after(index), request)
+
+    def result(self, ticket: tuple[int, int], request: tuple, wait: float | None = 0.0,
+               pipeline: Pipeline | None = None) -> Any:
+        """The answer to `request`, sent as `ticket`: sent again to its queue's new shard
+        while it meets Moved (a resize). `wait`: seconds it may wait in the shard."""
+        pipeline = pipeline or self.pipeline()
+        for _ in range(MAX_REDIRECTS):
+            try:
+                return pipeline.result(ticket, wait)
+            except Moved as moved:
+                self.follow(moved)
+                ticket = self.send(request, pipeline, self.shard_of(moved.queue))
+        return pipeline.result(ticket, wait)
+
+    def native(self, index: int, request: tuple) -> Any:
+        """Run `request` natively on shard `index` and return its answer (or raise its
+        error), waiting as long as the request may wait there (pype.protocol.wait_of).
+        A queue that moved (a resize) is followed; a shard that cannot be reached is
+        sought again in the router's topology."""
+        wait = protocol.wait_of(request)
+        for _ in range(MAX_REDIRECTS):
+            try:
+                return self.result(self.send(request, index=index), request, wait)
+            except ShardUnavailableError:  # a shrink may have stopped it: a newer topology?
+                queue = getattr(request, "queue", None)
+                if queue is None or not self.fetch_topology():
+                    raise
+                index = self.shard_of(queue)
+        raise RedirectLimitError(f"{type(request).__name__}: the topology kept changing")
+
+    def each_queue(self, requests: list[tuple], tolerate: tuple = ()) -> list:
+        """Send single-queue `requests` at once, each to its queue's shard, and return
+        their answers (an error of a `tolerate` class in its place). Moved queues are
+        followed; the first other error is raised once every request was answered."""
+        pipeline = self.pipeline()
+        tickets = [self.send(request, pipeline) for request in requests]
+        answers, failure = [], None
+        for ticket, request in zip(tickets, requests, strict=True):
+            try:
+                answers.append(self.result(ticket, request))
+            except tolerate as error:
+                answers.append(error)
+            except Exception as error:  # noqa: BLE001 - raised once all were answered
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return answers
+
+    # -- redirects ------------------------------------------------------------------------------
+
+    def follow(self, redirect: Redirect, remember: bool = True) -> Layout | None:
+        """Take in what a shard's redirect says, so that the request can be sent again
+        where it now goes: Moved, a newer topology; Partitioned, the queue's layout (kept
+        unless remember=False: another caller's pin), which it returns."""
+        if isinstance(redirect, Moved):
+            self.refresh(redirect.epoch)
+            return None
+        if isinstance(redirect, Partitioned):
+            return self._learn(redirect, remember)
+        raise TypeError(f"a redirect this client does not know: {redirect!r}")
+
+    def run(self, request: tuple) -> Any:
+        """Run a single-queue `request` (pype.protocol) natively wherever its queue lives:
+        on its shard, or on its partitions (pype.partitioned) once it is known to be
+        partitioned. Follows redirects and forgets layouts that went stale."""
+        queue = request.queue
+        for _ in range(MAX_REDIRECTS):
+            layout = self._layouts.get(queue)
+            try:
+                if layout is None:
+                    return self.native(self.shard_of(queue), request)
+                if type(request) is protocol.Remove:
+                    self._layouts.pop(queue, None)
+                return partitioned.run(self, layout, request)
+            except Redirect as redirect:
+                self.follow(redirect)
+            except QueueNotFoundError:  # a partition was missing: the queue was removed
+                if layout is None or not self.forget_layouts((queue,)):
+                    raise
+        raise RedirectLimitError(f"pype: the layout of queue {queue!r} kept changing")
+
+    def push_to(self, names: tuple[str, ...], items: list, block: bool, timeout: float | None,
+                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None,
+                on_behalf: str | None = None) -> int:
+        """The native push of checked arguments to queues `names`; the items accepted.
+
+        One Push per shard for plain queues, one per partition for partitioned ones;
+        redirects are followed and the queues they name sent again. on_behalf: the
+        caller a shard runs a `.remote()` push for; then only `pins` (layouts with that
+        caller's partitions) are used, never this Routes', and heads pin new ones for
+        that caller."""
+        pipeline, accepted, failure = self.pipeline(), 0, None
+        pins = dict(pins or {})
+        wait = timeout if block else 0.0
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = []
+            for targets, index, request in self._native_pushes(names, items, block, timeout,
+                                                               priority, key, pins, on_behalf):
+                sent.append((targets, request, pipeline.send(index, self.after(index), request)))
+            names = ()
+            for targets, request, ticket in sent:
+                try:
+                    accepted += pipeline.result(ticket, wait)
+                except Redirect as redirect:
+                    layout = self.follow(redirect, remember=on_behalf is None)
+                    if isinstance(redirect, Moved):  # applied to none of moved.queues
+                        accepted += redirect.accepted
+                        targets = tuple(name for name, target in zip(targets, request.queues,
+                                                                     strict=True)
+                                        if target in redirect.queues)
+                    elif on_behalf is not None:
+                        pins[redirect.queue] = layout
+                    names += targets
+                except QueueNotFoundError as error:
+                    if self.forget_layouts(targets):
+                        names += targets
+                    else:
+                        failure = failure or error
+                except Exception as error:  # noqa: BLE001 - raised once every part answered
+                    failure = failure or error
+            if not names:
+                break
+        if failure is not None:
+            raise failure
+        if names:
+            raise RedirectLimitError(f"pype: the layout of queues {names} kept changing")
+        return accepted
+
+    def _native_pushes(self, names, items, block, timeout, priority, key, pins, on_behalf):
+        """(queue names, shard, Push) of a native push: one per shard for plain queues,
+        one per partition (which must exist: a stale layout then shows) for partitioned."""
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for name in names:
+            layout = pins.get(name) or (self._layouts.get(name) if on_behalf is None else None)
+            if layout is None:
+                by_shard[self.shard_of(name)].append(name)
+            else:
+                target = layout.target(key)
+                yield (name,), self.shard_of(target), Push((target,), items, priority, block,
+                                                           timeout, must_exist=True)
+        for index, group in by_shard.items():
+            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout,
+                                            key=key, on_behalf=on_behalf)
+
+    # -- partitioned queues ---------------------------------------------------------------
+
+    def _learn(self, redirect: Partitioned, remember: bool = True) -> Layout:
+        """A partitioned queue's layout, remembered unless remember=False (another caller's
+        pin); make its partitions if a first push made only its head (queue_defaults)."""
+        layout = Layout.of(redirect)
+        if remember:
+            self._layouts[redirect.queue] = layout
+        self.each_queue([Add(name, layout.partition_options(), True) for name in layout.names()])
+        return layout
+
+    def forget_layouts(self, names: tuple[str, ...]) -> bool:
+        """A partition was missing: the queue was removed. Forget the layouts of `names`;
+        True if there was one (the call is then sent again, to the queue itself)."""
+        forgotten = [self._layouts.pop(name, None) for name in names]  # all of them
+        return any(layout is not None for layout in forgotten)
+
+    def layout(self, queue: str) -> Layout | None:
+        """The layout of `queue` if it is partitioned, else None (asks its shard once)."""
+        if queue not in self._layouts:
+            if len(self._layouts) > MAX_REMEMBERED:
+                self._layouts.clear()
+            try:
+                self.native(self.shard_of(queue), Length(queue))
+                self._layouts[queue] = None  # plain (a head would have said Partitioned)
+            except Partitioned as redirect:
+                self.follow(redirect)
+        return self._layouts[queue]
+
+    def know_layout(self, layout: Layout) -> None:
+        """Take `layout` as its queue's, unless one is known already (a forwarded call)."""
+        self._layouts.setdefault(layout.queue, layout)
+
+    def push_target(self, queue: str) -> tuple[int, str]:
+        """(shard, queue or partition name) where this process's pushes to `queue` go."""
+        layout = self.layout(queue)
+        target = queue if layout is None else layout.target()
+        return self.shard_of(target), target
+
+    # -- calls a shard runs for its caller ------------------------------------------------
+
+    def forward(self, request: tuple, caller: str, redirect: Redirect) -> Any:
+        """Run natively, for `caller`, a `.remote()` request that a shard refused with
+        `redirect`: it named a partitioned queue's head (the redirect carries the
+        caller's pin), or a queue that moved to another shard. The shard calls this: a
+        `.remote()` caller could not follow the redirect itself without waiting."""
+        pins = {}
+        if isinstance(redirect, Moved):
+            self.follow(redirect)
+        else:
+            layout = Layout.of(redirect)
+            pins[redirect.queue] = layout
+            if type(request) is not Push:
+                self.know_layout(layout)
+        if type(request) is Push:
+            return self.push_to(request.queues, request.items, request.block, request.timeout,
+                                request.priority, request.key, pins=pins,
+                                on_behalf=request.on_behalf or caller)
+        if type(request) in (protocol.Add, protocol.Describe):
+            return self.native(self.shard_of(request.queue), request)
+        return self.run(request)
