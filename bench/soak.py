@@ -168,15 +168,27 @@ class Consumer:
             ray.get(ledger.settled.remote(name, queue, outcome))
 
 
+class ShardsUnreachable(Exception):
+    """stats() could not reach every shard (one is restarting): its totals are partial."""
+
+
+def full_stats(server) -> dict:
+    """The server's stats with every shard in them; ShardsUnreachable if one did not answer."""
+    stats = ray.get(server.stats.remote())
+    if stats["totals"]["unreachable"]:
+        raise ShardsUnreachable(stats["totals"]["unreachable"])
+    return stats
+
+
 def shard_pids(server) -> list[int]:
-    return [shard["pid"] for shard in ray.get(server.stats.remote())["shards"]]
+    return [shard["pid"] for shard in full_stats(server)["shards"]]
 
 
 def with_retries(call, attempts=100):
     for _ in range(attempts):
         try:
             return call()
-        except ray.exceptions.RayActorError:
+        except (ray.exceptions.RayActorError, ShardsUnreachable):
             time.sleep(0.2)
     return call()
 
@@ -255,7 +267,7 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     outcomes = ray.get(running)
     backlog, progress_at = None, time.monotonic()
     while time.monotonic() - progress_at < DRAIN_PATIENCE:
-        totals = with_retries(lambda: ray.get(server.stats.remote()))["totals"]
+        totals = with_retries(lambda: full_stats(server))["totals"]
         if totals["depth"] == 0 and totals["leased"] == 0:
             break
         if backlog is None or totals["depth"] < backlog:
@@ -273,7 +285,7 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     ray.get(ledger.finish.remote())
     ray.wait(list(runs.values()), num_returns=len(runs), timeout=60)  # their last acks answered
     deliveries, acks = ray.get(ledger.report.remote())
-    stats = with_retries(lambda: ray.get(server.stats.remote()))
+    stats = with_retries(lambda: full_stats(server))
     for consumer in crew.values():
         ray.kill(consumer)
     server.shutdown()

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -534,7 +535,8 @@ class Server:
         (requests parked now). "lost" lists shard restarts that lost
         queues (no persistence). A shard that did not answer within
         transport.request_timeout (Ray restarts it, or its node is gone) is listed as
-        {"shard": i, "unreachable": why}, and counted nowhere else.
+        {"shard": i, "unreachable": why}, and counted nowhere else but in
+        totals["unreachable"] (the number of such shards): then the totals are partial.
         """
         shards = self._each_shards_stats()
         answered = [shard for shard in shards if "unreachable" not in shard]
@@ -546,6 +548,7 @@ class Server:
         totals = {key: sum(shard[key] for shard in answered)
                   for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
                               "native_requests", "tcp_requests", "ray_requests")}
+        totals["unreachable"] = len(shards) - len(answered)
         router = ray.get(self.routes.router.stats.remote())
         return {"server": self.name, "router": router, "totals": totals, "shards": shards,
                 "queues": queues, "lost": router["lost"]}
@@ -554,12 +557,11 @@ class Server:
         """Each shard's stats, in index order, waiting transport.request_timeout at most:
         stats never hang on a shard that cannot be reached (see stats())."""
         asked = [shard.stats.remote() for shard in self.routes.shards]
-        ray.wait(asked, num_returns=len(asked), fetch_local=False,
-                 timeout=self.routes.topology.config.transport.request_timeout)
+        deadline = time.monotonic() + self.routes.topology.config.transport.request_timeout
         shards = []
         for index, ref in enumerate(asked):
             try:
-                shards.append(ray.get(ref, timeout=0))
+                shards.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as error:
                 shards.append({"shard": index, "unreachable": f"{type(error).__name__}: {error}"[:300]})
         return shards

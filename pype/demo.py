@@ -144,6 +144,9 @@ def spread_table(stats: dict) -> Table:
     for column in ("shard", "queues", "pushed", "pulled", "ray requests", "native requests"):
         table.add_column(column, justify="right" if column != "queues" else "left")
     for shard in stats["shards"]:
+        if "unreachable" in shard:
+            table.add_row(str(shard["shard"]), "(unreachable)", "", "", "", "")
+            continue
         names = sorted(name for name, q in stats["queues"].items() if q["shard"] == shard["shard"])
         table.add_row(str(shard["shard"]), ", ".join(names) or "-",
                       f"{shard['pushed']:,}", f"{shard['pulled']:,}", f"{shard['ray_requests']:,}",

@@ -79,9 +79,10 @@ class ShardRestartedError(PypeError, ConnectionError):
 
 
 class RedirectLimitError(PypeError):
-    """A request was sent on to a queue's new place more times than a client follows
-    (pype.routing.MAX_REDIRECTS): the queue's shard or layout kept changing meanwhile.
-    Nothing of it was applied; it may be sent again."""
+    """A request was sent on to a queue's new place more times in a row than a client
+    follows (pype.routing.MAX_REDIRECTS): the queue's shard or layout kept changing
+    meanwhile. The request was not applied to the queues it names in the message (a
+    push to several queues may have been applied to the others)."""
 
 
 class JournalFormatError(PypeError, ValueError):

@@ -47,7 +47,7 @@ def describe(address: str | None, name: str, namespace: str | None) -> Table:
 
 def placement_table(server: Server, title: str) -> Table:
     stats = ray.get(server.stats.remote())
-    per_node = Counter(shard.get("node_id") for shard in stats["shards"])
+    per_node = Counter(shard["node_id"] for shard in stats["shards"] if "node_id" in shard)
     table = Table(title=f"{title}: {len(stats['shards'])} shards on {len(per_node)} nodes, "
                         f"{stats['totals']['queues']} queues")
     for column in ("shard", "node", "pid", "queues", "depth", "restarted"):

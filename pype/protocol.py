@@ -3,8 +3,8 @@
 Every call across the process boundary is one of the request types below: a
 named tuple whose fields are the call's arguments. A `.remote()` call hands one
 to the shard actor's Ray methods; a native call sends it over the shard's data
-socket (pype.transport). The shard answers both in the same way
-(pype.shards.loop), so both paths share one set of semantics.
+socket (pype.transport). The shard's engine answers both in the same way
+(pype.shards.engine), so both paths share one set of semantics.
 
 On the wire a request is an envelope, pickled with protocol 5:
 
@@ -14,7 +14,7 @@ request_id numbers the requests of one connection, so several may be in flight
 (a producer's window, a consumer's prefetch). `after` is the sequence number of
 the caller's last `.remote()` call to this shard, or 0: the shard holds the
 request until it has run that call (read-your-writes across the two paths, see
-pype.shards.loop). The request travels as a plain tuple with a type code, which
+pype.shards.engine). The request travels as a plain tuple with a type code, which
 pickles four times faster than the named tuple itself. The reply is
 
     (request_id, status, value)

@@ -161,12 +161,12 @@ class Queue:
         if answer:
             return answer
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        self.server.routes.look_for_a_newer_topology()
         return ray.get(self._wait_call(request._replace(timeout=left), group))
 
     def _wait_call(self, request: Pull | Push, group: str) -> ray.ObjectRef:
         """`request` through a Ray call to a thread of the shard's `group` that may wait."""
         routes = self.server.routes
-        routes.look_for_a_newer_topology()
         return routes.wait_call(routes.shard_of(self.name), request, group)
 
     def _attempt(self, request: Pull | Push, wait: float = TASK_NATIVE_WAIT) -> Any:

@@ -12,13 +12,18 @@ Everything that talks to shards routes through a Routes: the Server handle
 - the native path: this thread's Pipeline, where each shard listens (locate), and
   send/result/native for requests to one shard;
 - redirects: a shard answers a request that belongs elsewhere with a
-  pype.protocol.Redirect. follow() is the one place that knows each kind (Moved:
-  fetch the newer topology; Partitioned: learn the queue's layout); run() and
-  push_to() are the loops that follow them, at most MAX_REDIRECTS times, and send
-  the request again where it now goes.
+  pype.protocol.Redirect. follow() is the one place that knows what each kind means
+  (Moved: fetch the newer topology; Partitioned: learn the queue's layout). run()
+  and push_to() follow redirects for requests in general, result() follows Moved
+  for a request already in flight; each follows MAX_REDIRECTS in a row at most and
+  then raises RedirectLimitError. Streams, partitioned watches and the shard catch
+  Moved where they must resend a window of requests in order, and call follow().
 
 A shard that cannot be reached makes the client fetch the topology again: if a newer
-one names another shard for the queue, the request goes there (see native()).
+one names another shard, the requests go there (see locate() and native()); the
+pipeline resends those in flight that are safe to resend with their producer
+sequence numbers (pype.transport.Pipeline), and call numbering for read-your-writes
+starts afresh with a new actor at an index (pype.topology.Topology.shard_key).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class Routes:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_owners={}, _layouts={}, _sent_by_old={},
+        state.update(_owners={}, _layouts={}, _sent_by_old={}, _next_look=0.0,
                      _newer=None)  # an ObjectRef must not be pickled out of band
         return state
 
@@ -225,7 +230,12 @@ class Routes:
                         f"(transport.request_timeout)") from None
                 time.sleep(RESTART_POLL)
             except ray.exceptions.RayActorError as error:
-                raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
+                # Gone for good. A newer topology may name another shard at this index
+                # (a resize): the requests in flight go there, and a shard that does not
+                # own their queues answers Moved, which result() follows.
+                if not (self.fetch_topology() and index < len(self.shards)):
+                    raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
+                key = self.topology.shard_key(index)
         state.remember_address(key, address)
         return address
 
@@ -241,23 +251,25 @@ class Routes:
         """The answer to `request`, sent as `ticket`: sent again to its queue's new shard
         while it meets Moved (a resize). `wait`: seconds it may wait in the shard."""
         pipeline = pipeline or self.pipeline()
-        for _ in range(MAX_REDIRECTS):
+        for redirects in range(MAX_REDIRECTS + 1):
             try:
                 return pipeline.result(ticket, wait)
             except Moved as moved:
+                if redirects == MAX_REDIRECTS:
+                    raise RedirectLimitError(f"{type(request).__name__} for queue {moved.queue!r}: "
+                                             f"the queue kept moving") from None
                 self.follow(moved)
                 ticket = self.send(request, pipeline, self.shard_of(moved.queue))
-        return pipeline.result(ticket, wait)
 
     def native(self, index: int, request: tuple) -> Any:
         """Run `request` natively on shard `index` and return its answer (or raise its
         error), waiting as long as the request may wait there (pype.protocol.wait_of).
         A queue that moved (a resize) is followed; a shard that cannot be reached is
         sought again in the router's topology."""
-        wait = protocol.wait_of(request)
+        wait, pipeline = protocol.wait_of(request), self.pipeline()
         for _ in range(MAX_REDIRECTS):
             try:
-                return self.result(self.send(request, index=index), request, wait)
+                return self.result(self.send(request, pipeline, index), request, wait, pipeline)
             except ShardUnavailableError:  # a shrink may have stopped it: a newer topology?
                 queue = getattr(request, "queue", None)
                 if queue is None or not self.fetch_topology():
@@ -409,8 +421,8 @@ class Routes:
         return self._layouts[queue]
 
     def know_layout(self, layout: Layout) -> None:
-        """Take `layout` as its queue's, unless one is known already (a forwarded call)."""
-        self._layouts.setdefault(layout.queue, layout)
+        """Take `layout` as its queue's (the head's word in a redirect is the newest)."""
+        self._layouts[layout.queue] = layout
 
     def push_target(self, queue: str) -> tuple[int, str]:
         """(shard, queue or partition name) where this process's pushes to `queue` go."""

@@ -74,7 +74,8 @@ class Consumer(Iterator):
 
     def _result(self) -> list:
         if self._partitioned:
-            return self._server.pull(self._queue, *self._request[1:4])
+            request = self._request
+            return self._server.pull(self._queue, request.batch_size, request.block, request.timeout)
         return self._routes.result(self._next, self._request, self._wait, self._pipeline)
 
     def __next__(self) -> Any:
@@ -126,8 +127,9 @@ class PushWindow:
 
     send(items) pushes them to `queue` (or to this process's partition of it) and
     returns at once; the answer of each push is handed to on_answer(items, accepted,
-    error) in the order the pushes were sent, once `window` later pushes are out, or
-    on drain(). Pushes of one window keep their order: one connection carries them,
+    error) once `window` later pushes are out, or on drain(), oldest first (a push
+    that is sent again after a move is answered after the later ones that were not).
+    Pushes of one window keep their order in the queue: one connection carries them,
     and a push that met a moved queue (a resize) is sent again to its new shard
     together with every later one in flight, in order, before anything new.
     Producer and the video actor push through one each. Not thread-safe.

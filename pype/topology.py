@@ -93,11 +93,16 @@ class ProcessState:
 
 
 _state: ProcessState | None = None
+_state_lock = threading.Lock()
 
 
 def this_process() -> ProcessState:
     """This process's ProcessState, new after a fork (a child is another caller)."""
     global _state
-    if _state is None or _state.pid != os.getpid():
-        _state = ProcessState()
-    return _state
+    state = _state
+    if state is None or state.pid != os.getpid():
+        with _state_lock:
+            if _state is None or _state.pid != os.getpid():
+                _state = ProcessState()
+            state = _state
+    return state

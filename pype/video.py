@@ -159,12 +159,12 @@ class _VideoActor:
         import cv2
 
         block = policy == "block"
-        pipeline = server.routes.new_pipeline()
-        self._windows = [PushWindow(server.routes, name, PUSH_WINDOW, block, self._answered, pipeline)
-                         for name in names]
         index = 0
         began = time.monotonic()
         try:
+            pipeline = server.routes.new_pipeline()
+            self._windows = [PushWindow(server.routes, name, PUSH_WINDOW, block, self._answered,
+                                        pipeline) for name in names]
             while not self._stop.is_set():
                 if frame is None:
                     ok, frame = capture.read()

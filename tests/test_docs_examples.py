@@ -129,9 +129,13 @@ class _FileState:
 def file_states(ray_session):
     states: dict[str, _FileState] = {}
     yield states
+    import ray
+
+    default = f"queues-{ray.get_runtime_context().get_job_id()}"  # pype.Queue's: other tests use it
     for state in states.values():  # a failed block may have left its server running
         for server in state.running():
-            server.shutdown()
+            if server.name != default:
+                server.shutdown()
 
 
 @pytest.fixture

@@ -8,8 +8,11 @@ Ray's threads through submit()), as Redis keeps its networking apart from its
 blocked-client handling. One lock guards it: whoever runs a request holds it.
 
 A request that must wait (a blocking pull, a blocking push, can_pull/can_push with
-a wait) is parked: it costs no thread, only an entry in the list of its queue and,
-with a timeout, in a heap of deadlines. Whatever changes a queue wakes the requests
+a wait) is parked (a _Parked: _ParkedPull, _ParkedCondition, _ParkedPush): it costs
+no thread, only an entry in the list of its queue and, with a timeout, in a heap of
+deadlines. A blocking push that finds no room is, in the store, a PendingPush that
+holds its place in line in each full queue (a pype.shards.queues.ParkedPush); the
+engine parks it as a _ParkedPush until the store's push_outcome() settles it. Whatever changes a queue wakes the requests
 parked on it, in the order they parked; expire(now) answers a parked request whose
 deadline passed with what its timeout means (a partial batch, False,
 QueueTimeoutError). Time comes from the store's clock, which a test may drive.
@@ -119,7 +122,7 @@ class _Parked:
         self.reply(status, value)
 
 
-class _PullWait(_Parked):
+class _ParkedPull(_Parked):
     __slots__ = ("ack", "must_exist", "name", "remove", "size")
 
     def __init__(self, deadline, name, size, remove, ack, must_exist):
@@ -137,7 +140,7 @@ class _PullWait(_Parked):
         return True
 
 
-class _ConditionWait(_Parked):
+class _ParkedCondition(_Parked):
     """can_pull / can_push with a wait: True once the condition holds, False at the deadline."""
 
     __slots__ = ("condition",)
@@ -156,7 +159,7 @@ class _ConditionWait(_Parked):
         return True
 
 
-class _PushWait(_Parked):
+class _ParkedPush(_Parked):
     """The parts of a blocking push that wait in their queues' lines for room."""
 
     __slots__ = ("pending",)
@@ -393,7 +396,7 @@ class ShardEngine:
 
     def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
         outcome = self.store.push_outcome(request.pending, self.clock())
-        return _PushWait(request.pending) if outcome is None else outcome
+        return _ParkedPush(request.pending) if outcome is None else outcome
 
     def _pull(self, caller_id, request: Pull, may_wait: bool):
         name = request.queue
@@ -409,7 +412,7 @@ class ShardEngine:
         if may_wait and block and not self.store.pull_ready(name, size):
             if request.exactly:
                 raise ValueError("exactly applies to pulls that do not wait (block=False)")
-            return _PullWait(self._deadline(timeout), name, size, request.remove, request.ack,
+            return _ParkedPull(self._deadline(timeout), name, size, request.remove, request.ack,
                              request.must_exist)
         if request.exactly and self.store.length(name) < size:
             return []
@@ -447,7 +450,7 @@ class ShardEngine:
         wait = self._wait_limit(wait)
         if not may_wait or wait == 0:
             return False
-        return _ConditionWait(name, self._deadline(wait), condition)
+        return _ParkedCondition(name, self._deadline(wait), condition)
 
     def _add(self, caller_id, request: Add, may_wait: bool):
         created = self.store.add(request.queue, request.options, request.exist_ok)
@@ -470,7 +473,7 @@ class ShardEngine:
         # push makes the queue again).
         gone = QueueNotFoundError(f"queue {request.queue!r} was removed while this pull waited")
         for parked in self._parked.get(request.queue, ()):
-            if isinstance(parked, _PullWait) and parked.must_exist and not parked.done:
+            if isinstance(parked, _ParkedPull) and parked.must_exist and not parked.done:
                 parked.finish(protocol.ERROR, gone)
         return removed
 
@@ -500,7 +503,7 @@ class ShardEngine:
         for name in exported:  # what waits here for these queues must go there
             moved = Moved(name, request.epoch)
             for parked in self._parked.get(name, ()):
-                if not parked.done and not isinstance(parked, _PushWait):
+                if not parked.done and not isinstance(parked, _ParkedPush):
                     parked.finish(protocol.ERROR, moved)
             self.changed(name)  # parked pushes: push_outcome raises Moved
         return exported

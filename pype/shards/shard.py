@@ -224,11 +224,12 @@ class Shard:
             self._routes = Routes(self._router, ray.get(self._router.topology.remote()))
         return self._routes.forward(request, caller_id, redirect)
 
-    def _submit_waiting(self, request: tuple, after: tuple[str, int]) -> object:
+    def _submit_waiting(self, request: tuple, caller: tuple[str, int]) -> object:
+        caller_id, after = caller
         try:
-            return self._engine.submit(request, after[0], after=after[1])
+            return self._engine.submit(request, caller_id, after=after)
         except Redirect as redirect:
-            return self._run_refused(request, after[0], redirect)
+            return self._run_refused(request, caller_id, redirect)
 
     def stats(self) -> dict:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -244,25 +245,28 @@ class Shard:
     # -- waiting groups ("pulls", "pushes"): may block ----------------------------------
 
     @ray.method(concurrency_group=PULL_WAITS)
-    def wait_pull(self, request: tuple, after: tuple[str, int]) -> object:
-        """A request of a consumer that may wait, after the caller's call number after[1]."""
-        return self._submit_waiting(request, after)
+    def wait_pull(self, request: tuple, caller: tuple[str, int]) -> object:
+        """A request of a consumer that may wait; caller: (caller id, the number of its last
+        main-thread call, which must run first)."""
+        return self._submit_waiting(request, caller)
 
     @ray.method(concurrency_group=PUSH_WAITS)
-    def await_push(self, pending: object, after: tuple[str, int]) -> object:
+    def await_push(self, pending: object, caller: tuple[str, int]) -> object:
         """The second half of a blocking `.remote()` push: wait for its parts that wait in line.
 
-        `pending` is the first half's answer (Ray passes it once that call ran).
+        `pending` is the first half's answer (Ray passes it once that call ran); caller:
+        as for wait_pull.
         """
+        caller_id, after = caller
         if isinstance(pending, _Refused):
             return self._run_refused(pending.request, pending.caller_id, pending.redirect)
         try:
-            return self._engine.submit(AwaitPush(pending), after[0], after=after[1])
+            return self._engine.submit(AwaitPush(pending), caller_id, after=after)
         except Moved as moved:  # its queue moved while the push waited for room there
             rest = pending.request._replace(queues=moved.queues)
-            return moved.accepted + self._run_refused(rest, after[0], moved)
+            return moved.accepted + self._run_refused(rest, caller_id, moved)
 
     @ray.method(concurrency_group=PUSH_WAITS)
-    def wait_push(self, request: tuple, after: tuple[str, int]) -> object:
-        """A request of a producer that may wait, after the caller's call number after[1]."""
-        return self._submit_waiting(request, after)
+    def wait_push(self, request: tuple, caller: tuple[str, int]) -> object:
+        """A request of a producer that may wait; caller: as for wait_pull."""
+        return self._submit_waiting(request, caller)

@@ -1,9 +1,10 @@
 """The queues of one shard: plain Python, no Ray, no threads, and nothing here waits.
 
-One thread calls it: the shard's loop (pype.shards.loop), which also parks the
-requests that wait and asks the store again when something changed. Every method
-returns at once. Methods that find a condition (pull_ready, can_pull, can_push,
-push_outcome) let the loop decide when a parked request is done.
+One thread at a time calls it: the shard's engine (pype.shards.engine), under its
+lock, which also parks the requests that wait and asks the store again when
+something changed. Every method returns at once. Methods that find a condition
+(pull_ready, can_pull, can_push, push_outcome) let the engine decide when a parked
+request is done.
 
 Durability: with a Journal (pype.shards.journal), every change is logged in the
 order it happened, before the call that made it returns, as one record of
