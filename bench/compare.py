@@ -56,7 +56,10 @@ def run_in(tree: Path, *args: str, timeout: float = 1800) -> str:
 def micro(tree: Path, calls: int) -> float:
     """Microseconds per native one-item push, measured by `tree`'s own code."""
     script = Path(__file__).parent / "client_micro.py"  # this version's, run on both trees
-    return json.loads(run_in(tree, str(script), str(calls)).strip().splitlines()[-1])["us_per_call"]
+    outcome = json.loads(run_in(tree, str(script), str(calls)).strip().splitlines()[-1])
+    if not outcome["pype"].startswith(str(tree)):
+        raise RuntimeError(f"the run in {tree} imported {outcome['pype']}")
+    return outcome["us_per_call"]
 
 
 def bench_rows(tree: Path) -> dict[str, float]:
@@ -96,8 +99,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['row']} | {row['before']:,.1f} | {row['after']:,.1f} | "
                      f"{row['ratio']:.3f} | {row['before_spread'][0]:,.1f}-{row['before_spread'][1]:,.1f} | "
                      f"{row['after_spread'][0]:,.1f}-{row['after_spread'][1]:,.1f} |")
-    lines += ["", ("The micro-benchmark row is microseconds per call (lower is better); the others "
-              "are items/s or round trips/s (higher is better).")]
+    lines += ["", ("Each row names its unit: microseconds per call and p50 milliseconds are "
+                   "better lower, items_per_s higher.")]
     return "\n".join(lines) + "\n"
 
 
