@@ -182,10 +182,20 @@ def test_a_native_call_in_flight_when_its_shard_dies(fresh_server, names, tmp_pa
     assert item == "item"
 
 
+def connected(server, queue) -> bool:
+    """True once a native call reached the shard of `queue` (its first one looks up where
+    the shard listens, within request_timeout)."""
+    try:
+        return server.queue_len(queue) >= 0
+    except pype.ShardUnavailableError:
+        return False
+
+
 def test_a_native_call_to_a_shard_that_is_gone_fails_in_bounded_time(fresh_server, names):
     server = fresh_server(shards=1, shard={"max_restarts": 0}, transport={"request_timeout": 3})
     q = names()
-    assert server.push(1, q) == 1
+    ray.get(server.push.remote(1, q))  # the shard is up (no 3 s bound on a loaded machine)
+    until(lambda: connected(server, q), "the first native call to reach the shard")
     kill_shard(server, q)
     started = time.monotonic()
     with pytest.raises(pype.ShardUnavailableError, match="shard 0"):

@@ -29,8 +29,21 @@ def test_start_push_pull(ray_session):
     server.shutdown()
 
 
+RAY_STARTUP_TIMEOUT = "The current node timed out during startup"  # Ray's fixed 30 s limit
+
+
+def run_seed_script(script, timeout):
+    """run_script, once more if Ray itself could not start its node in time (a machine so
+    loaded that the raylet took over Ray's fixed 30 s): that is no failure of the script."""
+    for _ in range(3):
+        code, output = run_script(script, timeout=timeout)
+        if code == 0 or RAY_STARTUP_TIMEOUT not in output:
+            break
+    return code, output
+
+
 def test_locking_mechanisms_example():
-    code, output = run_script(EXAMPLES / "locking_mechanisms.py", timeout=180)
+    code, output = run_seed_script(EXAMPLES / "locking_mechanisms.py", timeout=180)
     assert code == 0, output
     assert not PYPE_ERRORS.search(output), output  # a refused fire-and-forget push shows up so
     # print_queue after each push shows the item just pushed, or nothing if f took it already
@@ -42,7 +55,7 @@ def test_locking_mechanisms_example():
 
 
 def test_data_communication_chains_example():
-    code, output = run_script(EXAMPLES / "data_communication_chains.py", timeout=240)
+    code, output = run_seed_script(EXAMPLES / "data_communication_chains.py", timeout=240)
     assert code == 0, output
     assert not PYPE_ERRORS.search(output), output
     # Each of the 6 stages and the driver's pull wrap the item in a list: the driver
