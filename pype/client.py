@@ -51,7 +51,7 @@ from pype.options import (
 )
 from pype.partitions import Layout
 from pype.payloads import by_reference
-from pype.placement import shard_options
+from pype.placement import check_persistence_dir, shard_options
 from pype.protocol import (
     Add,
     CanPull,
@@ -164,15 +164,17 @@ class Server:
             label = f"{namespace}.{name}"  # a named server started again finds its journals
             if detached:
                 options["lifetime"] = "detached"
+        placements = shard_options(resolved.placement, resolved.shards)
+        check_persistence_dir(resolved.persistence, placements)
         try:
-            router = Router.options(**options).remote(
-                resolved, label, shard_options(resolved.placement, resolved.shards))
+            router = Router.options(**options).remote(resolved, label, placements)
         except ValueError as error:  # lost a race for the name
             raise ServerExistsError(str(error)) from None
         return cls(router, ray.get(router.topology.remote()), name)
 
     def shutdown(self) -> None:
-        """Stop the server's shards and router; its queues and their items are gone."""
+        """Stop the server's shards and router. Its queues and their items are gone, but
+        for what persistence keeps: a named server started again restores it."""
         shards = self.routes.shards
         closing = [shard.close.remote() for shard in shards]  # removes socket files
         ray.wait(closing, num_returns=len(closing), timeout=5)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import string
 import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from pype.errors import ConfigError
@@ -43,11 +46,46 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class Persistence:
-    """Where and how shards log what they accept (see pype.shards.journal)."""
+    """Where and how shards log what they accept (see pype.shards.journal).
 
-    dir: Path | None       # None: no persistence
+    dir is the path as configured: `~` and environment variables (`$VAR`, `${VAR}`)
+    in it are expanded by each shard on its own node (on_this_node), so that each
+    node keeps its journals on its own disk. A relative path without them was made
+    absolute where the config was loaded.
+    """
+
+    dir: str | None        # None: no persistence
     fsync: str
     compact_bytes: int
+
+    def on_this_node(self) -> Path:
+        """dir expanded in this process, on its node; ConfigError naming the node and
+        the variable if one is not set here."""
+        return expand_path(self.dir)
+
+
+def expand_path(template: str) -> Path:
+    """`template` with `~` and $VAR / ${VAR} expanded from this process's environment.
+
+    Unlike os.path.expandvars, a variable that is not set is an error: a journal
+    must never land in a directory literally named "${PYPE_DATA}".
+    """
+    try:
+        expanded = string.Template(template).substitute(os.environ)
+    except KeyError as missing:
+        raise ConfigError(
+            f"persistence.dir {template!r}: the environment variable {missing.args[0]} is not "
+            f"set on node {_node_name()}") from None
+    except ValueError as error:  # a "$" not followed by a name
+        raise ConfigError(f"persistence.dir {template!r}: {error} (write $$ for a literal $)") from None
+    return Path(expanded).expanduser().resolve()
+
+
+def _node_name() -> str:
+    """This process's node, as an operator finds it in `ray status`: its IP and Ray node id."""
+    if ray.is_initialized():
+        return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()})"
+    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -149,6 +187,14 @@ def _placement(value: Any, source: str) -> Placement:
     raise ConfigError(f"{source}: placement must be spread, pack or {{resource: NAME}}, got {value!r}")
 
 
+def _journal_template(directory: str) -> str:
+    """A relative path without `~` or variables is relative to where the config is
+    loaded (shard processes may run elsewhere); the others are expanded on each node."""
+    if "$" in directory or directory.startswith("~") or Path(directory).is_absolute():
+        return directory
+    return str(Path(directory).resolve())
+
+
 def _build(raw: dict, source: str) -> Config:
     def number(key: str, value: Any, kind: type, minimum: float) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
@@ -202,8 +248,7 @@ def _build(raw: dict, source: str) -> Config:
                                    0.001),
         ),
         persistence=Persistence(
-            # Relative to where the config is loaded: shard processes may run elsewhere.
-            dir=None if directory is None else Path(directory).expanduser().resolve(),
+            dir=None if directory is None else _journal_template(str(directory)),
             fsync=persistence["fsync"],
             compact_bytes=int(number("persistence.compact_mb", persistence["compact_mb"], float,
                                      0.001) * MB),

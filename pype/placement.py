@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pype.config import Placement
+from pype.config import Persistence, Placement
 from pype.errors import ConfigError
 
 
@@ -30,3 +30,25 @@ def shard_options(placement: Placement, count: int) -> list[dict[str, Any]]:
                           f"{placement.resource!r}")
     return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)}
             for i in range(count)]
+
+
+def check_persistence_dir(persistence: Persistence, placements: list[dict[str, Any]]) -> None:
+    """Expand persistence.dir on each node that `placements` name, as its shards will;
+    raise the ConfigError of the first node where a variable in it is not set.
+
+    Runs only for a dir with a variable in it ($): `~` always expands.
+    """
+    if persistence.dir is None or "$" not in persistence.dir:
+        return
+    nodes = {options["scheduling_strategy"].node_id: options for options in placements}
+    expand = ray.remote(num_cpus=0, max_retries=0)(_expand_here)
+    try:
+        ray.get([expand.options(**options).remote(persistence) for options in nodes.values()])
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ConfigError):
+            raise error.cause from None
+        raise
+
+
+def _expand_here(persistence: Persistence) -> str:
+    return str(persistence.on_this_node())

@@ -22,7 +22,7 @@ from pype.config import Config
 from pype.hashing import shard_for
 from pype.placement import shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
-from pype.shards.journal import safe_dir_name
+from pype.shards.journal import JournalPlace, safe_dir_name
 from pype.shards.shard import shard_actor
 from pype.topology import Topology
 from pype.transport import Keys
@@ -42,12 +42,9 @@ class Router:
         the server in metrics and its journal directory. placements: Ray options per shard."""
         server_id = uuid.uuid4().hex
         label = label or f"anonymous-{server_id[:12]}"
-        journals = None
-        if config.persistence.dir is not None:
-            journals = config.persistence.dir / safe_dir_name(label)
         self._shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
                                         max_restarts=config.shard.max_restarts)
-        self._journals, self._label = journals, label
+        self._label = label
         keys, self._server_secret = Keys.generate()
         # Every shard alive, in index order, with its id; the topology holds the first ones.
         self._all = [(self._start_shard(index, config, keys, placements[index]), uuid.uuid4().hex)
@@ -66,11 +63,11 @@ class Router:
     def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict,
                      fresh: bool = False):
         """Start shard `index`; fresh=True: a new one (a resize), whose index a shard that a
-        shrink removed may have had: its journal (which holds no queue) is kept aside."""
+        shrink removed may have had: the shard sets that journal (which holds no queue) aside."""
         me = ray.get_runtime_context().current_actor
-        journal = None if self._journals is None else self._journals / f"shard-{index}"
-        if fresh and journal is not None and journal.exists():
-            journal.rename(journal.with_name(f"{journal.name}.retired-{uuid.uuid4().hex[:8]}"))
+        journal = None
+        if config.persistence.dir is not None:  # expanded on the shard's node
+            journal = JournalPlace(safe_dir_name(self._label), f"shard-{index}", fresh)
         return self._shard_class.options(**placement).remote(
             index, config, journal, me, self._label, keys, self._server_secret)
 

@@ -15,10 +15,14 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole run (ray.init takes seconds); stopped at the end."""
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole run (ray.init takes seconds); stopped at the end.
+
+    Its processes see PYPE_TEST_DATA, a directory of this run (persistence.dir tests).
+    """
     import ray
 
+    os.environ["PYPE_TEST_DATA"] = str(tmp_path_factory.mktemp("node-data"))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

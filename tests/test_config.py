@@ -1,5 +1,7 @@
 """Configuration files: defaults, overrides, and errors that name the key and the file."""
 
+from pathlib import Path
+
 import pytest
 
 from pype.config import load_config
@@ -50,3 +52,30 @@ def test_bad_keyword_override_is_a_config_error():
         load_config(shards=-2)
     with pytest.raises(ConfigError, match="unknown key 'shard_count'"):
         load_config(shard_count=2)
+
+
+def test_persistence_dir_keeps_variables_and_tilde_for_each_node_to_expand(monkeypatch, tmp_path):
+    """The path is expanded where each shard runs, not where the config is read."""
+    config = load_config(persistence={"dir": "${PYPE_DATA}/pype"})
+    assert config.persistence.dir == "${PYPE_DATA}/pype"
+    monkeypatch.setenv("PYPE_DATA", str(tmp_path))
+    assert config.persistence.on_this_node() == tmp_path / "pype"
+    home = load_config(persistence={"dir": "~/pype-data"})
+    assert home.persistence.on_this_node() == Path("~/pype-data").expanduser()
+    literal = load_config(persistence={"dir": str(tmp_path / "a$$b")})
+    assert literal.persistence.on_this_node() == tmp_path / "a$b"
+
+
+def test_a_relative_persistence_dir_is_relative_to_where_the_config_is_loaded(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(persistence={"dir": "journals"})
+    assert config.persistence.dir == str(tmp_path / "journals")
+
+
+def test_an_unset_variable_in_persistence_dir_is_a_config_error_naming_it(monkeypatch):
+    monkeypatch.delenv("PYPE_DATA", raising=False)
+    config = load_config(persistence={"dir": "${PYPE_DATA}/pype"})
+    with pytest.raises(ConfigError, match=r"PYPE_DATA is not set on node"):
+        config.persistence.on_this_node()
+    with pytest.raises(ConfigError, match=r"\$\$"):
+        load_config(persistence={"dir": "/data/$5"}).persistence.on_this_node()

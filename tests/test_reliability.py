@@ -6,12 +6,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 
 import pype
+from pype.errors import ConfigError
 from tests.events import until
 
 
@@ -282,3 +284,35 @@ def test_with_persistence_large_items_survive_their_producers_death(fresh_server
         ray.get(camera.push.remote(server, q))
     [item] = ray.get(server.pull.remote(q))
     assert isinstance(item, np.ndarray) and item.sum() == 3_500_000
+
+
+# -- where journals lie ----------------------------------------------------------------
+
+def test_persistence_dir_is_expanded_on_the_shards_node(ray_session, names):
+    """${VAR} in persistence.dir is the shard's node's variable (the test's Ray sets
+    PYPE_TEST_DATA), and a named server started again finds its journal there."""
+    name, namespace, q = names("server"), names("ns"), names()
+    options = {"name": name, "namespace": namespace, "shards": 1,
+               "persistence": {"dir": "${PYPE_TEST_DATA}/journals", "fsync": "always"}}
+    server = pype.Server.remote(**options)
+    try:
+        server.push(["kept"], q, expand=True)
+    finally:
+        server.shutdown()
+    data = Path(os.environ["PYPE_TEST_DATA"])
+    assert [path.name for path in (data / "journals").glob("*/shard-0")] == ["shard-0"]
+    assert not Path("${PYPE_TEST_DATA}").exists()
+    again = pype.Server.remote(**options)
+    try:
+        assert again.pull(q) == ["kept"]
+    finally:
+        again.shutdown()
+
+
+def test_an_unset_variable_in_persistence_dir_starts_nothing(ray_session, names):
+    name, namespace = names("server"), names("ns")
+    with pytest.raises(ConfigError, match=r"PYPE_NOT_SET_ANYWHERE is not set on node .*\d"):
+        pype.Server.remote(name=name, namespace=namespace,
+                           persistence={"dir": "${PYPE_NOT_SET_ANYWHERE}/pype"})
+    with pytest.raises(pype.ServerNotFoundError):
+        pype.connect(name, namespace)

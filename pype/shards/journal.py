@@ -76,7 +76,8 @@ _FORMAT_RECORD = 0  # the code of a log's first frame, (0, FORMAT)
 _CODES: dict[type, int] = {
     records.Add: 1, records.Remove: 2, records.Pin: 3, records.Push: 4, records.Insert: 5,
     records.Admit: 6, records.Take: 7, records.Lease: 8, records.Settle: 9, records.Expect: 10,
-    records.Import: 11, records.Arrived: 12, records.Export: 13, records.Release: 14}
+    records.Import: 11, records.Arrived: 12, records.Export: 13, records.Release: 14,
+    records.Lead: 15}
 _TYPES: dict[int, type] = {code: kind for kind, code in _CODES.items()}
 
 # Format 1's name for each record type: its records were (name, *fields).
@@ -99,6 +100,25 @@ def make_private_dir(path: Path) -> Path:
     path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
     path.chmod(_DIR_MODE)  # mkdir's mode is filtered by the umask
     return path
+
+
+@dataclass(frozen=True)
+class JournalPlace:
+    """Where a shard's journal lies below persistence.dir, which the shard expands on its
+    own node: <dir>/<server>/<shard>/. fresh: a shard new to this index (a resize),
+    which sets aside the journal of one that a shrink removed (it holds no queue)."""
+
+    server: str  # safe_dir_name of the server's label
+    shard: str   # "shard-<index>"
+    fresh: bool = False
+
+    def directory(self, base: Path, restarted: bool) -> Path:
+        """The journal's directory under `base`; `restarted`: Ray restarted this shard
+        (its journal is its own, never set aside)."""
+        directory = Path(base) / self.server / self.shard
+        if self.fresh and not restarted and directory.exists():
+            directory.rename(directory.with_name(f"{self.shard}.retired-{os.urandom(4).hex()}"))
+        return directory
 
 
 class Journal:

@@ -45,7 +45,7 @@ from pype.payloads import keep_references_here
 from pype.protocol import AwaitPush, Moved, Names, Push, Redirect, Stats
 from pype.routing import Routes
 from pype.shards.engine import ShardEngine
-from pype.shards.journal import Journal
+from pype.shards.journal import Journal, JournalPlace
 from pype.shards.listeners import ShardSockets
 from pype.shards.loop import ShardLoop
 from pype.shards.store import QueueStore
@@ -135,7 +135,7 @@ class _Refused:
 class Shard:
     """Holds the queues whose names hash to shard `index` (made an actor by shard_actor)."""
 
-    def __init__(self, index: int, config: Config, journal_dir: Path | None,
+    def __init__(self, index: int, config: Config, journal_place: JournalPlace | None,
                  router: ray.actor.ActorHandle, server: str, keys: Keys, server_secret: bytes):
         keep_references_here()
         log_to_stderr()
@@ -145,12 +145,15 @@ class Shard:
         self._router = router
         self._routes: Routes | None = None  # how this shard reaches the others, for _run_refused
         persistence = config.persistence
-        journal = None if journal_dir is None else Journal(journal_dir, persistence.fsync)
-        store = QueueStore(config.queue_defaults, config.shard.memory_budget,
-                           config.shard.max_item_bytes, journal, persistence.compact_bytes)
         with warnings.catch_warnings():  # Ray's property uses a deprecated API of its own
             warnings.simplefilter("ignore", DeprecationWarning)
             self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        journal = journal_dir = None
+        if journal_place is not None:
+            journal_dir = journal_place.directory(persistence.on_this_node(), self._restarted)
+            journal = Journal(journal_dir, persistence.fsync)
+        store = QueueStore(config.queue_defaults, config.shard.memory_budget,
+                           config.shard.max_item_bytes, journal, persistence.compact_bytes)
         lost = set()
         if journal is not None:
             replayed = store.restore()
