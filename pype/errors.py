@@ -78,6 +78,25 @@ class ShardRestartedError(PypeError, ConnectionError):
     """
 
 
+class NotPrimaryError(PypeError, ConnectionError):
+    """The replica that got this request does not serve its shard (any longer): another
+    was promoted in a newer leader epoch, or this one was fenced. Clients fetch the
+    topology that names the new primary and send again what is safe to send again.
+    A change this replica had taken but not yet acknowledged may or may not be in the
+    new primary."""
+
+
+class NotEnoughReplicasError(PypeError):
+    """The shard refuses changes for now: its in-sync set is at min_insync and a member
+    stopped answering, so nothing more can be acknowledged without risking its loss.
+    Retriable: the shard takes changes again once a backup has caught up."""
+
+
+class StaleEpochError(PypeError):
+    """A replication message or request of a leader epoch that is over: its sender was
+    replaced as primary and is fenced (pype.shards.replication)."""
+
+
 class RedirectLimitError(PypeError):
     """A request was sent on to a queue's new place more times in a row than a client
     follows (pype.routing.MAX_REDIRECTS): the queue's shard or layout kept changing

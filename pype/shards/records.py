@@ -149,7 +149,18 @@ class Release(NamedTuple):
     index: int
 
 
+# -- replication (pype.shards.replication) -------------------------------------------------
+
+class Lead(NamedTuple):
+    """Replica `replica` became the shard's primary in leader epoch `epoch`: the first
+    record of every epoch, which tells each replica's log which epoch wrote which of
+    its records. It changes no queue."""
+
+    epoch: int
+    replica: str
+
+
 RECORD_TYPES = (Add, Remove, Pin, Push, Insert, Admit, Take, Lease, Settle, Expect, Import,
-                Arrived, Export, Release)
+                Arrived, Export, Release, Lead)
 Record = (Add | Remove | Pin | Push | Insert | Admit | Take | Lease | Settle | Expect | Import
-          | Arrived | Export | Release)
+          | Arrived | Export | Release | Lead)

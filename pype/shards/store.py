@@ -48,6 +48,7 @@ from pype.protocol import Moved
 from pype.shards import records
 from pype.shards.journal import FORMAT, Journal
 from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
+from pype.shards.replication import EpochHistory
 
 COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
 MAX_PRODUCERS = 100_000  # producers whose last sequence number is kept (the least recent go)
@@ -82,6 +83,11 @@ class QueueStore:
         self.max_item_bytes = max_item_bytes    # bytes; 0 = unbounded
         self._journal = journal
         self._compact_bytes = compact_bytes
+        # Replication (pype.shards.replication): every record's position in the shard's
+        # log, the epoch that wrote each (Lead records), and who else must see each one.
+        self.position = 0
+        self.history = EpochHistory()
+        self.replicate: Callable[[int, records.Record], None] | None = None
         self._queues: dict[str, Queue] = {}
         self._tickets: dict[int, ParkedPush] = {}
         self._ticket_ids = itertools.count(1)
@@ -124,17 +130,52 @@ class QueueStore:
         through a journal use it (pype bench soak).
         """
         if state is not None:
-            self._queues = state["queues"]
-            self._retired = state["retired"]
-            self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
-            self._producers = state.get("producers", OrderedDict())
-            self.owner = state.get("owner")
-            self.expecting = state.get("expecting")
+            self._load_state(state)
         for record in journal_records:
-            moved = self._REPLAY[type(record)](self, record)
+            moved = self._apply(record)
             if observe is not None:
                 observe(record, moved)
         self._nbytes = sum(queue.nbytes for queue in self._queues.values())
+
+    def _load_state(self, state: dict) -> None:
+        self._queues = state["queues"]
+        self._retired = state["retired"]
+        self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
+        self._producers = state.get("producers", OrderedDict())
+        self.owner, self._mine = state.get("owner"), {}
+        self.expecting = state.get("expecting")
+        self.position = state.get("position", 0)
+        self.history = EpochHistory(list(state.get("history", ())))
+
+    def _apply(self, record: records.Record) -> list:
+        self.position += 1
+        return self._REPLAY[type(record)](self, record)
+
+    def apply_replicated(self, batch: list[records.Record]) -> None:
+        """Apply, as a backup, records of the primary's log that follow this store's
+        last one, and journal them (pype.shards.replication)."""
+        for record in batch:
+            self._apply(record)
+            self._write(record)
+        self._nbytes = sum(queue.nbytes for queue in self._queues.values())
+
+    def snapshot(self) -> bytes:
+        """The whole state, pickled: for a backup that cannot catch up from the log."""
+        return pickle.dumps(self._state(), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_snapshot(self, snapshot: bytes) -> None:
+        """Replace the whole state with a primary's snapshot() (a backup that could not
+        catch up from the log); the journal starts again from it."""
+        self._load_state(pickle.loads(snapshot))
+        self._nbytes = sum(queue.nbytes for queue in self._queues.values())
+        self._tickets.clear()
+        if self._journal is not None:
+            self._compact()
+
+    def lead(self, epoch: int, replica: str) -> int:
+        """Open leader epoch `epoch`, whose primary `replica` is: log its Lead record."""
+        self._log(records.Lead(epoch, replica))
+        return self.position
 
     # One method per record type: apply `record` as the call that logged it did, and
     # return the items it moved (see replay's observe).
@@ -206,28 +247,44 @@ class QueueStore:
         self._drop_leaving(record.index)
         return []
 
+    def _replay_lead(self, record: records.Lead) -> list:
+        self.history.begin(record.epoch, self.position)
+        return []
+
     _REPLAY: ClassVar[dict[type, Callable[[QueueStore, Any], list]]] = {
         records.Add: _replay_add, records.Remove: _replay_remove, records.Pin: _replay_pin,
         records.Push: _replay_push, records.Insert: _replay_insert, records.Admit: _replay_admit,
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
         records.Expect: _replay_expect, records.Import: _replay_import,
         records.Arrived: _replay_arrived, records.Export: _replay_export,
-        records.Release: _replay_release}
+        records.Release: _replay_release, records.Lead: _replay_lead}
 
     def _log(self, record: records.Record) -> None:
-        """Journal one change; compact when the log has grown large."""
+        """Record one change this store made: its position, its journal, its backups."""
+        self.position += 1
+        if type(record) is records.Lead:
+            self.history.begin(record.epoch, self.position)
+        self._write(record)
+        if self.replicate is not None:
+            self.replicate(self.position, record)
+
+    def _write(self, record: records.Record) -> None:
+        """Journal one record; compact when the log has grown large."""
         if self._journal is None:
             return
         self._journal.append(record)
         if self._journal.log_bytes >= self._compact_bytes:
             self._compact()
 
+    def _state(self) -> dict:
+        return {"queues": self._queues, "retired": self._retired,
+                "next_lease_id": self._next_lease_id, "producers": self._producers,
+                "owner": self.owner, "expecting": self.expecting,
+                "position": self.position, "history": list(self.history.starts)}
+
     def _compact(self) -> None:
         """Make the whole state the journal's next snapshot (see Journal.compact)."""
-        self._journal.compact({"queues": self._queues, "retired": self._retired,
-                               "next_lease_id": self._next_lease_id,
-                               "producers": self._producers, "owner": self.owner,
-                               "expecting": self.expecting})
+        self._journal.compact(self._state())
 
     def close(self) -> None:
         if self._journal is not None:

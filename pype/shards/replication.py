@@ -1,0 +1,402 @@
+"""Replicating a shard's log: its primary, its backups, and who may take over.
+
+A protocol with no I/O (as h11 is): no Ray, no sockets, no threads and no clock.
+The shard feeds it what happened and sends what it says to send; the router keeps
+the ReplicaSet. Kafka's replication, with its rules kept whole (its data losses in
+Jepsen's tests came from bending them):
+
+- Every change a shard makes is one record of pype.shards.records, at a position:
+  1, 2, 3, ... across the life of the shard, whoever is primary. The primary
+  appends (PrimaryLog.append), backups apply the records in order
+  (BackupLog.accept) to a store of their own and never read the clock: a lease's
+  deadline, for one, is in its record.
+- A record is committed when every member of the in-sync set holds it. A reply
+  that depends on a change is held until its position is committed
+  (PrimaryLog.hold, released by PrimaryLog.acknowledged): what a caller sees as
+  acknowledged survives while one in-sync replica lives.
+- The in-sync set changes only through the router (ReplicaSet.shrunk and grown,
+  recorded durably before the primary acts on them) and never falls below
+  min_insync members: a primary whose backup stops answering at that size commits
+  nothing more (NotEnoughReplicasError) rather than go on alone.
+- Only a member of the recorded in-sync set is promoted (ReplicaSet.promoted), in a
+  new leader epoch. Every message carries the epoch: a replica of an older one is
+  fenced (StaleEpochError) and can acknowledge nothing.
+- A new primary's first record is records.Lead(epoch). Each replica's log therefore knows
+  the epoch in which each of its records was written (EpochHistory), and a backup
+  that rejoins keeps only what agrees with the primary's history (Kafka's
+  leader-epoch truncation, KIP-101). Records cannot be taken back out of a store,
+  so a backup whose log went further than the primary's in some epoch loads a
+  snapshot of the primary instead, as one does that fell too far behind.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple, Protocol
+
+from pype.errors import NotEnoughReplicasError, StaleEpochError
+from pype.shards.records import Record
+
+# -- the router's record of a shard's replicas --------------------------------------------
+
+@dataclass(frozen=True)
+class ReplicaSet:
+    """Who holds a shard, who serves it, and who is in sync: what the router records,
+    durably, before anyone acts on a change of it. `version` grows with every change,
+    so that a request based on an older one is refused (compare-and-set)."""
+
+    members: tuple[str, ...]     # replica ids, the primary among them
+    primary: str
+    in_sync: frozenset[str]      # members that hold every committed record; has the primary
+    min_insync: int
+    epoch: int = 1               # the leader epoch: grows at every promotion
+    version: int = 0
+
+    def __post_init__(self):
+        if self.primary not in self.in_sync or not self.in_sync <= set(self.members):
+            raise ValueError(f"the in-sync set {sorted(self.in_sync)} must hold the primary "
+                             f"{self.primary!r} and only members of {list(self.members)}")
+        if not 1 <= self.min_insync <= len(self.members):
+            raise ValueError(f"min_insync must be between 1 and the {len(self.members)} "
+                             f"replicas, got {self.min_insync}")
+
+    @classmethod
+    def start(cls, members: Iterable[str], min_insync: int) -> ReplicaSet:
+        """A new shard: the first member is primary, all are in sync (all are empty)."""
+        members = tuple(members)
+        return cls(members, members[0], frozenset(members), min_insync)
+
+    def shrunk(self, epoch: int, replica: str) -> ReplicaSet:
+        """Without backup `replica` in the in-sync set, as the primary of `epoch` asks.
+
+        Raises StaleEpochError if `epoch` is not this set's (a fenced primary asks),
+        NotEnoughReplicasError if the set would fall below min_insync.
+        """
+        self._check_epoch(epoch)
+        if replica not in self.in_sync:
+            return self
+        if replica == self.primary:
+            raise ValueError("the primary cannot leave the in-sync set; promote another")
+        if len(self.in_sync) - 1 < self.min_insync:
+            raise NotEnoughReplicasError(
+                f"replica {replica} stopped answering and the in-sync set {sorted(self.in_sync)} "
+                f"is at min_insync={self.min_insync}: the shard takes no changes until a "
+                f"backup catches up")
+        return replace(self, in_sync=self.in_sync - {replica}, version=self.version + 1)
+
+    def grown(self, epoch: int, replica: str) -> ReplicaSet:
+        """With `replica`, which caught up with the primary of `epoch`, back in sync."""
+        self._check_epoch(epoch)
+        if replica not in self.members:
+            raise ValueError(f"{replica!r} is not a replica of this shard")
+        if replica in self.in_sync:
+            return self
+        return replace(self, in_sync=self.in_sync | {replica}, version=self.version + 1)
+
+    def promoted(self, candidate: str) -> ReplicaSet:
+        """`candidate`, a member of the in-sync set, as primary of the next epoch.
+
+        The old primary leaves the in-sync set unless that would take it below
+        min_insync: then it stays, and the shard commits nothing until it or a
+        caught-up backup answers (never an unclean election).
+        """
+        if candidate not in self.in_sync:
+            raise StaleEpochError(
+                f"replica {candidate} is not in the in-sync set {sorted(self.in_sync)}: it may "
+                f"lack acknowledged records, so it is never promoted")
+        in_sync = self.in_sync
+        if candidate != self.primary and len(in_sync) - 1 >= self.min_insync:
+            in_sync = in_sync - {self.primary}
+        return replace(self, primary=candidate, in_sync=in_sync, epoch=self.epoch + 1,
+                       version=self.version + 1)
+
+    def replaced(self, gone: str, new: str) -> ReplicaSet:
+        """With replica `new` (empty, out of sync) in the place of `gone`, a backup lost
+        with its node and outside the in-sync set."""
+        if gone == self.primary or gone in self.in_sync:
+            raise ValueError(f"replica {gone} is {'the primary' if gone == self.primary else 'in sync'}"
+                             f"; only an out-of-sync backup is replaced")
+        members = tuple(new if member == gone else member for member in self.members)
+        return replace(self, members=members, version=self.version + 1)
+
+    @property
+    def backups(self) -> tuple[str, ...]:
+        return tuple(member for member in self.members if member != self.primary)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            raise StaleEpochError(f"leader epoch {epoch} is over; the shard is in epoch {self.epoch}")
+
+
+# -- which epoch wrote which records ------------------------------------------------------
+
+@dataclass
+class EpochHistory:
+    """The first position of each leader epoch in a log, oldest first (Kafka's
+    leader-epoch checkpoint): what two logs that agree up to some position share."""
+
+    starts: list[tuple[int, int]] = field(default_factory=list)  # (epoch, first position)
+
+    def begin(self, epoch: int, position: int) -> None:
+        """Epoch `epoch` writes from `position` on (the position of its Lead record)."""
+        if self.starts and epoch <= self.starts[-1][0]:
+            raise StaleEpochError(f"epoch {epoch} after epoch {self.starts[-1][0]}")
+        self.starts.append((epoch, position))
+
+    @property
+    def last_epoch(self) -> int:
+        return self.starts[-1][0] if self.starts else 0
+
+    def end_of(self, epoch: int, log_end: int) -> int | None:
+        """The last position this log holds of `epoch`'s records (`log_end`: its last
+        position); None if `epoch` wrote nothing to it."""
+        epochs = [e for e, _ in self.starts]
+        index = bisect.bisect_left(epochs, epoch)
+        if index == len(epochs) or epochs[index] != epoch:
+            return None
+        return self.starts[index + 1][1] - 1 if index + 1 < len(epochs) else log_end
+
+    def copy(self) -> EpochHistory:
+        return EpochHistory(list(self.starts))
+
+
+# -- messages ---------------------------------------------------------------------------
+
+class Batch(NamedTuple):
+    """Records `first`, first + 1, ... of the primary of `epoch`; `committed`: the
+    primary's committed position. An empty one asks the backup where its log ends."""
+
+    epoch: int
+    first: int
+    records: list
+    committed: int
+
+
+class Snapshot(NamedTuple):
+    """The primary's whole state (Log.snapshot) at `position`, for a backup that
+    cannot catch up from the log: too far behind, or past the primary's log in an
+    older epoch."""
+
+    epoch: int
+    position: int
+    state: bytes
+    committed: int
+
+
+class Position(NamedTuple):
+    """A backup's answer: it holds every record up to `end`, the last one written in
+    leader epoch `last_epoch`, and follows leader epoch `epoch`."""
+
+    epoch: int
+    end: int
+    last_epoch: int
+
+
+class Log(Protocol):
+    """A replica's log and the state it makes: pype.shards.store.QueueStore."""
+
+    position: int          # the position of its last record
+    history: EpochHistory  # which epoch wrote which of its records
+
+    def snapshot(self) -> bytes: ...
+    def apply_replicated(self, batch: list) -> None: ...
+    def load_snapshot(self, snapshot: bytes) -> None: ...
+
+
+# -- the primary ---------------------------------------------------------------------------
+
+class PrimaryLog:
+    """The primary's side: what each backup still needs, and when a record is committed.
+
+    One thread calls it (the shard's engine holds its lock). Each backup has at most
+    one message in flight: send_to(backup) says what to send next (None while one is
+    in flight or the backup has everything), acknowledged(backup, answer) takes its
+    answer, and lost(backup) says that the connection broke (the next message asks
+    the backup where its log ends). A backup's first message is an empty Batch, a
+    probe: only its answer says which of the backup's records agree with this log.
+    """
+
+    def __init__(self, replicas: ReplicaSet, me: str, log: Log, committed: int = 0,
+                 max_tail: int = 100_000):
+        if replicas.primary != me:
+            raise StaleEpochError(f"replica {me} is not the primary of epoch {replicas.epoch}")
+        self.replicas = replicas
+        self.me = me
+        self.log = log
+        self.max_tail = max_tail
+        self.committed = committed          # known to be held by the whole in-sync set
+        self._tail: deque = deque()         # (position, record) not yet held by every member
+        self._next: dict[str, int | None] = {}  # backup -> next position it needs; None: a snapshot
+        self._in_flight: set[str] = set()   # backups with a message unanswered
+        self._held: dict[str, int] = {}     # backup -> last position it holds, as it answered
+        self._waiting: deque = deque()      # (position, release) of replies held for a commit
+        self._joining: set[str] = set()     # backups the router may be adding to the in-sync set
+        self._commit()
+
+    @property
+    def epoch(self) -> int:
+        return self.replicas.epoch
+
+    @property
+    def end(self) -> int:
+        """The position of the log's last record."""
+        return self.log.position
+
+    def append(self, position: int, record: Record) -> None:
+        """The log took `record` at `position` (the next): keep it for the backups."""
+        self._tail.append((position, record))
+        if len(self.replicas.in_sync) == 1 and not self._joining:
+            self.committed = position
+
+    def hold(self, position: int, release: Callable[[], None]) -> bool:
+        """Call release() once `position` is committed: now (returns True), or later, as
+        one of the replies that acknowledged() returns (returns False)."""
+        if position <= self.committed:
+            release()
+            return True
+        self._waiting.append((position, release))
+        return False
+
+    def send_to(self, backup: str) -> Batch | Snapshot | None:
+        """The next message for `backup`, or None while one is in flight or it has every
+        record."""
+        if backup in self._in_flight:
+            return None
+        if backup not in self._next:  # where is it? a probe
+            message = Batch(self.epoch, self.end + 1, [], self.committed)
+        else:
+            first = self._next[backup]
+            oldest = self._tail[0][0] if self._tail else self.end + 1
+            if first is None or first < oldest:  # what it needs is no longer kept here
+                message = Snapshot(self.epoch, self.end, self.log.snapshot(), self.committed)
+            elif first > self.end:
+                return None
+            else:
+                records = [record for _, record in itertools.islice(
+                    self._tail, first - oldest, None)]
+                message = Batch(self.epoch, first, records, self.committed)
+        self._in_flight.add(backup)
+        return message
+
+    def acknowledged(self, backup: str, answer: Position) -> list[Callable[[], None]]:
+        """`backup` answered the message in flight to it; return the held replies that
+        this releases. A backup whose log went past this one in some epoch is sent a
+        snapshot next. Raises StaleEpochError if the backup follows a newer epoch:
+        this primary is fenced."""
+        if answer.epoch > self.epoch:
+            raise StaleEpochError(f"a backup follows leader epoch {answer.epoch}, past this "
+                                  f"primary's {self.epoch}: another replica was promoted")
+        self._in_flight.discard(backup)
+        agreed = self._agreed_end(answer)
+        if agreed is None:
+            self._next[backup] = None
+            return []
+        self._next[backup] = agreed + 1
+        if agreed > self._held.get(backup, 0):
+            self._held[backup] = agreed
+        return self._commit()
+
+    def lost(self, backup: str) -> None:
+        """The connection to `backup` broke: what was in flight may or may not be there."""
+        self._in_flight.discard(backup)
+        self._next.pop(backup, None)
+
+    def caught_up(self, backup: str) -> bool:
+        """Does `backup` hold every record (so it may rejoin the in-sync set)?"""
+        return self._held.get(backup, -1) >= self.end
+
+    def held(self, backup: str) -> int:
+        """The last position `backup` holds, as far as this primary knows."""
+        return self._held.get(backup, 0)
+
+    def joining(self, backup: str) -> None:
+        """The primary is about to ask the router to add `backup` (caught_up) to the
+        in-sync set. From now on commits wait for it as well, as if it were in the set:
+        once the router has recorded it, a promotion may pick it (Kafka's "maximal ISR")."""
+        self._joining.add(backup)
+
+    def change_replicas(self, replicas: ReplicaSet) -> list[Callable[[], None]]:
+        """The router recorded `replicas` (or refused a change and answered with the
+        set it has): take it, and return the held replies that this releases. Ask the
+        router for one change at a time: the answer ends every joining()."""
+        if replicas.epoch != self.epoch or replicas.primary != self.me:
+            raise StaleEpochError(f"replica {self.me} is no longer primary (epoch "
+                                  f"{replicas.epoch}, primary {replicas.primary})")
+        self.replicas = replicas
+        self._joining.clear()
+        return self._commit()
+
+    def abandon(self) -> list[Callable[[], None]]:
+        """This replica is primary no more: the replies it holds can never be released as
+        acknowledged. Return them, to be answered with NotPrimaryError (their changes
+        may or may not be in the new primary)."""
+        waiting, self._waiting = self._waiting, deque()
+        return [release for _, release in waiting]
+
+    def _agreed_end(self, answer: Position) -> int | None:
+        """The last position where the backup's log and this one agree; None when its
+        log holds records this one does not (it must load a snapshot)."""
+        if answer.end == 0:
+            return 0
+        if answer.end > self.end:
+            return None
+        history = self.log.history
+        if answer.last_epoch == 0:  # a log that no primary opened with a Lead record
+            return answer.end if not history.starts else None
+        end_of_its_epoch = history.end_of(answer.last_epoch, self.end)
+        if end_of_its_epoch is None or answer.end > end_of_its_epoch:
+            return None  # it holds records of that epoch that this log does not
+        return answer.end
+
+    def _commit(self) -> list[Callable[[], None]]:
+        in_sync = [self._held.get(member, 0) for member in self.replicas.in_sync | self._joining
+                   if member != self.me]
+        self.committed = max(self.committed, min([self.end, *in_sync]))
+        everyone = min([self.committed] + [self._held.get(member, 0)
+                                          for member in self.replicas.backups])
+        while self._tail and (self._tail[0][0] <= everyone or len(self._tail) > self.max_tail):
+            self._tail.popleft()
+        released = []
+        while self._waiting and self._waiting[0][0] <= self.committed:
+            released.append(self._waiting.popleft()[1])
+        return released
+
+
+# -- a backup -------------------------------------------------------------------------
+
+class BackupLog:
+    """A backup's side: takes the primary's batches in order, or a snapshot, into `log`.
+
+    The first message of a newer epoch changes nothing: the answer to it tells the new
+    primary where this log ends, and the primary decides what of it may stay.
+    """
+
+    def __init__(self, log: Log, epoch: int = 0):
+        self.log = log
+        self.epoch = epoch  # the newest leader epoch this backup follows
+        self.committed = 0  # the primary's committed position, as far as this log holds
+
+    def position(self) -> Position:
+        return Position(self.epoch, self.log.position, self.log.history.last_epoch)
+
+    def accept(self, message: Batch | Snapshot) -> Position:
+        """Apply a Batch that continues this log, or load a Snapshot; return where the
+        log now ends. A batch that does not continue it changes nothing: the answer
+        tells the primary where to resume. Raises StaleEpochError for a message of an
+        epoch older than one this backup follows: its sender is fenced."""
+        if message.epoch < self.epoch:
+            raise StaleEpochError(f"a message of leader epoch {message.epoch}; this backup "
+                                  f"follows epoch {self.epoch}")
+        if message.epoch > self.epoch and type(message) is Batch:
+            self.epoch = message.epoch  # a new primary: it decides what of this log stays
+            return self.position()
+        if type(message) is Snapshot:
+            self.log.load_snapshot(message.state)
+        elif message.first == self.log.position + 1 and message.records:
+            self.log.apply_replicated(message.records)
+        self.committed = max(self.committed, min(message.committed, self.log.position))
+        return self.position()
