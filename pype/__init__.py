@@ -10,6 +10,8 @@ from pype.errors import (
     ItemLostError,
     JournalFormatError,
     LeaseNotHeldError,
+    NotEnoughReplicasError,
+    NotPrimaryError,
     PypeError,
     QueueExistsError,
     QueueFullError,
@@ -21,6 +23,7 @@ from pype.errors import (
     ShardLostError,
     ShardRestartedError,
     ShardUnavailableError,
+    StaleEpochError,
     VideoSourceError,
 )
 from pype.queue import Queue
@@ -38,6 +41,8 @@ __all__ = [
     "ItemLostError",
     "JournalFormatError",
     "LeaseNotHeldError",
+    "NotEnoughReplicasError",
+    "NotPrimaryError",
     "PypeError",
     "Queue",
     "QueueExistsError",
@@ -51,6 +56,7 @@ __all__ = [
     "ShardLostError",
     "ShardRestartedError",
     "ShardUnavailableError",
+    "StaleEpochError",
     "VideoServer",
     "VideoSourceError",
     "connect",

@@ -8,10 +8,11 @@ Where a built-in exception fits, a class also derives from it, so code that
 catches the built-in catches the Pype error too: QueueExistsError, ConfigError,
 ServerExistsError and JournalFormatError are ValueErrors; QueueNotFoundError, LeaseNotHeldError and
 ServerNotFoundError are LookupErrors; QueueTimeoutError is a TimeoutError;
-VideoSourceError is an OSError; ShardUnavailableError and ShardRestartedError are
-ConnectionErrors. Empty and Full (pype.Queue's) are the standard library's
-queue.Empty and queue.Full, through ray.util.queue's Empty and Full. QueueFullError, ShardLostError,
-RedirectLimitError and ItemLostError name states no built-in exception describes, and derive from
+VideoSourceError is an OSError; ShardUnavailableError, ShardRestartedError and
+NotPrimaryError are ConnectionErrors. Empty and Full (pype.Queue's) are the standard
+library's queue.Empty and queue.Full, through ray.util.queue's Empty and Full.
+QueueFullError, ShardLostError, RedirectLimitError, ItemLostError, NotEnoughReplicasError
+and StaleEpochError name states no built-in exception describes, and derive from
 PypeError alone.
 """
 

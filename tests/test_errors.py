@@ -24,6 +24,9 @@ BUILTIN_BASES = {
     pype.ItemLostError: None,
     pype.JournalFormatError: ValueError,
     pype.RedirectLimitError: None,
+    pype.NotPrimaryError: ConnectionError,
+    pype.NotEnoughReplicasError: None,
+    pype.StaleEpochError: None,
     pype.Empty: queue.Empty,
     pype.Full: queue.Full,
 }
