@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pype.errors import NotEnoughReplicasError, StaleEpochError
+from pype.errors import StaleEpochError
 from pype.options import QueueOptions
+from pype.shards import records
 from pype.shards.journal import Journal
 from pype.shards.replication import (
     BackupLog,
@@ -59,7 +60,7 @@ class TracedStore(QueueStore):
 
 
 class Pair:
-    """A primary and one backup, wired by hand: the test says when messages travel."""
+    """A primary and its backups, wired by hand: the test says when messages travel."""
 
     def __init__(self, members=("a", "b"), min_insync=1, max_tail=100_000):
         self.replicas = ReplicaSet.start(members, min_insync)
@@ -69,74 +70,144 @@ class Pair:
         self.primary.replicate = self.log.append
         self.primary.lead(1, members[0])
         self.backups = {member: BackupLog(self.stores[member]) for member in members[1:]}
+        self.acked = []
+
+    def push(self, item):
+        """Push `item`; it counts as acknowledged once its reply is released."""
+        self.primary.push(Q, [item])
+        self.log.hold(self.primary.position, lambda: self.acked.append(item), lambda: None)
 
     def exchange(self, backup="b"):
-        """Send `backup` what it needs and bring back its answer; the replies released."""
+        """Send `backup` what it needs and bring back its answer; run the released replies."""
         message = self.log.send_to(backup)
-        if message is None:
-            return []
-        return self.log.acknowledged(backup, self.backups[backup].accept(message))
+        if message is not None:
+            for release in self.log.acknowledged(backup, self.backups[backup].accept(message)):
+                release()
+        return message
 
     def sync(self, backup="b"):
-        """Exchange until `backup` has every record; the replies released."""
-        released = []
-        while (message := self.log.send_to(backup)) is not None:
-            released += self.log.acknowledged(backup, self.backups[backup].accept(message))
-        return released
+        """Exchange until `backup` has every record."""
+        while self.exchange(backup) is not None:
+            pass
+
+    def change(self, replicas):
+        self.replicas = replicas
+        for release in self.log.change_replicas(replicas):
+            release()
 
 
 def test_a_reply_is_held_until_every_in_sync_backup_holds_its_record():
     pair = Pair()
-    answered = []
-    pair.primary.push(Q, ["x"])
-    assert not pair.log.hold(pair.primary.position, lambda: answered.append("x"))
-    assert pair.exchange() == []  # the probe: where does the backup's log end?
-    assert answered == []
-    for release in pair.exchange():
-        release()
-    assert answered == ["x"]
+    pair.push("x")
+    assert pair.acked == []
+    pair.exchange()  # the probe: where does the backup's log end?
+    assert pair.acked == []
+    pair.exchange()
+    assert pair.acked == ["x"]
     assert contents(pair.stores["b"]) == ["x"]
 
 
 def test_with_the_backup_out_of_the_in_sync_set_the_primary_commits_alone():
     pair = Pair()
-    pair.replicas = pair.replicas.shrunk(1, "b")
-    pair.log.change_replicas(pair.replicas)
-    pair.primary.push(Q, ["x"])
-    assert pair.log.hold(pair.primary.position, lambda: None)
+    pair.change(pair.replicas.shrunk(1, 0, "b"))
+    pair.push("x")
+    assert pair.acked == ["x"]
 
 
-def test_the_in_sync_set_never_shrinks_below_min_insync():
-    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=2)
-    two = replicas.shrunk(1, "c")
-    with pytest.raises(NotEnoughReplicasError, match="min_insync=2"):
-        two.shrunk(1, "b")
+def test_below_min_insync_nothing_is_committed():
+    pair = Pair(members=("a", "b", "c"), min_insync=2)
+    pair.change(pair.replicas.shrunk(1, 0, "c"))
+    pair.change(pair.replicas.shrunk(1, 1, "b"))
+    assert not pair.log.can_commit
+    pair.push("x")  # the engine refuses changes first: none may be acknowledged
+    pair.sync("b")
+    assert pair.acked == []  # b holds x, but the in-sync set is a alone, below min_insync
+    pair.log.joining("b")
+    pair.change(pair.replicas.grown(1, 2, "b"))
+    assert pair.log.can_commit and pair.acked == ["x"]
+
+
+def test_shrink_and_grow_are_compare_and_sets_on_the_version():
+    """A late or repeated request never undoes a newer change."""
+    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=1)
+    shrunk = replicas.shrunk(1, 0, "c")
+    regrown = shrunk.grown(1, 1, "c")
+    again = regrown.shrunk(1, 2, "c")
+    assert again.grown(1, 1, "c") is again  # the first grow, repeated: refused
+    assert again.in_sync == {"a", "b"}
     with pytest.raises(ValueError, match="primary cannot leave"):
-        two.shrunk(1, "a")
+        replicas.shrunk(1, 0, "a")
+
+
+def test_the_primary_never_takes_an_older_replica_set():
+    pair = Pair(members=("a", "b", "c"))
+    newer = pair.replicas.shrunk(1, 0, "c")
+    pair.change(newer)
+    assert pair.log.change_replicas(pair.replicas.__class__.start(["a", "b", "c"], 1)) == []
+    assert pair.log.replicas is newer
 
 
 def test_only_an_in_sync_replica_is_promoted_and_the_epoch_grows():
-    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=1).shrunk(1, "c")
+    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=1).shrunk(1, 0, "c")
     with pytest.raises(StaleEpochError, match="never promoted"):
         replicas.promoted("c")
     promoted = replicas.promoted("b")
     assert (promoted.primary, promoted.epoch, promoted.in_sync) == ("b", 2, frozenset({"b"}))
 
 
-def test_promotion_keeps_the_old_primary_in_sync_rather_than_fall_below_min_insync():
-    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=2).shrunk(1, "c")
-    promoted = replicas.promoted("b")
-    assert promoted.in_sync == {"a", "b"}  # b commits nothing until c caught up or a is back
+def test_a_backup_that_restarted_without_its_records_leaves_the_in_sync_set_and_is_never_promoted():
+    replicas = ReplicaSet.start(["a", "b", "c"], min_insync=2)
+    restarted = replicas.restarted("b")
+    assert restarted.in_sync == {"a", "c"} and not restarted.shrunk(1, 1, "c").can_commit
+    with pytest.raises(StaleEpochError):
+        restarted.promoted("b")
+    with pytest.raises(ValueError, match="promote another"):
+        replicas.restarted("a")
+
+
+def test_a_backup_that_restarted_empty_is_not_counted_at_what_it_held_before():
+    pair = Pair(members=("a", "b", "c"))
+    pair.push("x")
+    pair.sync("b")
+    pair.sync("c")
+    assert pair.acked == ["x"] and pair.log.caught_up("b")
+    pair.stores["b"] = QueueStore(QueueOptions())  # its process restarted, without a journal
+    pair.backups["b"] = BackupLog(pair.stores["b"])
+    pair.log.lost("b")
+    assert not pair.log.caught_up("b")
+    pair.exchange("b")  # the probe: it holds nothing
+    assert pair.log.held("b") == 0 and pair.log.behind() == ["b"]
+    pair.sync("b")
+    assert contents(pair.stores["b"]) == ["x"] and pair.log.behind() == []
 
 
 def test_a_stale_primary_is_fenced_by_the_router_and_by_its_backups():
     replicas = ReplicaSet.start(["a", "b", "c"], min_insync=1)
     newer = replicas.promoted("b")
     with pytest.raises(StaleEpochError):
-        newer.shrunk(1, "c")  # the old primary, of epoch 1, asks
+        newer.shrunk(1, newer.version, "c")  # the old primary, of epoch 1, asks
     backup = BackupLog(QueueStore(QueueOptions()), epoch=2)
     with pytest.raises(StaleEpochError, match="epoch 1"):
-        backup.accept(Batch(1, 1, [], 0))
+        backup.accept(Batch(1, 1, 1, [], 0))
+
+
+def test_a_backup_restarted_from_its_journal_still_fences_the_old_primary(tmp_path):
+    """It follows at least the epoch of the last Lead in its log, also after a restart."""
+    store = QueueStore(QueueOptions(), journal=Journal(tmp_path / "c"))
+    store.restore()
+    store.apply_replicated([records.Lead(1, "a"), records.Lead(2, "b")])
+    store.close()
+    again = QueueStore(QueueOptions(), journal=Journal(tmp_path / "c"))
+    again.restore()
+    with pytest.raises(StaleEpochError):
+        BackupLog(again).accept(Batch(1, 1, 3, [], 0))
+
+
+def test_an_answer_naming_a_newer_epoch_fences_the_primary():
+    pair = Pair()
+    message = pair.log.send_to("b")
+    with pytest.raises(StaleEpochError):
+        pair.log.acknowledged("b", Position(1, message.sequence, 5, 2))
 
 
 def test_bad_replica_sets_are_refused():
@@ -149,32 +220,54 @@ def test_bad_replica_sets_are_refused():
 def test_a_backup_that_missed_records_catches_up_from_the_log():
     pair = Pair()
     pair.exchange()
-    pair.primary.push(Q, [1])
+    pair.push(1)
     pair.exchange()
     pair.log.send_to("b")  # this message is lost on the way
-    pair.primary.push(Q, [2])
+    pair.push(2)
     pair.log.lost("b")
-    pair.primary.push(Q, [3])
-    pair.exchange()  # a probe: the backup says where it ends
-    pair.exchange()
-    assert contents(pair.stores["b"]) == [1, 2, 3]
+    pair.push(3)
+    pair.sync()
+    assert contents(pair.stores["b"]) == [1, 2, 3] and pair.acked == [1, 2, 3]
     assert pair.log.caught_up("b")
 
 
 def test_a_backup_too_far_behind_loads_a_snapshot():
     pair = Pair(max_tail=2)
-    pair.replicas = pair.replicas.shrunk(1, "b")  # out of sync: the primary keeps 2 records
-    pair.log.change_replicas(pair.replicas)
+    pair.change(pair.replicas.shrunk(1, 0, "b"))  # out of sync: the primary keeps 2 records
     for item in range(5):
-        pair.primary.push(Q, [item])
+        pair.push(item)
     pair.primary.pull("q", 1)
-    assert isinstance(pair.log.send_to("b"), Batch)  # the probe
-    pair.log.acknowledged("b", pair.backups["b"].accept(Batch(1, 9, [], 0)))
-    message = pair.log.send_to("b")
-    assert isinstance(message, Snapshot)
-    pair.log.acknowledged("b", pair.backups["b"].accept(message))
+    kinds = []
+    while (message := pair.exchange()) is not None:
+        kinds.append(type(message).__name__)
+    assert kinds == ["Batch", "Snapshot"]
     assert contents(pair.stores["b"]) == [1, 2, 3, 4]
     assert pair.log.caught_up("b")
+
+
+def test_a_late_or_repeated_message_changes_nothing():
+    """A snapshot still on the wire when the connection broke arrives after newer records:
+    it must not take the backup back, nor may its answer count."""
+    pair = Pair(max_tail=1)
+    for item in range(3):
+        pair.push(item)
+    pair.exchange()  # the probe
+    late = pair.log.send_to("b")  # a snapshot, which is late
+    assert isinstance(late, Snapshot)
+    pair.log.lost("b")
+    pair.sync()
+    pair.push("x")
+    pair.sync()
+    held = pair.stores["b"].position
+    answer = pair.backups["b"].accept(late)
+    assert pair.stores["b"].position == held and contents(pair.stores["b"]) == [0, 1, 2, "x"]
+    assert pair.log.acknowledged("b", answer) == [] and pair.log.held("b") == held
+
+
+def test_a_new_primary_never_counts_a_commit_past_its_own_log():
+    store = QueueStore(QueueOptions())
+    log = PrimaryLog(ReplicaSet.start(["b", "c"], 2), "b", store, committed=7)
+    assert log.committed == 0
 
 
 def test_a_backup_with_records_of_an_old_epoch_that_the_new_primary_lacks_loads_a_snapshot():
@@ -207,34 +300,53 @@ def test_a_backup_with_records_of_an_old_epoch_that_the_new_primary_lacks_loads_
     assert kinds == ["Batch", "Snapshot"]  # the probe, then all of b
     assert contents(stores["c"]) == ["y"]
     with pytest.raises(StaleEpochError):
-        backups["c"].accept(Batch(1, stores["c"].position + 1, [], 0))  # a is fenced
+        backups["c"].accept(Batch(1, 99, stores["c"].position + 1, [], 0))  # a is fenced
 
 
 def test_a_backup_joining_the_in_sync_set_counts_before_the_router_answers():
-    """If the router records b back in sync but its answer is lost, b may be promoted:
-    the primary must not commit without b from the moment it asks."""
+    """If the router records c back in sync but its answer is lost, c may be promoted:
+    the primary must not commit without c from the moment it asks."""
     pair = Pair(members=("a", "b", "c"))
-    pair.replicas = pair.replicas.shrunk(1, "c")
-    pair.log.change_replicas(pair.replicas)
+    pair.change(pair.replicas.shrunk(1, 0, "c"))
     pair.sync("c")
-    assert pair.log.caught_up("c")
+    with pytest.raises(ValueError, match="not caught up"):
+        pair.log.joining("b")  # never asked for: b has not answered yet
     pair.log.joining("c")
-    pair.replicas = pair.replicas.grown(1, "c")  # recorded; the answer does not arrive
-    pair.primary.push(Q, ["x"])
-    released = []
-    pair.log.hold(pair.primary.position, lambda: released.append("x"))
+    pair.replicas = pair.replicas.grown(1, 1, "c")  # recorded; the answer does not arrive
+    pair.push("x")
     pair.sync("b")
-    assert released == []  # b holds x, c does not: c could be promoted
-    for release in pair.sync("c"):
-        release()
-    assert released == ["x"]
+    assert pair.acked == []  # b holds x, c does not: c could be promoted
+    pair.sync("c")
+    assert pair.acked == ["x"]
 
 
 def test_a_backup_applies_nothing_from_the_first_message_of_a_newer_epoch():
     store = QueueStore(QueueOptions())
     backup = BackupLog(store, epoch=1)
-    answer = backup.accept(Batch(2, 1, [("not", "a", "record")], 0))
-    assert answer == Position(2, 0, 0) and store.position == 0
+    answer = backup.accept(Batch(2, 1, 1, [("not", "a", "record")], 0))
+    assert answer == Position(2, 1, 0, 0) and store.position == 0
+
+
+def test_a_lead_of_an_epoch_that_is_not_newer_changes_nothing():
+    pair = Pair()
+    position = pair.primary.position
+    with pytest.raises(StaleEpochError):
+        pair.primary.lead(1, "a")
+    assert pair.primary.position == position
+    pair.push("x")  # the log goes on at the next position
+    pair.sync()
+    assert contents(pair.stores["b"]) == ["x"]
+
+
+def test_abandoned_replies_fail_and_are_never_released():
+    pair = Pair()
+    failed = []
+    pair.primary.push(Q, ["x"])
+    pair.log.hold(pair.primary.position, lambda: pair.acked.append("x"), lambda: failed.append("x"))
+    for fail in pair.log.abandon():
+        fail()
+    pair.sync()
+    assert failed == ["x"] and pair.acked == []
 
 
 def test_epoch_history_says_where_each_epoch_ends():
@@ -253,23 +365,39 @@ def test_a_backup_journals_what_it_applies_and_restores_it(tmp_path):
     backup_store = QueueStore(QueueOptions(), journal=Journal(tmp_path / "b"))
     backup_store.restore()  # opens the journal, as a starting shard does
     pair.backups["b"] = BackupLog(backup_store)
-    pair.primary.push(Q, [1, 2])
+    pair.push(1)
+    pair.push(2)
     pair.primary.pull("q", 1, ack=True)
-    pair.exchange()
-    pair.exchange()
+    pair.sync()
     backup_store.close()
     again = QueueStore(QueueOptions(), journal=Journal(tmp_path / "b"))
     again.restore()
     assert again.position == pair.primary.position
     assert again.history.starts == [(1, 1)]
     assert contents(again) == [2] and again.stats()["leased"] == 1
-    assert BackupLog(again).position() == Position(0, pair.primary.position, 1)
+    assert BackupLog(again).position() == Position(1, 0, pair.primary.position, 1)
 
 
 # -- a replica set, against what its clients were told ----------------------------------
 
+def taken_in(trace: list) -> set:
+    """The items that the Take records of a log (a TracedStore's trace) took."""
+    taken = set()
+
+    def observe(record, moved):
+        if type(record) is records.Take:
+            taken.update(moved)
+    QueueStore(QueueOptions()).replay(None, trace, observe)
+    return taken
+
+
 class ReplicaSetMachine(RuleBasedStateMachine):
-    """Three replicas of one FIFO queue, min_insync 2 or 1, driven by hypothesis."""
+    """Three replicas of one FIFO queue, min_insync 1 or 2, driven by hypothesis.
+
+    Faults: messages lost, late or repeated; router answers lost and requests repeated;
+    backups that restart with their journal or empty; nodes lost; a primary that dies or
+    is cut off from the router and goes on serving (a zombie) until fenced.
+    """
 
     def __init__(self):
         super().__init__()
@@ -277,8 +405,9 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         self.next_replica = 3
         self.acked_pushes: set[int] = set()  # pushes whose callers were told "accepted"
         self.delivered: list[int] = []       # items of pulls whose callers got them
-        self.taken: set[int] = set()         # items any pull took, told or not
         self.network: dict[str, list] = {}   # backup -> [(sender PrimaryLog, message)]
+        self.sent: list = []                 # every (sender, backup, message), to replay
+        self.requests: list = []             # every (kind, epoch, version, backup) asked
         self.zombie: PrimaryLog | None = None  # a primary cut off from the router
 
     @rule(min_insync=st.sampled_from([1, 2]))
@@ -288,8 +417,8 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         self.router = ReplicaSet.start(members, min_insync)
         self.stores = {member: TracedStore() for member in members}
         self.alive = set(members)
-        self._become_primary("r0", committed=0)
         self.backups = {member: BackupLog(self.stores[member]) for member in members[1:]}
+        self._become_primary("r0", committed=0)
 
     def _become_primary(self, member, committed):
         self.log = PrimaryLog(self.router, member, self.stores[member], committed=committed)
@@ -299,24 +428,31 @@ class ReplicaSetMachine(RuleBasedStateMachine):
     def _serving(self):
         return [log for log in (self.log, self.zombie) if log is not None]
 
+    def _run(self, callbacks):
+        for callback in callbacks:
+            callback()
+
     # -- clients ---------------------------------------------------------------------
 
     @rule(to_zombie=st.booleans())
     @precondition(lambda self: hasattr(self, "router"))
     def push(self, to_zombie):
         log = self.zombie if to_zombie and self.zombie else self.log
+        if not log.can_commit:
+            return  # the engine refuses changes: NotEnoughReplicasError
         item, self.next_item = self.next_item, self.next_item + 1
         log.log.push(Q, [item])
-        log.hold(log.log.position, lambda: self.acked_pushes.add(item))
+        log.hold(log.log.position, lambda: self.acked_pushes.add(item), lambda: None)
 
     @rule(to_zombie=st.booleans())
     @precondition(lambda self: hasattr(self, "router"))
     def pull(self, to_zombie):
         log = self.zombie if to_zombie and self.zombie else self.log
+        if not log.can_commit:
+            return
         items = log.log.pull("q", 1)
-        self.taken.update(items)
         if items:
-            log.hold(log.log.position, lambda: self.delivered.extend(items))
+            log.hold(log.log.position, lambda: self.delivered.extend(items), lambda: None)
 
     # -- the network --------------------------------------------------------------------
 
@@ -328,29 +464,39 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         message = log.send_to(backup)
         if message is not None:
             self.network.setdefault(backup, []).append((log, message))
+            self.sent.append((log, backup, message))
 
     @rule(data=st.data())
     @precondition(lambda self: hasattr(self, "router") and any(self.network.values()))
     def deliver(self, data):
         backup = data.draw(st.sampled_from([b for b, queue in self.network.items() if queue]))
         sender, message = self.network[backup].pop(0)
+        self._deliver(sender, backup, message)
+
+    @rule(data=st.data())
+    @precondition(lambda self: hasattr(self, "router") and self.sent)
+    def deliver_again(self, data):
+        """A message delivered late, or twice."""
+        sender, backup, message = data.draw(st.sampled_from(self.sent))
+        self._deliver(sender, backup, message)
+
+    def _deliver(self, sender, backup, message):
         if backup not in self.alive or backup not in self.backups:
-            sender.lost(backup)
             return
         if self.zombie is not None and backup == self.zombie.me and message.epoch > self.zombie.epoch:
             self._fence(self.zombie)  # it hears of the new primary: it serves no more
         try:
             answer = self.backups[backup].accept(message)
         except StaleEpochError:
-            self._fence(sender)
+            if sender in self._serving():
+                self._fence(sender)
+            return
+        if sender not in self._serving():
             return
         try:
-            released = sender.acknowledged(backup, answer)
+            self._run(sender.acknowledged(backup, answer))
         except StaleEpochError:
             self._fence(sender)
-            return
-        for release in released:
-            release()
 
     @rule(data=st.data())
     @precondition(lambda self: hasattr(self, "router") and any(self.network.values()))
@@ -360,34 +506,50 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         sender.lost(backup)
 
     def _fence(self, log):
-        log.abandon()  # its held replies are answered NotPrimaryError: nobody is told "done"
+        self._run(log.abandon())  # its held replies fail: nobody is told "done"
         if log is self.zombie:
             self.zombie = None
 
     # -- the router --------------------------------------------------------------------
 
+    def _ask(self, kind, epoch, version, backup):
+        self.requests.append((kind, epoch, version, backup))
+        change = self.router.shrunk if kind == "shrink" else self.router.grown
+        try:
+            self.router = change(epoch, version, backup)
+        except StaleEpochError:
+            pass
+
     @rule(data=st.data())
     @precondition(lambda self: hasattr(self, "router"))
     def shrink(self, data):
         backup = data.draw(st.sampled_from(self.router.backups))
-        try:
-            self.router = self.router.shrunk(self.log.epoch, backup)
-        except (NotEnoughReplicasError, StaleEpochError):
-            return
-        for release in self.log.change_replicas(self.router):
-            release()
+        self._ask("shrink", self.log.epoch, self.log.replicas.version, backup)
+        self._run(self.log.change_replicas(self.router))
 
     @rule(data=st.data(), told=st.booleans())
     @precondition(lambda self: hasattr(self, "router"))
     def grow(self, data, told):
         backup = data.draw(st.sampled_from(self.router.backups))
-        if backup in self.router.in_sync or not self.log.caught_up(backup):
+        if backup in self.log.replicas.in_sync or not self.log.caught_up(backup):
             return
         self.log.joining(backup)
-        self.router = self.router.grown(self.log.epoch, backup)
+        self._ask("grow", self.log.epoch, self.log.replicas.version, backup)
         if told:  # else the answer is lost: the primary keeps counting the backup in
-            for release in self.log.change_replicas(self.router):
-                release()
+            self._run(self.log.change_replicas(self.router))
+
+    @rule(data=st.data())
+    @precondition(lambda self: hasattr(self, "router") and self.requests)
+    def repeat_request(self, data):
+        """A request to the router that arrives late, or twice."""
+        self._ask(*data.draw(st.sampled_from(self.requests)))
+
+    @rule()
+    @precondition(lambda self: hasattr(self, "router"))
+    def shrink_those_behind(self):
+        for backup in self.log.behind():
+            self._ask("shrink", self.log.epoch, self.log.replicas.version, backup)
+            self._run(self.log.change_replicas(self.router))
 
     @rule(data=st.data(), cut_off=st.booleans())
     @precondition(lambda self: hasattr(self, "router") and self.zombie is None)
@@ -410,6 +572,25 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         if cut_off:  # also a backup of the new epoch, once it hears of it
             self.backups[old.me] = BackupLog(self.stores[old.me], epoch=old.epoch)
 
+    @rule(data=st.data(), with_journal=st.booleans())
+    @precondition(lambda self: hasattr(self, "router"))
+    def restart_backup(self, data, with_journal):
+        """A backup's process restarts: from its journal (fsync "always": every record
+        it answered for), or empty; the router hears of it before it answers anything."""
+        backup = data.draw(st.sampled_from(self.router.backups))
+        if backup not in self.alive or backup not in self.backups or (
+                self.zombie is not None and backup == self.zombie.me):
+            return
+        if not with_journal:
+            self.stores[backup] = TracedStore()
+            self.router = self.router.restarted(backup)
+        self.backups[backup] = BackupLog(self.stores[backup])
+        # Messages to the old process died with its connections.
+        self.network[backup] = []
+        self.sent = [entry for entry in self.sent if entry[1] != backup]
+        for log in self._serving():
+            log.lost(backup)
+
     @rule(data=st.data())
     @precondition(lambda self: hasattr(self, "router"))
     def lose_backup_node(self, data):
@@ -431,17 +612,18 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         self.stores[new] = TracedStore()
         self.backups[new] = BackupLog(self.stores[new])
         self.alive.add(new)
-        for release in self.log.change_replicas(self.router):
-            release()
+        self._run(self.log.change_replicas(self.router))
 
     # -- what the clients were told ------------------------------------------------------
 
     @invariant()
     def no_acknowledged_push_is_lost(self):
+        """Each acknowledged push is in the primary's queue, or a pull of the primary's own
+        history took it."""
         if not hasattr(self, "router"):
             return
-        held = set(contents(self.log.log))
-        missing = self.acked_pushes - held - self.taken
+        trace = self.log.log.trace
+        missing = self.acked_pushes - set(contents(self.log.log)) - taken_in(trace)
         assert not missing, f"acknowledged pushes lost: {sorted(missing)}"
 
     @invariant()
@@ -472,17 +654,14 @@ class ReplicaSetMachine(RuleBasedStateMachine):
         if not hasattr(self, "router"):
             return
         self.zombie = None
-        self.network.clear()
         for backup in self.router.backups:
             self.log.lost(backup)
         for _ in range(4):
             for backup in self.router.backups:
-                if backup not in self.alive:
-                    continue
-                message = self.log.send_to(backup)
-                if message is not None:
-                    for release in self.log.acknowledged(backup, self.backups[backup].accept(message)):
-                        release()
+                if backup in self.alive and backup in self.backups:
+                    message = self.log.send_to(backup)
+                    if message is not None:
+                        self._run(self.log.acknowledged(backup, self.backups[backup].accept(message)))
         expected = contents(self.log.log)
         for backup in self.router.in_sync - {self.log.me}:
             if backup in self.alive:
@@ -490,6 +669,6 @@ class ReplicaSetMachine(RuleBasedStateMachine):
 
 
 ReplicaSetMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=200, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_a_replica_set_keeps_what_it_acknowledged = ReplicaSetMachine.TestCase

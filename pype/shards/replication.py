@@ -15,9 +15,10 @@ Jepsen's tests came from bending them):
   (PrimaryLog.hold, released by PrimaryLog.acknowledged): what a caller sees as
   acknowledged survives while one in-sync replica lives.
 - The in-sync set changes only through the router (ReplicaSet.shrunk and grown,
-  recorded durably before the primary acts on them) and never falls below
-  min_insync members: a primary whose backup stops answering at that size commits
-  nothing more (NotEnoughReplicasError) rather than go on alone.
+  compare-and-sets on its version, and restarted), recorded durably before the
+  primary acts on it. It is always true: a backup that restarted without its
+  records leaves it at once. Below min_insync members nothing is committed, and the
+  primary refuses changes (NotEnoughReplicasError) rather than go on alone.
 - Only a member of the recorded in-sync set is promoted (ReplicaSet.promoted), in a
   new leader epoch. Every message carries the epoch: a replica of an older one is
   fenced (StaleEpochError) and can acknowledge nothing.
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
-from pype.errors import NotEnoughReplicasError, StaleEpochError
+from pype.errors import StaleEpochError
 from pype.shards.records import Record
 
 # -- the router's record of a shard's replicas --------------------------------------------
@@ -46,8 +47,16 @@ from pype.shards.records import Record
 @dataclass(frozen=True)
 class ReplicaSet:
     """Who holds a shard, who serves it, and who is in sync: what the router records,
-    durably, before anyone acts on a change of it. `version` grows with every change,
-    so that a request based on an older one is refused (compare-and-set)."""
+    durably, before anyone acts on a change of it.
+
+    The in-sync set is always true: its members hold every committed record. So it may
+    be smaller than min_insync (a backup restarted without its records, or stopped
+    answering); then nothing more is committed, and the primary refuses changes, until
+    a backup caught up and was grown back. `version` grows with every change: shrunk()
+    and grown() name the version they were asked on, and one asked on another version
+    changes nothing (compare-and-set: a late or repeated request never undoes a newer
+    change).
+    """
 
     members: tuple[str, ...]     # replica ids, the primary among them
     primary: str
@@ -65,54 +74,61 @@ class ReplicaSet:
                              f"replicas, got {self.min_insync}")
 
     @classmethod
-    def start(cls, members: Iterable[str], min_insync: int) -> ReplicaSet:
-        """A new shard: the first member is primary, all are in sync (all are empty)."""
+    def start(cls, members: Iterable[str], min_insync: int, epoch: int = 1) -> ReplicaSet:
+        """A new shard: the first member is primary, all are in sync (all are empty).
+        `epoch` must be above the last epoch of every member's log (a named server
+        started again over its journals): an epoch is never reused."""
         members = tuple(members)
-        return cls(members, members[0], frozenset(members), min_insync)
+        return cls(members, members[0], frozenset(members), min_insync, epoch)
 
-    def shrunk(self, epoch: int, replica: str) -> ReplicaSet:
-        """Without backup `replica` in the in-sync set, as the primary of `epoch` asks.
+    @property
+    def can_commit(self) -> bool:
+        """Are there min_insync members in sync, so that a change may be acknowledged?"""
+        return len(self.in_sync) >= self.min_insync
 
-        Raises StaleEpochError if `epoch` is not this set's (a fenced primary asks),
-        NotEnoughReplicasError if the set would fall below min_insync.
-        """
+    def shrunk(self, epoch: int, version: int, replica: str) -> ReplicaSet:
+        """Without backup `replica` in the in-sync set, as the primary of `epoch` asked on
+        `version` (another version: unchanged). Raises StaleEpochError if `epoch` is
+        over (a fenced primary asks)."""
         self._check_epoch(epoch)
-        if replica not in self.in_sync:
-            return self
         if replica == self.primary:
             raise ValueError("the primary cannot leave the in-sync set; promote another")
-        if len(self.in_sync) - 1 < self.min_insync:
-            raise NotEnoughReplicasError(
-                f"replica {replica} stopped answering and the in-sync set {sorted(self.in_sync)} "
-                f"is at min_insync={self.min_insync}: the shard takes no changes until a "
-                f"backup catches up")
+        if version != self.version or replica not in self.in_sync:
+            return self
         return replace(self, in_sync=self.in_sync - {replica}, version=self.version + 1)
 
-    def grown(self, epoch: int, replica: str) -> ReplicaSet:
-        """With `replica`, which caught up with the primary of `epoch`, back in sync."""
+    def grown(self, epoch: int, version: int, replica: str) -> ReplicaSet:
+        """With `replica`, which caught up with the primary of `epoch`, back in sync, as
+        asked on `version` (another version: unchanged)."""
         self._check_epoch(epoch)
         if replica not in self.members:
             raise ValueError(f"{replica!r} is not a replica of this shard")
-        if replica in self.in_sync:
+        if version != self.version or replica in self.in_sync:
             return self
         return replace(self, in_sync=self.in_sync | {replica}, version=self.version + 1)
 
     def promoted(self, candidate: str) -> ReplicaSet:
-        """`candidate`, a member of the in-sync set, as primary of the next epoch.
-
-        The old primary leaves the in-sync set unless that would take it below
-        min_insync: then it stays, and the shard commits nothing until it or a
-        caught-up backup answers (never an unclean election).
-        """
+        """`candidate`, a member of the in-sync set, as primary of the next epoch; the old
+        primary (dead, or cut off) leaves the in-sync set unless it is the candidate (a
+        primary whose process restarted with every record it held). Never an unclean
+        election: a replica out of sync may lack acknowledged records."""
         if candidate not in self.in_sync:
             raise StaleEpochError(
                 f"replica {candidate} is not in the in-sync set {sorted(self.in_sync)}: it may "
                 f"lack acknowledged records, so it is never promoted")
-        in_sync = self.in_sync
-        if candidate != self.primary and len(in_sync) - 1 >= self.min_insync:
-            in_sync = in_sync - {self.primary}
+        in_sync = self.in_sync if candidate == self.primary else self.in_sync - {self.primary}
         return replace(self, primary=candidate, in_sync=in_sync, epoch=self.epoch + 1,
                        version=self.version + 1)
+
+    def restarted(self, replica: str) -> ReplicaSet:
+        """Backup `replica` started again without every record it had acknowledged (no
+        persistence, or fsync other than "always"): it leaves the in-sync set before it
+        answers anything. A primary that did so is replaced by promoted() instead."""
+        if replica == self.primary:
+            raise ValueError("a primary that lost records is replaced: promote another")
+        if replica not in self.in_sync:
+            return self
+        return replace(self, in_sync=self.in_sync - {replica}, version=self.version + 1)
 
     def replaced(self, gone: str, new: str) -> ReplicaSet:
         """With replica `new` (empty, out of sync) in the place of `gone`, a backup lost
@@ -168,9 +184,11 @@ class EpochHistory:
 
 class Batch(NamedTuple):
     """Records `first`, first + 1, ... of the primary of `epoch`; `committed`: the
-    primary's committed position. An empty one asks the backup where its log ends."""
+    primary's committed position. An empty one asks the backup where its log ends.
+    `sequence` numbers the primary's messages: an answer names the one it answers."""
 
     epoch: int
+    sequence: int
     first: int
     records: list
     committed: int
@@ -182,16 +200,18 @@ class Snapshot(NamedTuple):
     older epoch."""
 
     epoch: int
+    sequence: int
     position: int
     state: bytes
     committed: int
 
 
 class Position(NamedTuple):
-    """A backup's answer: it holds every record up to `end`, the last one written in
-    leader epoch `last_epoch`, and follows leader epoch `epoch`."""
+    """A backup's answer to message `sequence`: it holds every record up to `end`, the
+    last one written in leader epoch `last_epoch`, and follows leader epoch `epoch`."""
 
     epoch: int
+    sequence: int
     end: int
     last_epoch: int
 
@@ -215,9 +235,12 @@ class PrimaryLog:
     One thread calls it (the shard's engine holds its lock). Each backup has at most
     one message in flight: send_to(backup) says what to send next (None while one is
     in flight or the backup has everything), acknowledged(backup, answer) takes its
-    answer, and lost(backup) says that the connection broke (the next message asks
-    the backup where its log ends). A backup's first message is an empty Batch, a
-    probe: only its answer says which of the backup's records agree with this log.
+    answer, and lost(backup) says that the connection broke (the next message asks the
+    backup where its log ends: it may have restarted). A backup's first message is an
+    empty Batch, a probe: only its answer says which of its records agree with this log.
+
+    A record is committed once every member of the in-sync set (and every backup that
+    is joining it) holds it, and only while they are min_insync or more.
     """
 
     def __init__(self, replicas: ReplicaSet, me: str, log: Log, committed: int = 0,
@@ -228,13 +251,15 @@ class PrimaryLog:
         self.me = me
         self.log = log
         self.max_tail = max_tail
-        self.committed = committed          # known to be held by the whole in-sync set
+        self.committed = min(committed, log.position)  # held by the whole in-sync set
+        self._last = log.position           # the position of the last record appended
         self._tail: deque = deque()         # (position, record) not yet held by every member
         self._next: dict[str, int | None] = {}  # backup -> next position it needs; None: a snapshot
-        self._in_flight: set[str] = set()   # backups with a message unanswered
+        self._in_flight: dict[str, int] = {}    # backup -> sequence of its unanswered message
+        self._sequences = itertools.count(1)
         self._held: dict[str, int] = {}     # backup -> last position it holds, as it answered
-        self._waiting: deque = deque()      # (position, release) of replies held for a commit
-        self._joining: set[str] = set()     # backups the router may be adding to the in-sync set
+        self._waiting: deque = deque()      # (position, release, fail) of replies held
+        self._joining: dict[str, int] = {}  # backup -> version of the set it was asked to join
         self._commit()
 
     @property
@@ -246,64 +271,81 @@ class PrimaryLog:
         """The position of the log's last record."""
         return self.log.position
 
-    def append(self, position: int, record: Record) -> None:
-        """The log took `record` at `position` (the next): keep it for the backups."""
-        self._tail.append((position, record))
-        if len(self.replicas.in_sync) == 1 and not self._joining:
-            self.committed = position
+    @property
+    def can_commit(self) -> bool:
+        """May a change be acknowledged at all (min_insync members in sync)? The engine
+        refuses changes while not (NotEnoughReplicasError), before it applies them."""
+        return len(self.replicas.in_sync | set(self._joining)) >= self.replicas.min_insync
 
-    def hold(self, position: int, release: Callable[[], None]) -> bool:
-        """Call release() once `position` is committed: now (returns True), or later, as
-        one of the replies that acknowledged() returns (returns False)."""
+    def append(self, position: int, record: Record) -> None:
+        """The log took `record` at `position`, the next one: keep it for the backups."""
+        if position != self._last + 1:
+            raise ValueError(f"record at position {position} after position {self._last}")
+        self._last = position
+        self._tail.append((position, record))
+        self._commit_alone()
+
+    def hold(self, position: int, release: Callable[[], None], fail: Callable[[], None]) -> None:
+        """Call release() once `position` is committed: now, or later, as one of the
+        callbacks acknowledged() and change_replicas() return; fail() if this replica
+        stops being primary first (abandon())."""
         if position <= self.committed:
             release()
-            return True
-        self._waiting.append((position, release))
-        return False
+        else:
+            self._waiting.append((position, release, fail))
 
     def send_to(self, backup: str) -> Batch | Snapshot | None:
         """The next message for `backup`, or None while one is in flight or it has every
         record."""
         if backup in self._in_flight:
             return None
+        sequence = next(self._sequences)
         if backup not in self._next:  # where is it? a probe
-            message = Batch(self.epoch, self.end + 1, [], self.committed)
+            message = Batch(self.epoch, sequence, self.end + 1, [], self.committed)
         else:
             first = self._next[backup]
             oldest = self._tail[0][0] if self._tail else self.end + 1
             if first is None or first < oldest:  # what it needs is no longer kept here
-                message = Snapshot(self.epoch, self.end, self.log.snapshot(), self.committed)
+                message = Snapshot(self.epoch, sequence, self.end, self.log.snapshot(),
+                                   self.committed)
             elif first > self.end:
                 return None
             else:
                 records = [record for _, record in itertools.islice(
                     self._tail, first - oldest, None)]
-                message = Batch(self.epoch, first, records, self.committed)
-        self._in_flight.add(backup)
+                message = Batch(self.epoch, sequence, first, records, self.committed)
+        self._in_flight[backup] = sequence
         return message
 
     def acknowledged(self, backup: str, answer: Position) -> list[Callable[[], None]]:
-        """`backup` answered the message in flight to it; return the held replies that
-        this releases. A backup whose log went past this one in some epoch is sent a
-        snapshot next. Raises StaleEpochError if the backup follows a newer epoch:
-        this primary is fenced."""
-        if answer.epoch > self.epoch:
+        """`backup` answered; return the callbacks of the held replies this releases.
+
+        An answer to another message than the one in flight (late, repeated) is passed
+        over. A backup whose log went past this one in some epoch is sent a snapshot
+        next. Raises StaleEpochError if the backup follows a newer epoch than this
+        primary's, or holds records of one: this primary is fenced.
+        """
+        if max(answer.epoch, answer.last_epoch) > self.epoch:
             raise StaleEpochError(f"a backup follows leader epoch {answer.epoch}, past this "
                                   f"primary's {self.epoch}: another replica was promoted")
-        self._in_flight.discard(backup)
+        if self._in_flight.get(backup) != answer.sequence:
+            return []
+        del self._in_flight[backup]
         agreed = self._agreed_end(answer)
         if agreed is None:
             self._next[backup] = None
+            self._held.pop(backup, None)
             return []
         self._next[backup] = agreed + 1
-        if agreed > self._held.get(backup, 0):
-            self._held[backup] = agreed
+        self._held[backup] = agreed  # also lower than before: it restarted with less
         return self._commit()
 
     def lost(self, backup: str) -> None:
-        """The connection to `backup` broke: what was in flight may or may not be there."""
-        self._in_flight.discard(backup)
+        """The connection to `backup` broke: what was in flight may or may not be there,
+        and the backup may come back with less than it held."""
+        self._in_flight.pop(backup, None)
         self._next.pop(backup, None)
+        self._held.pop(backup, None)
 
     def caught_up(self, backup: str) -> bool:
         """Does `backup` hold every record (so it may rejoin the in-sync set)?"""
@@ -313,29 +355,40 @@ class PrimaryLog:
         """The last position `backup` holds, as far as this primary knows."""
         return self._held.get(backup, 0)
 
+    def behind(self) -> list[str]:
+        """In-sync backups that do not hold every committed record (they restarted with
+        less): the router must shrink them out of the in-sync set."""
+        return [member for member in self.replicas.in_sync if member != self.me
+                and member in self._held and self._held[member] < self.committed]
+
     def joining(self, backup: str) -> None:
         """The primary is about to ask the router to add `backup` (caught_up) to the
         in-sync set. From now on commits wait for it as well, as if it were in the set:
         once the router has recorded it, a promotion may pick it (Kafka's "maximal ISR")."""
-        self._joining.add(backup)
+        if not self.caught_up(backup):
+            raise ValueError(f"backup {backup} has not caught up: it cannot join the in-sync set")
+        self._joining[backup] = self.replicas.version
 
     def change_replicas(self, replicas: ReplicaSet) -> list[Callable[[], None]]:
-        """The router recorded `replicas` (or refused a change and answered with the
-        set it has): take it, and return the held replies that this releases. Ask the
-        router for one change at a time: the answer ends every joining()."""
+        """The router answered with `replicas` (it recorded a change, or refused one and
+        says what it has): take it unless it is older than the set held, and return the
+        callbacks of the held replies this releases."""
         if replicas.epoch != self.epoch or replicas.primary != self.me:
             raise StaleEpochError(f"replica {self.me} is no longer primary (epoch "
                                   f"{replicas.epoch}, primary {replicas.primary})")
+        if replicas.version < self.replicas.version:
+            return []
         self.replicas = replicas
-        self._joining.clear()
+        self._joining = {backup: asked for backup, asked in self._joining.items()
+                         if asked >= replicas.version}  # its request is yet to be answered
         return self._commit()
 
     def abandon(self) -> list[Callable[[], None]]:
         """This replica is primary no more: the replies it holds can never be released as
-        acknowledged. Return them, to be answered with NotPrimaryError (their changes
-        may or may not be in the new primary)."""
+        acknowledged. Return their fail() callbacks (answer NotPrimaryError: their
+        changes may or may not be in the new primary)."""
         waiting, self._waiting = self._waiting, deque()
-        return [release for _, release in waiting]
+        return [fail for _, _, fail in waiting]
 
     def _agreed_end(self, answer: Position) -> int | None:
         """The last position where the backup's log and this one agree; None when its
@@ -352,10 +405,15 @@ class PrimaryLog:
             return None  # it holds records of that epoch that this log does not
         return answer.end
 
+    def _commit_alone(self) -> None:
+        if len(self.replicas.in_sync) == 1 and not self._joining and self.can_commit:
+            self.committed = self.end
+
     def _commit(self) -> list[Callable[[], None]]:
-        in_sync = [self._held.get(member, 0) for member in self.replicas.in_sync | self._joining
-                   if member != self.me]
-        self.committed = max(self.committed, min([self.end, *in_sync]))
+        if self.can_commit:
+            members = self.replicas.in_sync | set(self._joining)
+            held = [self._held.get(member, 0) for member in members if member != self.me]
+            self.committed = max(self.committed, min([self.end, *held]))
         everyone = min([self.committed] + [self._held.get(member, 0)
                                           for member in self.replicas.backups])
         while self._tail and (self._tail[0][0] <= everyone or len(self._tail) > self.max_tail):
@@ -371,17 +429,21 @@ class PrimaryLog:
 class BackupLog:
     """A backup's side: takes the primary's batches in order, or a snapshot, into `log`.
 
-    The first message of a newer epoch changes nothing: the answer to it tells the new
-    primary where this log ends, and the primary decides what of it may stay.
+    It follows the newest leader epoch it has heard of, and never one older than the
+    last that wrote to its log (also after a restart). The first message of a newer
+    epoch changes nothing: the answer to it tells the new primary where this log
+    ends, and the primary decides what of it may stay. Within an epoch, a message
+    older than one already taken (late, repeated) changes nothing.
     """
 
     def __init__(self, log: Log, epoch: int = 0):
         self.log = log
-        self.epoch = epoch  # the newest leader epoch this backup follows
+        self.epoch = max(epoch, log.history.last_epoch)  # the newest epoch it follows
         self.committed = 0  # the primary's committed position, as far as this log holds
+        self._sequence = 0  # the newest message of this epoch's primary taken
 
-    def position(self) -> Position:
-        return Position(self.epoch, self.log.position, self.log.history.last_epoch)
+    def position(self, sequence: int = 0) -> Position:
+        return Position(self.epoch, sequence, self.log.position, self.log.history.last_epoch)
 
     def accept(self, message: Batch | Snapshot) -> Position:
         """Apply a Batch that continues this log, or load a Snapshot; return where the
@@ -391,12 +453,17 @@ class BackupLog:
         if message.epoch < self.epoch:
             raise StaleEpochError(f"a message of leader epoch {message.epoch}; this backup "
                                   f"follows epoch {self.epoch}")
-        if message.epoch > self.epoch and type(message) is Batch:
-            self.epoch = message.epoch  # a new primary: it decides what of this log stays
-            return self.position()
+        if message.epoch > self.epoch:  # a new primary: it decides what of this log stays
+            self.epoch, self._sequence = message.epoch, message.sequence
+            return self.position(message.sequence)
+        if message.sequence <= self._sequence:
+            return self.position(message.sequence)
+        self._sequence = message.sequence
         if type(message) is Snapshot:
             self.log.load_snapshot(message.state)
-        elif message.first == self.log.position + 1 and message.records:
-            self.log.apply_replicated(message.records)
-        self.committed = max(self.committed, min(message.committed, self.log.position))
-        return self.position()
+            self.committed = min(message.committed, self.log.position)
+        else:
+            if message.first == self.log.position + 1 and message.records:
+                self.log.apply_replicated(message.records)
+            self.committed = max(self.committed, min(message.committed, self.log.position))
+        return self.position(message.sequence)

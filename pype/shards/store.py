@@ -261,9 +261,9 @@ class QueueStore:
 
     def _log(self, record: records.Record) -> None:
         """Record one change this store made: its position, its journal, its backups."""
+        if type(record) is records.Lead:  # raises, changing nothing, for an epoch not newer
+            self.history.begin(record.epoch, self.position + 1)
         self.position += 1
-        if type(record) is records.Lead:
-            self.history.begin(record.epoch, self.position)
         self._write(record)
         if self.replicate is not None:
             self.replicate(self.position, record)
