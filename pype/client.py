@@ -51,7 +51,7 @@ from pype.options import (
 )
 from pype.partitions import Layout
 from pype.payloads import by_reference
-from pype.placement import check_persistence_dir, shard_options
+from pype.placement import check_persistence_dir, router_options, shard_options
 from pype.protocol import (
     Add,
     CanPull,
@@ -152,7 +152,7 @@ class Server:
         resolved = load_config(config, **overrides)
         if not ray.is_initialized():
             ray.init()
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = router_options()
         label = None
         if name is not None:
             namespace = namespace or DEFAULT_NAMESPACE
@@ -178,9 +178,9 @@ class Server:
         shards = self.routes.shards
         closing = [shard.close.remote() for shard in shards]  # removes socket files
         ray.wait(closing, num_returns=len(closing), timeout=5)
+        ray.kill(self.routes.router)  # first: it would take its stopped shards for lost ones
         for shard in shards:
             ray.kill(shard)
-        ray.kill(self.routes.router)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -539,6 +539,8 @@ class Server:
         transport.request_timeout (Ray restarts it, or its node is gone) is listed as
         {"shard": i, "unreachable": why}, and counted nowhere else but in
         totals["unreachable"] (the number of such shards): then the totals are partial.
+        A shard lost with its node (one replica) is listed so too, with "lost": True and
+        its "node_id", and "lost" (the router's record) says which queues went with it.
         """
         shards = self._each_shards_stats()
         answered = [shard for shard in shards if "unreachable" not in shard]
@@ -558,13 +560,20 @@ class Server:
     def _each_shards_stats(self) -> list[dict]:
         """Each shard's stats, in index order, waiting transport.request_timeout at most:
         stats never hang on a shard that cannot be reached (see stats())."""
-        asked = [shard.stats.remote() for shard in self.routes.shards]
-        deadline = time.monotonic() + self.routes.topology.config.transport.request_timeout
+        topology = self.routes.topology
+        asked = {index: shard.stats.remote() for index, shard in enumerate(topology.shards)
+                 if index not in topology.lost}
+        deadline = time.monotonic() + topology.config.transport.request_timeout
         shards = []
-        for index, ref in enumerate(asked):
+        for index in range(len(topology.shards)):
+            if index in topology.lost:
+                shards.append({"shard": index, "unreachable": topology.lost_shard(index),
+                               "lost": True, "node_id": topology.nodes[index]})
+                continue
             try:
-                shards.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as error:
+                shards.append(ray.get(asked[index], timeout=max(0.0, deadline - time.monotonic())))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError,
+                    ray.exceptions.ActorUnschedulableError) as error:
                 shards.append({"shard": index, "unreachable": f"{type(error).__name__}: {error}"[:300]})
         return shards
 

@@ -4,7 +4,7 @@ Ray's SPREAD strategy left 0-CPU actors uneven here (4 of 6 on one node of 3), a
 a soft node affinity placed 8 actors on 4 nodes as 1, 2, 2 and 3. So Pype pins
 each shard to a node with a hard node affinity: shard i goes to the i-th of the
 eligible nodes, round-robin. A shard restarts on its own node (where its journal
-is); if that node is gone, the shard is gone with it.
+is); if that node is gone, the shard is gone with it. The router runs on the head node.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pype.config import Persistence, Placement
 from pype.errors import ConfigError
+
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives its head node alone
 
 
 def shard_options(placement: Placement, count: int) -> list[dict[str, Any]]:
@@ -30,6 +32,15 @@ def shard_options(placement: Placement, count: int) -> list[dict[str, Any]]:
                           f"{placement.resource!r}")
     return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)}
             for i in range(count)]
+
+
+def router_options() -> dict[str, Any]:
+    """Ray actor options that pin the router to the head node, whose loss is the cluster's
+    loss anyway (Ray's control store lives there): losing a worker node never takes the
+    router with it. Where Ray names no head node, the router runs on this process's node."""
+    head = next((node["NodeID"] for node in ray.nodes() if node["Alive"] and
+                 HEAD_RESOURCE in node["Resources"]), ray.get_runtime_context().get_node_id())
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)}
 
 
 def check_persistence_dir(persistence: Persistence, placements: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ import uuid
 import ray
 
 from pype.config import Config
+from pype.errors import ShardUnavailableError
 from pype.hashing import shard_for
 from pype.placement import shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
@@ -31,6 +33,16 @@ logger = logging.getLogger("pype")
 
 RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwhile
 SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
+WATCH_INTERVAL = 0.5  # seconds between the router's looks for shards lost with their node
+
+
+@dataclasses.dataclass(frozen=True)
+class _Started:
+    """A shard actor the router started: its handle, its id, the node it was pinned to."""
+
+    shard: ray.actor.ActorHandle
+    shard_id: str
+    node: str
 
 
 @ray.remote(num_cpus=0, concurrency_groups={RESIZE: 1})
@@ -46,30 +58,46 @@ class Router:
                                         max_restarts=config.shard.max_restarts)
         self._label = label
         keys, self._server_secret = Keys.generate()
-        # Every shard alive, in index order, with its id; the topology holds the first ones.
-        self._all = [(self._start_shard(index, config, keys, placements[index]), uuid.uuid4().hex)
+        # Every shard alive, in index order; the topology holds the first ones.
+        self._all = [self._start_shard(index, config, keys, placements[index])
                      for index in range(config.shards)]
-        self._topology = Topology(server_id=server_id, shards=tuple(s for s, _ in self._all),
+        self._topology = Topology(server_id=server_id, shards=tuple(s.shard for s in self._all),
                                   config=config, keys=keys,
-                                  shard_ids=tuple(shard_id for _, shard_id in self._all))
+                                  shard_ids=tuple(s.shard_id for s in self._all),
+                                  nodes=tuple(s.node for s in self._all))
+        # Held by whatever publishes a topology: resize() and the watcher of lost shards.
+        self._changing = threading.Lock()
         self._settled_shards = config.shards
         self._leaving: list = []  # (index, shard) a shrink removed, kept SHRINK_GRACE s as forwarders
         self._leaving_lock = threading.Lock()
         self._topology_requests = 0
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []
+        self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
         logger.info("pype router started %d shards (%s)", config.shards, config.source)
 
     def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict,
-                     fresh: bool = False):
+                     fresh: bool = False) -> _Started:
         """Start shard `index`; fresh=True: a new one (a resize), whose index a shard that a
         shrink removed may have had: the shard sets that journal (which holds no queue) aside."""
         me = ray.get_runtime_context().current_actor
         journal = None
         if config.persistence.dir is not None:  # expanded on the shard's node
             journal = JournalPlace(safe_dir_name(self._label), f"shard-{index}", fresh)
-        return self._shard_class.options(**placement).remote(
+        shard = self._shard_class.options(**placement).remote(
             index, config, journal, me, self._label, keys, self._server_secret)
+        return _Started(shard, uuid.uuid4().hex, placement["scheduling_strategy"].node_id)
+
+    def _publish(self, shards: int, lost: frozenset = frozenset()) -> int:
+        """Make the first `shards` shards the topology, in a new epoch; return it."""
+        started = self._all[:shards]
+        epoch = self._topology.epoch + 1
+        self._topology = dataclasses.replace(
+            self._topology, shards=tuple(s.shard for s in started), epoch=epoch,
+            shard_ids=tuple(s.shard_id for s in started), nodes=tuple(s.node for s in started),
+            lost=lost)
+        return epoch
 
     @ray.method(concurrency_group=RESIZE)
     def resize(self, shards: int) -> dict:
@@ -94,6 +122,11 @@ class Router:
             raise TypeError(f"shards must be an int, got {shards!r}")
         if shards < 1:
             raise ValueError(f"a server needs at least 1 shard, got {shards}")
+        with self._changing:
+            return self._resize(shards)
+
+    def _resize(self, shards: int) -> dict:
+        self._replace_lost()
         old = self._topology
         config, seed = old.config, old.config.hash_seed
         started = time.monotonic()
@@ -101,18 +134,15 @@ class Router:
             self._stop_leaving()  # their indices are about to be taken again
             placements = shard_options(config.placement, shards)
             for index in range(len(self._all), shards):
-                self._all.append((self._start_shard(index, config, old.keys, placements[index],
-                                                    fresh=True), uuid.uuid4().hex))
-        receivers = [shard for shard, _ in self._all[:shards]]
+                self._all.append(self._start_shard(index, config, old.keys, placements[index],
+                                                   fresh=True))
+        receivers = [started.shard for started in self._all[:shards]]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
-        givers = [shard for shard, _ in self._all]
+        givers = [started.shard for started in self._all]
         # The topology the queues come from: that of the last resize that finished (one
         # cut short already published the next).
         self._each(receivers, Expect(self._settled_shards, seed))
-        epoch = old.epoch + 1
-        self._topology = dataclasses.replace(
-            old, shards=tuple(receivers), epoch=epoch,
-            shard_ids=tuple(shard_id for _, shard_id in self._all[:shards]))
+        epoch = self._publish(shards)
         by_target: dict[int, dict] = {}
         for exported in self._each(givers, Export(shards, seed, epoch)):
             for name, queue in exported.items():
@@ -123,7 +153,7 @@ class Router:
         self._each(givers, Release())
         self._settled_shards = shards
         moved = sum(len(queues) for queues in by_target.values())
-        leaving = [(index, shard) for index, (shard, _) in enumerate(self._all)][shards:]
+        leaving = [(index, started.shard) for index, started in enumerate(self._all)][shards:]
         del self._all[shards:]
         if leaving:
             with self._leaving_lock:
@@ -162,6 +192,63 @@ class Router:
             for _, shard in leaving:
                 ray.kill(shard, no_restart=True)
 
+    # -- shards lost with their node ---------------------------------------------------
+
+    def _watch(self) -> None:
+        """Every WATCH_INTERVAL, ask each shard where it listens; one that Ray says is gone
+        for good (its node died, and a pinned actor cannot start elsewhere) is lost."""
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            topology = self._topology
+            asked = {index: shard.data_address.remote() for index, shard in
+                     enumerate(topology.shards) if index not in topology.lost}
+            ray.wait(list(asked.values()), num_returns=len(asked),
+                     timeout=topology.config.transport.request_timeout)
+            for index, ref in asked.items():
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.GetTimeoutError:
+                    continue
+                except (ray.exceptions.RayActorError,
+                        ray.exceptions.ActorUnschedulableError) as error:
+                    if not _restarting(error):
+                        self._mark_lost(topology, index, error)
+
+    def _mark_lost(self, seen: Topology, index: int, error: Exception) -> None:
+        """Publish shard `index` as lost, unless the topology changed since `seen` (a resize
+        ran: the watcher looks again)."""
+        if not self._changing.acquire(blocking=False):
+            return
+        try:
+            if self._topology is not seen:
+                return
+            self._publish(len(seen.shards), seen.lost | {index})
+            queues = sorted(self._names.pop(index, ()))
+            self._lost.append({"shard": index, "at": time.time(), "node": seen.nodes[index],
+                               "queues": queues, "why": f"{type(error).__name__}: {error}"[:300]})
+            logger.error("pype: %s; queues lost: %s", self._topology.lost_shard(index),
+                         queues or "(none known)")
+        finally:
+            self._changing.release()
+
+    def _replace_lost(self) -> None:
+        """Start a new, empty shard in the place of each lost one (resize())."""
+        topology = self._topology
+        if not topology.lost:
+            return
+        placements = shard_options(topology.config.placement, len(self._all))
+        for index in sorted(topology.lost):
+            self._all[index] = self._start_shard(index, topology.config, topology.keys,
+                                                 placements[index], fresh=True)
+            logger.warning("pype: shard %d starts again, empty, on node %s", index,
+                           self._all[index].node)
+        self._publish(len(topology.shards))
+
+    def unavailable(self, index: int) -> None:
+        """Raise what every `.remote()` call to lost shard `index` raises (the client sends
+        them here: an actor that is gone can only raise Ray's own errors)."""
+        raise ShardUnavailableError(self._topology.lost_shard(index))
+
     def ownership(self) -> tuple[int, int, int] | None:
         """(shards, hash seed, epoch) of the topology after a resize (None before any): a
         shard that restarts without its journal learns from it which names are no longer
@@ -189,9 +276,10 @@ class Router:
         return lost
 
     def stats(self) -> dict:
-        """How often the router was asked for the topology (it is on no data path), the
-        queue names each shard last reported, and the restarts of shards that lost queues."""
-        return {"topology_requests": self._topology_requests,
+        """Where the router runs, how often it was asked for the topology (it is on no data
+        path), the queue names each shard last reported, and the shards that lost queues:
+        restarted without persistence, or lost with their node."""
+        return {**self._node, "topology_requests": self._topology_requests,
                 "reported_queues": {index: sorted(names) for index, names in self._names.items()},
                 "lost": self._lost}
 

@@ -156,6 +156,8 @@ class Routes:
 
     def call(self, index: int, request: tuple) -> ray.ObjectRef:
         """Send `request` to the main thread of shard `index` through Ray, numbering the call."""
+        if index in self.topology.lost:
+            return self.router.unavailable.remote(index)
         state = this_process()
         shard = self.shards[index]
         caller = state.caller_id
@@ -170,12 +172,16 @@ class Routes:
 
     def wait_call(self, index: int, request: tuple, group: str) -> ray.ObjectRef:
         """Send a request that may wait to shard `index` through Ray (a thread of `group`)."""
+        if index in self.topology.lost:
+            return self.router.unavailable.remote(index)
         shard = self.shards[index]
         method = shard.wait_pull if group == PULLS else shard.wait_push
         return method.remote(request, self.after(index))
 
     def await_push(self, index: int, first_half: ray.ObjectRef) -> ray.ObjectRef:
         """The second half of a blocking `.remote()` push (see Shard.await_push)."""
+        if index in self.topology.lost:
+            return self.router.unavailable.remote(index)
         ref = self.shards[index].await_push.remote(first_half, self.after(index))
         self._sent_by_old[-1 - index] = ref  # it may be run for the caller elsewhere
         return ref
@@ -208,6 +214,8 @@ class Routes:
             self.adopt(newest)
         if index >= len(self.shards):
             raise ShardUnavailableError(f"shard {index} was removed by a resize")
+        if index in self.topology.lost:
+            raise ShardUnavailableError(self.topology.lost_shard(index))
         key = self.topology.shard_key(index)
         address = state.address(key)
         if address is not None and not fresh:
@@ -229,12 +237,17 @@ class Routes:
                         f"shard {index} did not come back within {timeout:g} s "
                         f"(transport.request_timeout)") from None
                 time.sleep(RESTART_POLL)
-            except ray.exceptions.RayActorError as error:
-                # Gone for good. A newer topology may name another shard at this index
-                # (a resize): the requests in flight go there, and a shard that does not
-                # own their queues answers Moved, which result() follows.
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as error:
+                # Gone for good (its node too, for an unschedulable one). A newer topology
+                # may name another shard at this index (a resize): the requests in flight
+                # go there, and a shard that does not own their queues answers Moved,
+                # which result() follows.
+                node = self.topology.nodes[index]
                 if not (self.fetch_topology() and index < len(self.shards)):
-                    raise ShardUnavailableError(f"shard {index} is gone for good: {error}") from None
+                    raise ShardUnavailableError(
+                        f"shard {index} on node {node} is gone for good: {error}") from None
+                if index in self.topology.lost:
+                    raise ShardUnavailableError(self.topology.lost_shard(index)) from None
                 key = self.topology.shard_key(index)
         state.remember_address(key, address)
         return address

@@ -25,7 +25,9 @@ class Topology:
     epoch grows with every resize; a shard that gave a queue away answers requests
     for it with Moved(epoch), and a client then fetches a topology at least that new.
     shard_ids name each shard actor, so that a client never mistakes a new shard at
-    an index for the one that was there before a shrink.
+    an index for the one that was there before a shrink. nodes: the Ray node id of
+    each shard. lost: the shards gone with their node (one replica each), which
+    every call fails for (ShardUnavailableError) until a resize brings them back.
     """
 
     server_id: str
@@ -34,12 +36,19 @@ class Topology:
     keys: Keys     # for native calls over TCP
     epoch: int = 0
     shard_ids: tuple = ()
+    nodes: tuple = ()
+    lost: frozenset = frozenset()
 
     def shard_key(self, index: int) -> tuple[str, str]:
         """(server, shard actor) of shard `index`: what this process's call numbers and
         address cache are kept by. A new actor at an index (a shrink and a grow, or
         another shard promoted there) is another key, so its numbering starts afresh."""
         return self.server_id, self.shard_ids[index]
+
+    def lost_shard(self, index: int) -> str:
+        """Why shard `index` cannot be reached: what ShardUnavailableError says of a lost one."""
+        return (f"shard {index} is lost with its node {self.nodes[index]}: its queues and their "
+                f"items are gone (a resize brings the shard back, empty)")
 
 
 class ProcessState:

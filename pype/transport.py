@@ -51,6 +51,12 @@ from pype.framing import (
 logger = logging.getLogger("pype")
 
 RECONNECT_ATTEMPTS = 10  # new incarnations of one shard a request is sent to before giving up
+# ZeroMQ heartbeats on TCP connections: a shard whose machine died sends no FIN or RST,
+# and TCP alone would keep the connection open for hours. libzmq's own I/O thread
+# answers them, so a shard whose Python is busy (a compaction, a GIL-heavy push) still
+# does: only a shard that stopped (its node or process) misses them.
+HEARTBEAT_INTERVAL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,8 @@ class CurveConnection(Connection):
         self.socket.linger = 0
         self.socket.sndhwm = 0
         self.socket.rcvhwm = 0
+        self.socket.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
+        self.socket.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
         self.socket.curve_serverkey = keys.server_public
         self.socket.curve_publickey = keys.client_public
         self.socket.curve_secretkey = keys.client_secret

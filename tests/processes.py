@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -50,3 +51,21 @@ def run_script(*args, timeout: float, env: dict | None = None) -> tuple[int, str
                 pass
         psutil.wait_procs(list(descendants.values()), timeout=10)
     return process.returncode, output
+
+
+# Ray's Cluster writes the newest cluster's address here and removes it on shutdown;
+# a scenario killed midway would leave it pointing at a dead cluster.
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def run_cluster_scenario(script: Path, timeout: float) -> tuple[int, str]:
+    """run_script for a script that starts a multi-node Ray Cluster of its own; Ray's
+    note of the newest cluster on this machine is put back as it was, also on failure."""
+    before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+    try:
+        return run_script(script, timeout=timeout)
+    finally:
+        if before is None:
+            CURRENT_CLUSTER.unlink(missing_ok=True)
+        else:
+            CURRENT_CLUSTER.write_text(before)

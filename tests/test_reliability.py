@@ -205,6 +205,26 @@ def test_a_native_call_to_a_shard_that_is_gone_fails_in_bounded_time(fresh_serve
     assert time.monotonic() - started < 60
 
 
+def test_a_blocking_call_over_tcp_to_a_shard_that_stopped_answering_fails(fresh_server, names):
+    """The connection stays open (the process is stopped, as a machine that died sends no
+    FIN): heartbeats find it out, even for a pull that would wait forever."""
+    server = fresh_server(shards=1, transport={"local": "tcp", "request_timeout": 3})
+    q, empty = names(), names("empty")
+    ray.get(server.push.remote(1, q))
+    until(lambda: connected(server, q), "the first native call to reach the shard")
+    assert server.pull(q) == [1]
+    pid = shard_pid(server, q)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(pype.ShardUnavailableError, match="shard 0"):
+            server.pull(empty, block=True, timeout=None)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    until(lambda: connected(server, q), "the shard to answer again")
+    server.push("back", q)
+    assert server.pull(q) == ["back"]
+
+
 def test_without_persistence_a_restarted_shard_reports_the_queues_it_lost(fresh_server, names):
     server = fresh_server(shards=1)
     q = names()
