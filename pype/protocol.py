@@ -194,6 +194,15 @@ class Release(NamedTuple):
     """The queues this shard exported arrived where they belong: drop them here."""
 
 
+# -- replication (pype.shards.replication; shard to shard) ---------------------------------
+
+class Replicate(NamedTuple):
+    """A message of the shard's primary to this backup: a replication Batch or Snapshot;
+    the answer is the backup's Position."""
+
+    message: Any
+
+
 class Redirect(PypeError):
     """A shard's answer that the request belongs elsewhere: the client follows it
     (pype.routing.Routes.follow, the one place that knows each kind) and sends the
@@ -268,7 +277,7 @@ def with_field(request: tuple, field: str, value: Any) -> tuple:
 # -- wire format ---------------------------------------------------------------------------
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
-                 Render, Names, Stats, Expect, Export, Import, Arrived, Release)
+                 Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fields)}
               for kind in REQUEST_TYPES}

@@ -27,6 +27,15 @@ has not seen since: their earlier calls went to its predecessor.
 
 Without persistence a restarted shard lost its queues: each caller's first call
 to one of them raises ShardLostError once, and is not applied.
+
+Replication (pype.shards.replication). A replicated shard's engine is its primary
+(lead()) or a backup (follow()). A primary answers a request only once every record
+logged before the answer is committed: each reply waits in the PrimaryLog
+(_AfterCommit), and while fewer than min_insync replicas are in sync it refuses
+requests with NotEnoughReplicasError before running them. A backup answers only
+Replicate requests, from its primary, and every other with NotPrimaryError. Whoever
+carries the messages (the shard's replication sender) asks the engine what to send
+(message_for) and hands it each answer (answered), under the engine's lock.
 """
 
 from __future__ import annotations
@@ -40,7 +49,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pype import protocol
-from pype.errors import QueueNotFoundError, ShardLostError
+from pype.errors import (
+    NotEnoughReplicasError,
+    NotPrimaryError,
+    QueueNotFoundError,
+    ShardLostError,
+)
 from pype.partitions import Partitioned
 from pype.protocol import (
     Add,
@@ -60,8 +74,17 @@ from pype.protocol import (
     Release,
     Remove,
     Render,
+    Replicate,
     Settle,
     Stats,
+)
+from pype.shards.replication import (
+    BackupLog,
+    Batch,
+    Position,
+    PrimaryLog,
+    ReplicaSet,
+    Snapshot,
 )
 from pype.shards.store import PendingPush, QueueStore
 
@@ -101,6 +124,30 @@ def _queue_names(request) -> tuple[str, ...]:
 
 
 _ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render)
+_ANY_REPLICA = (Stats, Names, Replicate)  # what every replica answers, primary or not
+
+
+class _AfterCommit:
+    """A reply that goes out once everything logged before it is committed: what the
+    caller sees has reached every in-sync replica. If the engine stops being primary
+    first, the caller gets NotPrimaryError: the change may or may not survive."""
+
+    __slots__ = ("engine", "reply")
+
+    def __init__(self, engine: ShardEngine, reply: Reply):
+        self.engine, self.reply = engine, reply
+
+    def __call__(self, status: int, value: Any) -> None:
+        primary = self.engine.replication
+        if type(primary) is not PrimaryLog:
+            self.reply(status, value)
+            return
+        reply = self.reply
+        primary.hold(self.engine.store.position, lambda: reply(status, value),
+                     lambda: reply(protocol.ERROR, NotPrimaryError(
+                         f"shard {self.engine.index}: this replica stopped being primary "
+                         f"before the call was acknowledged; it may or may not have been "
+                         f"applied")))
 
 
 # -- parked requests ----------------------------------------------------------------------
@@ -207,6 +254,7 @@ class ShardEngine:
         self._applied: dict[str, int] = {}           # caller id -> last main-thread call run
         self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
         self._held: list[tuple] = []  # requests for queues on their way here
+        self.replication: PrimaryLog | BackupLog | None = None  # None: not replicated
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
@@ -214,7 +262,7 @@ class ShardEngine:
             Describe: lambda _, r, __: self.store.describe(r.queue),
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
             Expect: self._expect, Export: self._export, Import: self._import,
-            Arrived: self._arrived, Release: self._release,
+            Arrived: self._arrived, Release: self._release, Replicate: self._replicate,
         }
 
     def submit(self, request: tuple, caller_id: str, sequence: int | None = None,
@@ -263,6 +311,11 @@ class ShardEngine:
         """Run `request` for `caller_id` (lock held) and answer it through reply(status,
         value), now or, parked, later. after: the caller's last main-thread call, which
         must run first; may_wait=False answers at once, never parking the request."""
+        if self.replication is not None and self._refused_by_replication(request, reply):
+            return
+        if (type(self.replication) is PrimaryLog and type(reply) is not _AfterCommit
+                and type(request) not in _ANY_REPLICA):
+            reply = _AfterCommit(self, reply)
         if after and self._applied.get(caller_id, 0) < after and not (
                 self._restarted and caller_id not in self._applied):
             self._behind.setdefault(caller_id, []).append((after, request, may_wait, reply))
@@ -281,6 +334,64 @@ class ShardEngine:
             else:
                 reply(protocol.RESULT, answer)
         self._wake()
+
+    def _refused_by_replication(self, request, reply: Reply) -> bool:
+        """Answer NotPrimaryError (a backup) or NotEnoughReplicasError (a primary that
+        cannot commit) for a request it must not run; True if it was answered so."""
+        if type(request) in _ANY_REPLICA:
+            return False
+        if type(self.replication) is BackupLog:
+            reply(protocol.ERROR, NotPrimaryError(
+                f"shard {self.index}: this replica is a backup (leader epoch "
+                f"{self.replication.epoch}); the primary serves the shard"))
+            return True
+        if not self.replication.can_commit:
+            replicas = self.replication.replicas
+            reply(protocol.ERROR, NotEnoughReplicasError(
+                f"shard {self.index}: {len(replicas.in_sync)} of its replicas are in sync, "
+                f"fewer than min_insync={replicas.min_insync}; it takes no calls until a "
+                f"backup has caught up (retry)"))
+            return True
+        return False
+
+    # -- replication roles (lock held) --------------------------------------------------
+
+    def lead(self, replicas: ReplicaSet, me: str) -> None:
+        """Serve the shard as its primary in `replicas`' epoch (a promoted backup keeps
+        what it knew to be committed)."""
+        committed = self.replication.committed if type(self.replication) is BackupLog else 0
+        self.replication = PrimaryLog(replicas, me, self.store, committed)
+        self.store.replicate = self.replication.append
+        self.store.lead(replicas.epoch, me)
+
+    def follow(self, epoch: int) -> None:
+        """Be a backup, following leader epoch `epoch` or newer. A primary that was
+        replaced fails the replies it still holds (NotPrimaryError)."""
+        if type(self.replication) is PrimaryLog:
+            for fail in self.replication.abandon():
+                fail()
+        self.store.replicate = None
+        self.replication = BackupLog(self.store, epoch)
+
+    def message_for(self, backup: str) -> Batch | Snapshot | None:
+        """What the primary sends backup `backup` next (see PrimaryLog.send_to)."""
+        return self.replication.send_to(backup)
+
+    def answered(self, backup: str, answer: Position) -> None:
+        """Backup `backup` answered: send the replies this commits."""
+        for release in self.replication.acknowledged(backup, answer):
+            release()
+
+    def change_replicas(self, replicas: ReplicaSet) -> None:
+        """The router recorded `replicas`: send the replies this commits."""
+        for release in self.replication.change_replicas(replicas):
+            release()
+
+    def _replicate(self, caller_id, request: Replicate, may_wait: bool) -> Position:
+        if type(self.replication) is not BackupLog:
+            raise NotPrimaryError(f"shard {self.index}: this replica is no backup; replication "
+                                  f"messages go to backups")
+        return self.replication.accept(request.message)
 
     def _elsewhere(self, request, caller_id: str, may_wait: bool, reply: Reply) -> bool:
         """Answer a request for a queue that moved away with Moved, and hold one for a

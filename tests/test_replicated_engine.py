@@ -1,0 +1,145 @@
+"""A replicated shard's engines, a primary and its backups, with no sockets and no Ray.
+
+The test carries the replication messages between the engines (as the shard's
+replication sender will), so it decides when a backup gets what: replies of the
+primary must wait for exactly that.
+"""
+
+import pytest
+
+from pype.errors import NotEnoughReplicasError, NotPrimaryError
+from pype.options import QueueOptions
+from pype.protocol import Pull, Push, Replicate, Stats
+from pype.shards.engine import ShardEngine
+from pype.shards.replication import ReplicaSet
+from pype.shards.store import QueueStore
+from tests.test_engine import Clock, run
+
+
+class ReplicatedShard:
+    """Engines "a" (primary), "b" and "c" (backups) of one shard."""
+
+    def __init__(self, min_insync=1):
+        clock = Clock()
+        self.replicas = ReplicaSet.start(["a", "b", "c"], min_insync)
+        self.engines = {name: ShardEngine(QueueStore(QueueOptions(), clock=clock), 0, 0.5)
+                        for name in "abc"}
+        self.primary = "a"
+        for name in "bc":
+            with self.engines[name].lock:
+                self.engines[name].follow(self.replicas.epoch)
+        with self.engines["a"].lock:
+            self.engines["a"].lead(self.replicas, "a")
+
+    def carry(self, backup: str) -> bool:
+        """Send `backup` the primary's next message and bring its answer back; False if
+        there was nothing to send."""
+        primary = self.engines[self.primary]
+        with primary.lock:
+            message = primary.message_for(backup)
+        if message is None:
+            return False
+        answer = run(self.engines[backup], Replicate(message), caller="")
+        with primary.lock:
+            primary.answered(backup, answer.result())
+        return True
+
+    def sync(self, *backups):
+        for backup in backups:
+            while self.carry(backup):
+                pass
+
+    def change(self, replicas):
+        self.replicas = replicas
+        primary = self.engines[self.primary]
+        with primary.lock:
+            primary.change_replicas(replicas)
+
+
+def items(engine) -> list:
+    return engine.store.pull("q", -1, remove=False)
+
+
+def test_a_push_is_answered_once_every_in_sync_backup_holds_it():
+    shard = ReplicatedShard()
+    pushed = run(shard.engines["a"], Push(("q",), ["x"]))
+    assert not pushed.done
+    shard.sync("b")
+    assert not pushed.done  # c is in sync too
+    shard.sync("c")
+    assert pushed.result() == 1
+    assert items(shard.engines["b"]) == items(shard.engines["c"]) == ["x"]
+
+
+def test_a_waiting_pull_is_answered_once_its_take_is_committed():
+    shard = ReplicatedShard()
+    shard.change(shard.replicas.shrunk(1, 0, "c"))
+    pulled = run(shard.engines["a"], Pull("q", 1, block=True))
+    assert not pulled.done  # parked: the queue is empty
+    pushed = run(shard.engines["a"], Push(("q",), ["x"]))
+    assert not pulled.done and not pushed.done  # the pull took x, which b does not hold
+    shard.sync("b")
+    assert pulled.result() == ["x"] and pushed.result() == 1
+    assert items(shard.engines["b"]) == []
+
+
+def test_a_backup_serves_no_client():
+    shard = ReplicatedShard()
+    with pytest.raises(NotPrimaryError, match="backup"):
+        run(shard.engines["b"], Push(("q",), ["x"])).result()
+    assert run(shard.engines["b"], Stats()).result()["queues"] == 0
+
+
+def test_below_min_insync_the_primary_refuses_calls_and_changes_nothing():
+    shard = ReplicatedShard(min_insync=2)
+    shard.change(shard.replicas.shrunk(1, 0, "c"))
+    shard.change(shard.replicas.shrunk(1, 1, "b"))
+    position = shard.engines["a"].store.position
+    with pytest.raises(NotEnoughReplicasError, match="min_insync=2"):
+        run(shard.engines["a"], Push(("q",), ["x"])).result()
+    assert shard.engines["a"].store.position == position
+    assert run(shard.engines["a"], Stats()).result()["queues"] == 0  # stats still answer
+
+
+def test_stats_are_answered_at_once_while_changes_wait_for_backups():
+    shard = ReplicatedShard()
+    run(shard.engines["a"], Push(("q",), ["x"]))
+    assert run(shard.engines["a"], Stats()).done
+
+
+def test_after_a_failover_the_old_primary_fails_what_it_held_and_catches_up_as_a_backup():
+    shard = ReplicatedShard()
+    shard.sync("b", "c")
+    first = run(shard.engines["a"], Push(("q",), ["acked"]))
+    shard.sync("b", "c")
+    assert first.result() == 1
+    unsure = run(shard.engines["a"], Push(("q",), ["unsure"]))  # reaches no backup
+    promoted = shard.replicas.promoted("b")
+    for name in "ac":  # the router tells them
+        with shard.engines[name].lock:
+            shard.engines[name].follow(promoted.epoch)
+    with pytest.raises(NotPrimaryError, match="may or may not"):
+        unsure.result()
+    shard.primary, shard.replicas = "b", promoted
+    with shard.engines["b"].lock:
+        shard.engines["b"].lead(promoted, "b")
+    assert run(shard.engines["b"], Push(("q",), ["after"])).done is False
+    shard.sync("c")
+    assert items(shard.engines["b"]) == ["acked", "after"]
+    shard.sync("a")  # its log went past b's in epoch 1 ("unsure"): it loads b's snapshot
+    assert items(shard.engines["a"]) == ["acked", "after"]
+    with pytest.raises(NotPrimaryError):
+        run(shard.engines["a"], Pull("q")).result()
+
+
+def test_a_replication_message_to_a_replica_that_is_no_backup_is_refused():
+    shard = ReplicatedShard()
+    with shard.engines["a"].lock:
+        message = shard.engines["a"].message_for("b")
+    with pytest.raises(NotPrimaryError, match="no backup"):
+        run(shard.engines["a"], Replicate(message), caller="").result()
+
+
+def test_an_unreplicated_engine_answers_at_once():
+    engine = ShardEngine(QueueStore(QueueOptions()), 0, 0.5)
+    assert run(engine, Push(("q",), ["x"])).result() == 1
