@@ -92,7 +92,9 @@ class StatsView:
         requests = (f"requests served: {totals['native_requests']:,} native "
                     f"({totals['tcp_requests']:,} of them over TCP), {totals['ray_requests']:,} "
                     f"through Ray (.remote())")
-        lost = [f"shard {event['shard']} restarted and lost {', '.join(event['queues']) or 'nothing known'}"
+        lost = [f"shard {event['shard']} "
+                + (f"was lost with its node {event['node']}" if "node" in event else "restarted")
+                + f" and lost {', '.join(event['queues']) or 'nothing known'}"
                 for event in stats["lost"]]
         unreachable = [f"shard {shard['shard']} did not answer: {shard['unreachable']}"
                        for shard in stats["shards"] if "unreachable" in shard]

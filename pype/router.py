@@ -33,7 +33,7 @@ logger = logging.getLogger("pype")
 
 RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwhile
 SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
-WATCH_INTERVAL = 0.5  # seconds between the router's looks for shards lost with their node
+WATCH_INTERVAL = 0.5  # seconds between the router's looks at a new topology's shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,41 +195,46 @@ class Router:
     # -- shards lost with their node ---------------------------------------------------
 
     def _watch(self) -> None:
-        """Every WATCH_INTERVAL, ask each shard where it listens; one that Ray says is gone
-        for good (its node died, and a pinned actor cannot start elsewhere) is lost."""
+        """Keep one until_stopped() call waiting on each shard of the topology; one that
+        Ray fails for good (its node died, and a pinned actor cannot start elsewhere)
+        means the shard is lost. It costs no traffic while the shards live: Ray fails
+        the call when the shard's process dies, and a restarted shard gets a new one."""
+        watching: dict = {}  # the call's ref -> (index, shard id)
         while True:
-            time.sleep(WATCH_INTERVAL)
             topology = self._topology
-            asked = {index: shard.data_address.remote() for index, shard in
-                     enumerate(topology.shards) if index not in topology.lost}
-            ray.wait(list(asked.values()), num_returns=len(asked),
-                     timeout=topology.config.transport.request_timeout)
-            for index, ref in asked.items():
+            watched = set(watching.values())
+            for index, (shard, shard_id) in enumerate(zip(topology.shards, topology.shard_ids)):
+                if index not in topology.lost and (index, shard_id) not in watched:
+                    watching[shard.until_stopped.remote()] = (index, shard_id)
+            if not watching:  # every shard is lost: wait for a resize
+                time.sleep(WATCH_INTERVAL)
+                continue
+            ended, _ = ray.wait(list(watching), num_returns=1, timeout=WATCH_INTERVAL)
+            for ref in ended:
+                index, shard_id = watching.pop(ref)
                 try:
-                    ray.get(ref, timeout=0)
-                except ray.exceptions.GetTimeoutError:
-                    continue
+                    ray.get(ref)
                 except (ray.exceptions.RayActorError,
                         ray.exceptions.ActorUnschedulableError) as error:
-                    if not _restarting(error):
-                        self._mark_lost(topology, index, error)
+                    if _restarting(error):
+                        time.sleep(WATCH_INTERVAL)  # asked again once Ray has restarted it
+                    else:
+                        self._mark_lost(index, shard_id, error)
 
-    def _mark_lost(self, seen: Topology, index: int, error: Exception) -> None:
-        """Publish shard `index` as lost, unless the topology changed since `seen` (a resize
-        ran: the watcher looks again)."""
-        if not self._changing.acquire(blocking=False):
-            return
-        try:
-            if self._topology is not seen:
+    def _mark_lost(self, index: int, shard_id: str, error: Exception) -> None:
+        """Publish shard `index` as lost if it is still the one (shard_id) the topology
+        names there: one a resize removed or replaced is no loss."""
+        with self._changing:
+            topology = self._topology
+            if (index >= len(topology.shard_ids) or topology.shard_ids[index] != shard_id
+                    or index in topology.lost):
                 return
-            self._publish(len(seen.shards), seen.lost | {index})
+            self._publish(len(topology.shards), topology.lost | {index})
             queues = sorted(self._names.pop(index, ()))
-            self._lost.append({"shard": index, "at": time.time(), "node": seen.nodes[index],
+            self._lost.append({"shard": index, "at": time.time(), "node": topology.nodes[index],
                                "queues": queues, "why": f"{type(error).__name__}: {error}"[:300]})
             logger.error("pype: %s; queues lost: %s", self._topology.lost_shard(index),
                          queues or "(none known)")
-        finally:
-            self._changing.release()
 
     def _replace_lost(self) -> None:
         """Start a new, empty shard in the place of each lost one (resize())."""

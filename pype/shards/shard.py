@@ -33,6 +33,7 @@ import ctypes.util
 import logging
 import os
 import resource
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ logger = logging.getLogger("pype")
 PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
 CONTROL = "control"  # the router's calls and data_address(): never stuck behind a data call
+WATCH = "watch"  # until_stopped(): the router's one call that waits as long as the shard lives
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
 
@@ -65,7 +67,7 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 
     Ray fixes concurrency groups when the class is made, not in .options().
     """
-    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, CONTROL: 1}
+    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, CONTROL: 1, WATCH: 1}
     return ray.remote(concurrency_groups=groups, **options)(Shard)
 
 
@@ -180,6 +182,7 @@ class Shard:
         self._rounds = 0
         self._engine = ShardEngine(store, index, config.shard.poll_wait, self._restarted, lost)
         self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
+        self._stopped = threading.Event()
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
 
     def _housekeeping(self, engine: ShardEngine) -> None:
@@ -191,6 +194,12 @@ class Shard:
             self._reported = names
         if self._rounds % METRICS_EVERY == 0:
             self._metrics.export(engine.stats())
+
+    @ray.method(concurrency_group=WATCH)
+    def until_stopped(self) -> None:
+        """Return when close() stops the shard: the router keeps one such call waiting
+        on each shard, and learns of the shard's death when Ray fails it (no polling)."""
+        self._stopped.wait()
 
     @ray.method(concurrency_group=CONTROL)
     def data_address(self) -> DataAddress:
@@ -243,6 +252,7 @@ class Shard:
 
     def close(self) -> None:
         """Stop serving: close the data sockets (and remove the Unix socket file)."""
+        self._stopped.set()
         self._loop.stop()
 
     # -- waiting groups ("pulls", "pushes"): may block ----------------------------------
