@@ -109,6 +109,11 @@ def scrape(ports: list[int], wanted: str, timeout: float = 240) -> str:
 
 
 def main() -> None:
+    # `pype stats --watch` below is left with Ctrl-C (SIGINT). A process started in the
+    # background by a shell without job control (`cmd &` in a script) ignores SIGINT,
+    # and passes that on to its children: take Python's default back, which they then
+    # start with, as a terminal's foreground job does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     metrics_ports = [free_port() for _ in range(NODES)]
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "metrics_export_port": metrics_ports[0],
