@@ -214,12 +214,23 @@ class Router:
                 index, shard_id = watching.pop(ref)
                 try:
                     ray.get(ref)
-                except (ray.exceptions.RayActorError,
-                        ray.exceptions.ActorUnschedulableError) as error:
-                    if _restarting(error):
-                        time.sleep(WATCH_INTERVAL)  # asked again once Ray has restarted it
-                    else:
-                        self._mark_lost(index, shard_id, error)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+                    gone = self._gone_for_good(topology.shards[index])
+                    if gone is not None:
+                        self._mark_lost(index, shard_id, gone)
+
+    def _gone_for_good(self, shard: ray.actor.ActorHandle) -> Exception | None:
+        """Why `shard`, whose until_stopped() call Ray failed, is gone for good; None if
+        Ray restarts it (or may yet). A new call tells, not the old call's error: Ray
+        holds new calls to an actor it restarts and fails them for one that is dead."""
+        try:
+            ray.get(shard.data_address.remote(),
+                    timeout=self._topology.config.transport.request_timeout)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            return None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as error:
+            return error
+        return None
 
     def _mark_lost(self, index: int, shard_id: str, error: Exception) -> None:
         """Publish shard `index` as lost if it is still the one (shard_id) the topology
