@@ -124,13 +124,14 @@ class Routes:
         now = time.monotonic()
         if now < self._next_look:
             return
-        if self._newer is None:
+        asked = self._newer  # once: threads that share this handle look at the same time
+        if asked is None:
             self._newer = self.router.topology.remote()
             return
-        ready, _ = ray.wait([self._newer], timeout=0)
+        ready, _ = ray.wait([asked], timeout=0)
         if not ready:
             return
-        newer = ray.get(self._newer)
+        newer = ray.get(asked)
         if newer.epoch > self.topology.epoch and self._sent_by_old:
             calls = list(self._sent_by_old.values())
             done, _ = ray.wait(calls, num_returns=len(calls), timeout=0, fetch_local=False)
