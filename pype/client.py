@@ -164,7 +164,7 @@ class Server:
             label = f"{namespace}.{name}"  # a named server started again finds its journals
             if detached:
                 options["lifetime"] = "detached"
-        placements = shard_options(resolved.placement, resolved.shards)
+        placements = shard_options(resolved.placement, resolved.shards, resolved.replicas)
         check_persistence_dir(resolved.persistence, placements)
         try:
             router = Router.options(**options).remote(resolved, label, placements)
@@ -175,7 +175,7 @@ class Server:
     def shutdown(self) -> None:
         """Stop the server's shards and router. Its queues and their items are gone, but
         for what persistence keeps: a named server started again restores it."""
-        shards = self.routes.shards
+        shards = ray.get(self.routes.router.actors.remote())  # every replica of every shard
         closing = [shard.close.remote() for shard in shards]  # removes socket files
         ray.wait(closing, num_returns=len(closing), timeout=5)
         ray.kill(self.routes.router)  # first: it would take its stopped shards for lost ones
@@ -333,9 +333,10 @@ class Server:
     def _ack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
         """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
 
-        Returns the number acked. Raises LeaseNotHeldError for ids whose lease
-        expired (their items went back to the queue), were settled before, or were
-        never issued; the other ids are acked.
+        Returns the number acked now: an id acked before is no error and counts 0,
+        as SQS's DeleteMessage (an ack sent again after a failover is harmless).
+        Raises LeaseNotHeldError for ids whose lease expired (their items went back to
+        the queue), that were nacked, or never issued; the other ids are acked.
         """
         return self._settle_native(queue, lease_ids, requeue=False)
 

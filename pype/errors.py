@@ -16,6 +16,8 @@ and StaleEpochError name states no built-in exception describes, and derive from
 PypeError alone.
 """
 
+from __future__ import annotations
+
 import ray.util.queue
 
 
@@ -41,7 +43,8 @@ class QueueTimeoutError(PypeError, TimeoutError):
 
 class LeaseNotHeldError(PypeError, LookupError):
     """ack/nack named lease ids that are not held: expired (the items went back to
-    the queue, for another consumer), settled before, or never issued.
+    the queue, for another consumer), nacked before, or never issued (an ack of an id
+    acked before is no error; a nack of one is).
 
     `lease_ids` lists them; the call settled the other ids it was given.
     """
@@ -52,6 +55,14 @@ class LeaseNotHeldError(PypeError, LookupError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+    @classmethod
+    def of(cls, queue: str, missing: list[int], given: int, requeue: bool) -> LeaseNotHeldError:
+        """The error of a settle of `given` ids of `queue` that found `missing` not held."""
+        return cls(f"queue {queue!r}: {len(missing)} of {given} lease ids are not held (their "
+                   f"lease expired and the items went back to the queue, they were returned "
+                   f"before, or they were never issued): {missing[:10]}; the other "
+                   f"{given - len(missing)} were {'returned' if requeue else 'acked'}", missing)
 
 
 class ShardLostError(PypeError):

@@ -208,12 +208,7 @@ def settle(routes: Routes, layout: Layout, lease_ids: list[int], requeue: bool) 
             missing += [layout.lease_id(lease, j) for lease in error.lease_ids]
             settled += len(by_partition[j]) - len(error.lease_ids)
     if missing:
-        verb = "returned" if requeue else "acked"
-        raise LeaseNotHeldError(
-            f"queue {layout.queue!r}: {len(missing)} of {len(lease_ids)} lease ids are not held "
-            f"(their lease expired and the items went back to the queue, they were settled "
-            f"before, or they were never issued): {missing[:10]}; the other {settled} were {verb}",
-            missing)
+        raise LeaseNotHeldError.of(layout.queue, missing, len(lease_ids), requeue)
     return settled
 
 

@@ -23,6 +23,7 @@ class Model:
         self.parked = []  # [items, priority, deadline, state-cell]
         self.dropped = 0
         self.leases = {}  # lease id -> (entry, pull number)
+        self.acked_ids = set()  # lease ids acked: acking one again is no error
         self.returned = {}  # arrival of an entry -> pull number
         self.pulls = 0
         self.first_pulls = {}  # arrival of an entry -> number of the pull that first took it
@@ -77,9 +78,12 @@ class Model:
         missing = []
         for lease_id in ids:
             if lease_id not in self.leases:
-                missing.append(lease_id)
+                if requeue or lease_id not in self.acked_ids:  # a second ack is harmless
+                    missing.append(lease_id)
                 continue
             entry, pull = self.leases.pop(lease_id)
+            if not requeue:
+                self.acked_ids.add(lease_id)
             if requeue:
                 self.entries.append(entry)
                 self.returned[entry[1]] = pull

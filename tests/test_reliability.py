@@ -52,8 +52,9 @@ def test_ack_nack_and_what_a_pull_with_ack_returns(api, names):
     assert api.nack(q, [leased[1][0], leased[2][0]]) == 2
     assert api.ack(q, leased[0][0]) == 1
     assert api.pull(q, -1) == [1, 2, 3, 4]
+    assert api.ack(q, [leased[0][0]]) == 0  # acked before: a resent ack is harmless
     with pytest.raises(pype.LeaseNotHeldError, match="not held"):
-        api.ack(q, [leased[0][0]])
+        api.nack(q, [leased[0][0]])  # but an acked item cannot come back
     with pytest.raises(TypeError, match="lease_ids"):
         api.ack(q, ["x"])
     with pytest.raises(ValueError, match="ack=True"):

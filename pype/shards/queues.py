@@ -26,7 +26,7 @@ import heapq
 import itertools
 import pickle
 import sys
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from pype.options import QueueOptions
 
 _FLAT = frozenset((int, float, bool, complex, str, bytes, bytearray, type(None)))
 _MAX_DEPTH = 8
+ACKED_REMEMBERED = 100_000  # lease ids of a queue whose ack may be sent again harmlessly
 
 
 def item_size(item: Any, depth: int = 0) -> int:
@@ -135,12 +136,17 @@ class Queue:
         self.pushed = self.pulled = self.dropped = self.acked = self.redelivered = 0
         self._returned: list = []  # heap of (key, item) come back from leases
         self._returned_keys: set = set()  # keys of items that came back, while held
+        self._acked_ids: OrderedDict[int, None] = OrderedDict()  # the last ACKED_REMEMBERED
 
     def __getstate__(self) -> dict:
         """A snapshot keeps the parked pushes the producer was told are accepted, no others."""
         state = dict(self.__dict__)
         state["parked"] = deque(ticket for ticket in self.parked if ticket.acknowledged)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_acked_ids", OrderedDict())  # a snapshot of before 2026-12-03
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         """Items ready to pull (leased items are not counted)."""
@@ -295,13 +301,17 @@ class Queue:
     def settle(self, lease_ids: Iterable[int], requeue: bool) -> list[int]:
         """Ack (requeue=False: forget) or return (requeue=True) leased items.
 
-        Returns the ids that are not held (never issued, settled before, or expired).
+        Returns the ids that are not held (never issued, returned, or expired). Acking
+        an id acked before (one of the last ACKED_REMEMBERED) is no error and changes
+        nothing, as SQS's DeleteMessage: a client that sends an ack again (after a
+        failover) cannot tell whether the first one arrived.
         """
         missing = []
         for lease_id in lease_ids:
             lease = self.leases.pop(lease_id, None)
             if lease is None:
-                missing.append(lease_id)
+                if requeue or lease_id not in self._acked_ids:
+                    missing.append(lease_id)
             elif requeue:
                 self._restore(lease.key, lease.item)
                 self._returned_keys.add(lease.key)
@@ -310,6 +320,9 @@ class Queue:
                 self.nbytes -= item_size(lease.item)
                 self._returned_keys.discard(lease.key)
                 self.acked += 1
+                self._acked_ids[lease_id] = None
+                if len(self._acked_ids) > ACKED_REMEMBERED:
+                    self._acked_ids.popitem(last=False)
         return missing
 
     def expired_leases(self, now: float) -> list[int]:

@@ -682,29 +682,27 @@ class QueueStore:
         """Ack (requeue=False) or nack (requeue=True) leased items of queue `name`.
 
         Acked items are gone for good; nacked ones go back to the head of the queue
-        in their original order. Returns the number settled. Raises
+        in their original order. Returns the number settled now: acking an id acked
+        before is no error and counts 0 (a resent ack is harmless). Raises
         LeaseNotHeldError naming the ids that are not held (expired and returned,
-        settled before, or never issued) after settling the others.
+        nacked before, or never issued) after settling the others.
         """
         queue = self._queues.get(name)
+        held = 0
         if queue is None:
             missing = list(lease_ids)
         else:
             before = queue.nbytes
+            held = len(set(lease_ids) & queue.leases.keys())
             missing = queue.settle(lease_ids, requeue)
             self._nbytes += queue.nbytes - before
-            if len(missing) < len(lease_ids):
+            if held:
                 self._log(records.Settle(name, lease_ids, requeue))
                 if not requeue:
                     self._admit_parked(name, queue)
         if missing:
-            verb = "returned" if requeue else "acked"
-            raise LeaseNotHeldError(
-                f"queue {name!r}: {len(missing)} of {len(lease_ids)} lease ids are not held "
-                f"(their lease expired and the items went back to the queue, they were settled "
-                f"before, or they were never issued): {missing[:10]}; the other "
-                f"{len(lease_ids) - len(missing)} were {verb}", missing)
-        return len(lease_ids)
+            raise LeaseNotHeldError.of(name, missing, len(lease_ids), requeue)
+        return held
 
     def expire_leases(self, now: float | None = None) -> list[str]:
         """Return the items of every lease past its deadline to its queue; name those queues."""
