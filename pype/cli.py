@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                     "`pype shutdown`. Attach with pype.connect(name, namespace).")
     serve.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
     serve.add_argument("--shards", type=int, help="number of shards (overrides the config)")
+    serve.add_argument("--replicas", type=int,
+                       help="copies of each shard, on distinct nodes (overrides the config)")
+    serve.add_argument("--min-insync", type=int, dest="min_insync",
+                       help="replicas that hold a change before it is acknowledged")
     for command in (serve, *(commands.add_parser(name, help=text, description=text) for name, text in (
             ("connect", "connect to a running server and show where its shards run"),
             ("stats", "show a server's queues: depth, leases, push and pull rates, shard, node"),
@@ -114,8 +118,10 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "serve":
         if args.shards is not None and args.shards < 1:
             parser.error("--shards must be at least 1")
+        overrides = {key: value for key in ("shards", "replicas", "min_insync")
+                     if (value := getattr(args, key)) is not None}
         console.print(operations.serve(args.config, args.address, args.name, args.namespace,
-                                       args.shards))
+                                       **overrides))
     elif args.command == "connect":
         console.print(operations.describe(args.address, args.name, args.namespace))
     elif args.command == "shutdown":

@@ -113,6 +113,8 @@ class Config:
     shards: int
     hash_seed: int
     placement: Placement
+    replicas: int     # copies of each shard, on distinct nodes; 1: not replicated
+    min_insync: int   # replicas that hold a change before it is acknowledged
     shard: ShardConfig
     transport: Transport
     persistence: Persistence
@@ -212,6 +214,13 @@ def _build(raw: dict, source: str) -> Config:
     if socket_dir is not None and not isinstance(socket_dir, (str, Path)):
         raise ConfigError(f"{source}: transport.socket_dir must be a path or null, got {socket_dir!r}")
     shards = number("shards", raw["shards"], int, 1)
+    replicas = number("replicas", raw["replicas"], int, 1)
+    min_insync = raw["min_insync"]
+    if min_insync is None:
+        min_insync = 2 if replicas >= 3 else 1
+    elif number("min_insync", min_insync, int, 1) > replicas:
+        raise ConfigError(f"{source}: min_insync must be at most replicas ({replicas}), got "
+                          f"{min_insync}: a change could never be acknowledged")
     tcp_port = number("transport.tcp_port", transport["tcp_port"], int, 0)
     if tcp_port + shards > 65536:
         raise ConfigError(f"{source}: transport.tcp_port + shards must stay below 65536, "
@@ -230,6 +239,8 @@ def _build(raw: dict, source: str) -> Config:
         shards=shards,
         hash_seed=number("hash_seed", raw["hash_seed"], int, 0),
         placement=_placement(raw["placement"], source),
+        replicas=replicas,
+        min_insync=min_insync,
         shard=ShardConfig(
             num_cpus=number("shard.num_cpus", shard["num_cpus"], float, 0),
             max_restarts=number("shard.max_restarts", shard["max_restarts"], int, -1),

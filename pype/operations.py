@@ -32,10 +32,10 @@ def attached(address: str | None, name: str, namespace: str | None) -> Server:
 
 
 def serve(config: str | None, address: str | None, name: str, namespace: str | None,
-          shards: int | None) -> Table:
-    """Start a detached, named server on the cluster; it outlives this process."""
+          **overrides: int) -> Table:
+    """Start a detached, named server on the cluster; it outlives this process.
+    overrides: config keys given on the command line (shards, replicas, min_insync)."""
     attach(address, namespace)
-    overrides = {} if shards is None else {"shards": shards}
     server = Server.remote(config, name=name, namespace=namespace, detached=True, **overrides)
     return placement_table(server, f"pype server {name!r} is serving")
 

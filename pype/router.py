@@ -20,11 +20,12 @@ import uuid
 import ray
 
 from pype.config import Config
-from pype.errors import ShardUnavailableError
+from pype.errors import NotPrimaryError, ShardUnavailableError, StaleEpochError
 from pype.hashing import shard_for
-from pype.placement import shard_options
+from pype.placement import eligible_nodes, pinned_to, shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
 from pype.shards.journal import JournalPlace, safe_dir_name
+from pype.shards.replication import ReplicaSet
 from pype.shards.shard import shard_actor
 from pype.topology import Topology
 from pype.transport import Keys
@@ -37,12 +38,36 @@ WATCH_INTERVAL = 0.5  # seconds between the router's looks at a new topology's s
 
 
 @dataclasses.dataclass(frozen=True)
-class _Started:
-    """A shard actor the router started: its handle, its id, the node it was pinned to."""
+class _Replica:
+    """A shard actor the router started: its handle, its id, the node it was pinned to,
+    and its slot among its shard's replicas (which names its journal)."""
 
-    shard: ray.actor.ActorHandle
-    shard_id: str
+    actor: ray.actor.ActorHandle
+    id: str
     node: str
+    slot: int = 0
+
+
+@dataclasses.dataclass
+class _Shard:
+    """One shard: its replicas and, when replicated, who leads and who is in sync (the
+    router's record; pype.shards.replication.ReplicaSet)."""
+
+    replicas: list[_Replica]
+    replica_set: ReplicaSet | None = None
+
+    @property
+    def primary(self) -> _Replica:
+        if self.replica_set is None:
+            return self.replicas[0]
+        return self.replica(self.replica_set.primary)
+
+    @property
+    def shard(self) -> ray.actor.ActorHandle:
+        return self.primary.actor
+
+    def replica(self, replica_id: str) -> _Replica | None:
+        return next((r for r in self.replicas if r.id == replica_id), None)
 
 
 @ray.remote(num_cpus=0, concurrency_groups={RESIZE: 1})
@@ -58,46 +83,66 @@ class Router:
                                         max_restarts=config.shard.max_restarts)
         self._label = label
         keys, self._server_secret = Keys.generate()
+        self._config = config
+        self._keys = keys
         # Every shard alive, in index order; the topology holds the first ones.
-        self._all = [self._start_shard(index, config, keys, placements[index])
-                     for index in range(config.shards)]
-        self._topology = Topology(server_id=server_id, shards=tuple(s.shard for s in self._all),
-                                  config=config, keys=keys,
-                                  shard_ids=tuple(s.shard_id for s in self._all),
-                                  nodes=tuple(s.node for s in self._all))
-        # Held by whatever publishes a topology: resize() and the watcher of lost shards.
+        self._all = [self._start_shard(index, placements[index]) for index in range(config.shards)]
+        self._publishing = threading.Lock()  # one topology published at a time
+        self._replicas_lock = threading.Lock()  # guards each _Shard's replicas and replica_set
+        self._topology = Topology(server_id=server_id, shards=(), config=config, keys=keys,
+                                  epoch=-1)
+        if config.replicas > 1:
+            for index in range(config.shards):
+                self._elect(index)
+        self._publish(config.shards)
+        # Held by what changes the shards: resize() and the watcher of lost shards.
         self._changing = threading.Lock()
         self._settled_shards = config.shards
-        self._leaving: list = []  # (index, shard) a shrink removed, kept SHRINK_GRACE s as forwarders
+        self._leaving: list = []  # (index, _Shard) a shrink removed, kept SHRINK_GRACE s as forwarders
         self._leaving_lock = threading.Lock()
         self._topology_requests = 0
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []
+        self._failovers: list[dict] = []
         self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
-        logger.info("pype router started %d shards (%s)", config.shards, config.source)
+        logger.info("pype router started %d shards of %d replicas (%s)", config.shards,
+                    config.replicas, config.source)
 
-    def _start_shard(self, index: int, config: Config, keys: Keys, placement: dict,
-                     fresh: bool = False) -> _Started:
-        """Start shard `index`; fresh=True: a new one (a resize), whose index a shard that a
-        shrink removed may have had: the shard sets that journal (which holds no queue) aside."""
+    def _start_shard(self, index: int, placement: list[dict], fresh: bool = False) -> _Shard:
+        """Start shard `index`, a replica on each node of `placement`; fresh=True: a new one
+        (a resize), whose index a shard that a shrink removed may have had: the shard sets
+        that journal (which holds no queue) aside."""
+        return _Shard([self._start_replica(index, slot, options, fresh)
+                       for slot, options in enumerate(placement)])
+
+    def _start_replica(self, index: int, slot: int, placement: dict, fresh: bool) -> _Replica:
+        config = self._config
         me = ray.get_runtime_context().current_actor
+        replicated = config.replicas > 1
+        replica_id = uuid.uuid4().hex
         journal = None
         if config.persistence.dir is not None:  # expanded on the shard's node
-            journal = JournalPlace(safe_dir_name(self._label), f"shard-{index}", fresh)
-        shard = self._shard_class.options(**placement).remote(
-            index, config, journal, me, self._label, keys, self._server_secret)
-        return _Started(shard, uuid.uuid4().hex, placement["scheduling_strategy"].node_id)
+            name = f"shard-{index}-replica-{slot}" if replicated else f"shard-{index}"
+            journal = JournalPlace(safe_dir_name(self._label), name, fresh)
+        actor = self._shard_class.options(**placement).remote(
+            index, config, journal, me, self._label, self._keys, self._server_secret,
+            replica_id if replicated else None)
+        return _Replica(actor, replica_id, placement["scheduling_strategy"].node_id, slot)
 
-    def _publish(self, shards: int, lost: frozenset = frozenset()) -> int:
-        """Make the first `shards` shards the topology, in a new epoch; return it."""
-        started = self._all[:shards]
-        epoch = self._topology.epoch + 1
-        self._topology = dataclasses.replace(
-            self._topology, shards=tuple(s.shard for s in started), epoch=epoch,
-            shard_ids=tuple(s.shard_id for s in started), nodes=tuple(s.node for s in started),
-            lost=lost)
-        return epoch
+    def _publish(self, shards: int | None = None, lost: frozenset | None = None) -> int:
+        """Make the first `shards` shards (default: as many as now) the topology, each
+        served by its primary, in a new epoch; return it."""
+        with self._publishing:
+            old = self._topology
+            shards = len(old.shards) if shards is None else shards
+            started = self._all[:shards]
+            self._topology = dataclasses.replace(
+                old, shards=tuple(s.shard for s in started), epoch=old.epoch + 1,
+                shard_ids=tuple(s.primary.id for s in started),
+                nodes=tuple(s.primary.node for s in started),
+                lost=old.lost if lost is None else lost)
+            return self._topology.epoch
 
     @ray.method(concurrency_group=RESIZE)
     def resize(self, shards: int) -> dict:
@@ -132,13 +177,14 @@ class Router:
         started = time.monotonic()
         if shards > len(self._all):
             self._stop_leaving()  # their indices are about to be taken again
-            placements = shard_options(config.placement, shards)
+            placements = shard_options(config.placement, shards, config.replicas)
             for index in range(len(self._all), shards):
-                self._all.append(self._start_shard(index, config, old.keys, placements[index],
-                                                   fresh=True))
-        receivers = [started.shard for started in self._all[:shards]]
+                self._all.append(self._start_shard(index, placements[index], fresh=True))
+                if config.replicas > 1:
+                    self._elect(index)
+        receivers = self._all[:shards]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
-        givers = [started.shard for started in self._all]
+        givers = list(self._all)
         # The topology the queues come from: that of the last resize that finished (one
         # cut short already published the next).
         self._each(receivers, Expect(self._settled_shards, seed))
@@ -153,7 +199,7 @@ class Router:
         self._each(givers, Release())
         self._settled_shards = shards
         moved = sum(len(queues) for queues in by_target.values())
-        leaving = [(index, started.shard) for index, started in enumerate(self._all)][shards:]
+        leaving = list(enumerate(self._all))[shards:]
         del self._all[shards:]
         if leaving:
             with self._leaving_lock:
@@ -166,18 +212,21 @@ class Router:
         return {"epoch": epoch, "shards": shards, "moved_queues": moved,
                 "seconds": time.monotonic() - started}
 
-    def _each(self, shards: list, *requests: tuple) -> list:
+    def _each(self, shards: list[_Shard], *requests: tuple) -> list:
         """Run a step of a move on each of `shards` (requests[i] on shards[i], or the one
-        request on all) and return their answers. A shard that Ray is restarting (it died)
-        is asked again once it is back: every step can be taken twice."""
+        request on all) and return their answers. A shard that Ray is restarting (it died),
+        or whose primary failed over, is asked again once it is back: every step can be
+        taken twice."""
         requests = requests * len(shards) if len(requests) == 1 else requests
         deadline = time.monotonic() + self._topology.config.transport.request_timeout
+        replicated = self._config.replicas > 1
         while True:
             try:
-                return ray.get([shard.move.remote(request)
+                return ray.get([shard.shard.move.remote(request)
                                 for shard, request in zip(shards, requests, strict=True)])
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as error:
-                if time.monotonic() > deadline or not _restarting(error):
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError,
+                    NotPrimaryError) as error:
+                if time.monotonic() > deadline or not (replicated or _restarting(error)):
                     raise
                 logger.warning("pype router: a shard died during a resize; asking again: %s",
                                error)
@@ -187,37 +236,43 @@ class Router:
         """Stop the shards a shrink removed (their journals stay, holding no queue)."""
         with self._leaving_lock:
             leaving, self._leaving = self._leaving, []
-            shards = [shard for _, shard in leaving]
-            ray.wait([shard.close.remote() for shard in shards], num_returns=len(shards), timeout=5)
-            for _, shard in leaving:
-                ray.kill(shard, no_restart=True)
+            actors = [replica.actor for _, shard in leaving for replica in shard.replicas]
+            ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=5)
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
 
     # -- shards lost with their node ---------------------------------------------------
 
     def _watch(self) -> None:
-        """Keep one until_stopped() call waiting on each shard of the topology; one that
-        Ray fails for good (its node died, and a pinned actor cannot start elsewhere)
-        means the shard is lost. It costs no traffic while the shards live: Ray fails
-        the call when the shard's process dies, and a restarted shard gets a new one."""
-        watching: dict = {}  # the call's ref -> (index, shard id)
+        """Keep one until_stopped() call waiting on each replica of each shard; Ray fails
+        it when the replica's process dies. Unreplicated, a shard that Ray fails for good
+        (its node died, and a pinned actor cannot start elsewhere) is lost; replicated,
+        a primary's death starts a failover at once (_replica_died). It costs no traffic
+        while the shards live, and a restarted replica gets a new call."""
+        watching: dict = {}  # the call's ref -> (index, _Replica)
         while True:
-            topology = self._topology
             watched = set(watching.values())
-            for index, (shard, shard_id) in enumerate(zip(topology.shards, topology.shard_ids)):
-                if index not in topology.lost and (index, shard_id) not in watched:
-                    watching[shard.until_stopped.remote()] = (index, shard_id)
+            lost = self._topology.lost
+            for index, shard in enumerate(list(self._all)):
+                for replica in shard.replicas:
+                    if index not in lost and (index, replica) not in watched:
+                        watching[replica.actor.until_stopped.remote()] = (index, replica)
             if not watching:  # every shard is lost: wait for a resize
                 time.sleep(WATCH_INTERVAL)
                 continue
             ended, _ = ray.wait(list(watching), num_returns=1, timeout=WATCH_INTERVAL)
             for ref in ended:
-                index, shard_id = watching.pop(ref)
+                index, replica = watching.pop(ref)
                 try:
                     ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
-                    gone = self._gone_for_good(topology.shards[index])
+                    if self._config.replicas > 1:
+                        threading.Thread(target=self._replica_died, args=(index, replica),
+                                         name="pype-router-failover", daemon=True).start()
+                        continue
+                    gone = self._gone_for_good(replica.actor)
                     if gone is not None:
-                        self._mark_lost(index, shard_id, gone)
+                        self._mark_lost(index, replica.id, gone)
 
     def _gone_for_good(self, shard: ray.actor.ActorHandle) -> Exception | None:
         """Why `shard`, whose until_stopped() call Ray failed, is gone for good; None if
@@ -254,11 +309,151 @@ class Router:
             return
         placements = shard_options(topology.config.placement, len(self._all))
         for index in sorted(topology.lost):
-            self._all[index] = self._start_shard(index, topology.config, topology.keys,
-                                                 placements[index], fresh=True)
+            self._all[index] = self._start_shard(index, placements[index], fresh=True)
             logger.warning("pype: shard %d starts again, empty, on node %s", index,
-                           self._all[index].node)
-        self._publish(len(topology.shards))
+                           self._all[index].primary.node)
+        self._publish(len(topology.shards), lost=frozenset())
+
+    # -- replicated shards: the router as their controller ------------------------------
+
+    def _elect(self, index: int) -> None:
+        """Make the replica of shard `index` whose log goes furthest its primary, in an
+        epoch above any its replicas have seen; the replicas whose logs end at the same
+        place are in sync. New replicas all are; a named server started again over its
+        journals finds which went furthest."""
+        shard = self._all[index]
+        positions = ray.get([replica.actor.position.remote() for replica in shard.replicas],
+                            timeout=self._config.transport.request_timeout)
+        ends = [(position.last_epoch, position.end) for position in positions]
+        best = max(ends)
+        epoch = 1 + max(max(position.epoch, position.last_epoch) for position in positions)
+        in_sync = frozenset(replica.id for replica, end in zip(shard.replicas, ends, strict=True)
+                            if end == best)
+        primary = shard.replicas[ends.index(best)].id
+        shard.replica_set = ReplicaSet(tuple(r.id for r in shard.replicas), primary, in_sync,
+                                       self._config.min_insync, epoch)
+        self._lead(index)
+
+    def _lead(self, index: int) -> bool:
+        """Tell shard `index`'s primary to lead its replica set; False if it did not answer
+        (it died too: its own death starts the next failover)."""
+        shard = self._all[index]
+        with self._replicas_lock:
+            replicas = shard.replica_set
+            primary = shard.primary
+            backups = {r.id: r.actor for r in shard.replicas if r.id != replicas.primary}
+        try:
+            ray.get(primary.actor.lead.remote(replicas, backups),
+                    timeout=self._config.transport.request_timeout)
+            return True
+        except ray.exceptions.RayError as error:
+            logger.error("pype: shard %d: replica %s did not take the lead: %s", index,
+                         primary.id[:8], error)
+            return False
+
+    def change_in_sync(self, *, index: int, epoch: int, version: int, replica: str,
+                       in_sync: bool) -> ReplicaSet:
+        """The primary of `epoch` asks to record `replica` in sync (it caught up) or out of
+        it (it stopped answering), on the replica set's `version`; return the set recorded
+        now (unchanged if the version or the epoch was not the current one: the primary
+        then learns that it was replaced, or asks again)."""
+        with self._replicas_lock:
+            shard = self._all[index]
+            replicas = shard.replica_set
+            try:
+                if in_sync:
+                    shard.replica_set = replicas.grown(epoch, version, replica)
+                else:
+                    shard.replica_set = replicas.shrunk(epoch, version, replica)
+            except (StaleEpochError, ValueError) as refused:
+                logger.info("pype: shard %d: in-sync change refused: %s", index, refused)
+            if shard.replica_set is not replicas:
+                logger.warning("pype: shard %d: replica %s %s the in-sync set (now %d of %d)",
+                               index, replica[:8], "joined" if in_sync else "left",
+                               len(shard.replica_set.in_sync), len(shard.replicas))
+            return shard.replica_set
+
+    def _replica_died(self, index: int, replica: _Replica) -> None:
+        """Replica `replica` of shard `index` died. Its primary's death promotes an in-sync
+        backup (at once, also if Ray restarts the old one: it comes back a backup); a
+        backup's takes it out of the in-sync set. One gone for good with its node is
+        replaced by a new, empty backup on an eligible node that holds no replica of
+        the shard, which catches up from the primary."""
+        with self._replicas_lock:
+            shard = self._shard_holding(index, replica.id)
+            if shard is None:
+                return
+            replicas = shard.replica_set
+            promote = replica.id == replicas.primary
+            if promote:
+                candidates = [m for m in replicas.members
+                              if m in replicas.in_sync and m != replica.id]
+                if not candidates:
+                    logger.error("pype: shard %d lost its primary and no other replica is in "
+                                 "sync: it serves again only if the primary comes back", index)
+                    promote = False
+                else:
+                    shard.replica_set = replicas.promoted(candidates[0])
+                    self._failovers.append({"shard": index, "at": time.time(),
+                                            "from": replica.id, "to": candidates[0],
+                                            "epoch": shard.replica_set.epoch})
+            elif replica.id in replicas.in_sync:
+                shard.replica_set = replicas.shrunk(replicas.epoch, replicas.version, replica.id)
+            changed = shard.replica_set
+        if promote:
+            logger.warning("pype: shard %d fails over from replica %s to %s (leader epoch %d)",
+                           index, replica.id[:8], changed.primary[:8], changed.epoch)
+            if self._lead(index):
+                self._publish()
+        elif changed is not replicas:
+            shard.primary.actor.change_replicas.remote(changed)
+        gone = self._gone_for_good(replica.actor)
+        if gone is not None:
+            self._replace_replica(index, replica)
+        elif changed.primary == replica.id:
+            self._lead_again(index, replica)
+
+    def _lead_again(self, index: int, replica: _Replica) -> None:
+        """The primary of shard `index`, the one replica in sync, came back (Ray restarted
+        its process, which starts as a backup). It leads again, in a new epoch, if its
+        journal kept every record it acknowledged (fsync "always"); else nothing may
+        lead without losing acknowledged records, and the shard stays unavailable."""
+        persistence = self._config.persistence
+        if persistence.dir is None or persistence.fsync != "always":
+            logger.error("pype: shard %d: its primary restarted without every record it "
+                         "acknowledged (persistence.fsync is not always) and no backup is in "
+                         "sync: no replica can lead without losing acknowledged items", index)
+            return
+        with self._replicas_lock:
+            shard = self._shard_holding(index, replica.id)
+            if shard is None or shard.replica_set.primary != replica.id:
+                return
+            shard.replica_set = shard.replica_set.promoted(replica.id)
+        if self._lead(index):
+            self._publish()
+
+    def _replace_replica(self, index: int, gone: _Replica) -> None:
+        with self._replicas_lock:
+            shard = self._shard_holding(index, gone.id)
+            if shard is None or gone.id == shard.replica_set.primary:
+                return
+            taken = {replica.node for replica in shard.replicas}
+            free = [node for node in eligible_nodes(self._config.placement) if node not in taken]
+            if not free:
+                logger.error("pype: shard %d lost a replica with node %s and no other eligible "
+                             "node is free: it runs with %d replicas", index, gone.node,
+                             len(shard.replicas) - 1)
+                return
+            new = self._start_replica(index, gone.slot, pinned_to(free[0]), fresh=True)
+            shard.replicas[shard.replicas.index(gone)] = new
+            shard.replica_set = shard.replica_set.replaced(gone.id, new.id)
+        logger.warning("pype: shard %d: a new replica %s on node %s replaces %s, lost with "
+                       "node %s", index, new.id[:8], new.node, gone.id[:8], gone.node)
+        self._lead(index)
+
+    def _shard_holding(self, index: int, replica_id: str) -> _Shard | None:
+        shard = self._all[index] if index < len(self._all) else None
+        return shard if shard is not None and shard.replica(replica_id) is not None else None
 
     def unavailable(self, index: int) -> None:
         """Raise what every `.remote()` call to lost shard `index` raises (the client sends
@@ -297,7 +492,29 @@ class Router:
         restarted without persistence, or lost with their node."""
         return {**self._node, "topology_requests": self._topology_requests,
                 "reported_queues": {index: sorted(names) for index, names in self._names.items()},
-                "lost": self._lost}
+                "lost": self._lost, "replicas": self._replica_stats(),
+                "failovers": list(self._failovers)}
+
+    def _replica_stats(self) -> list[dict]:
+        """Per replicated shard: its leader epoch and each replica's node, role and
+        whether it is in sync, as the router recorded them."""
+        with self._replicas_lock:
+            return [{"shard": index, "epoch": shard.replica_set.epoch,
+                     "min_insync": shard.replica_set.min_insync,
+                     "under_replicated": len(shard.replica_set.in_sync) < len(shard.replicas),
+                     "replicas": [{"replica": replica.id, "node": replica.node,
+                                   "role": "primary" if replica.id == shard.replica_set.primary
+                                   else "backup",
+                                   "in_sync": replica.id in shard.replica_set.in_sync}
+                                  for replica in shard.replicas]}
+                    for index, shard in enumerate(self._all) if shard.replica_set is not None]
+
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        """Every shard actor this router started and still runs: each replica of each
+        shard (Server.shutdown closes them all)."""
+        with self._leaving_lock:
+            leaving = [shard for _, shard in self._leaving]
+        return [replica.actor for shard in [*self._all, *leaving] for replica in shard.replicas]
 
 
 def _restarting(error: Exception) -> bool:

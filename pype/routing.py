@@ -223,33 +223,43 @@ class Routes:
             return address
         timeout = self.topology.config.transport.request_timeout
         deadline = time.monotonic() + timeout
+        replicated = self.topology.config.replicas > 1
         while True:
             try:
                 address = ray.get(self.shards[index].data_address.remote(),
                                   timeout=max(0.0, deadline - time.monotonic()))
-                break
+                if address.primary:
+                    break
             except ray.exceptions.GetTimeoutError:
                 raise ShardUnavailableError(
                     f"shard {index} did not answer within {timeout:g} s "
                     f"(transport.request_timeout); Ray may still be restarting it") from None
             except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again
-                if time.monotonic() >= deadline:
-                    raise ShardUnavailableError(
-                        f"shard {index} did not come back within {timeout:g} s "
-                        f"(transport.request_timeout)") from None
-                time.sleep(RESTART_POLL)
+                pass
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as error:
-                # Gone for good (its node too, for an unschedulable one). A newer topology
-                # may name another shard at this index (a resize): the requests in flight
-                # go there, and a shard that does not own their queues answers Moved,
-                # which result() follows.
-                node = self.topology.nodes[index]
-                if not (self.fetch_topology() and index < len(self.shards)):
-                    raise ShardUnavailableError(
-                        f"shard {index} on node {node} is gone for good: {error}") from None
-                if index in self.topology.lost:
-                    raise ShardUnavailableError(self.topology.lost_shard(index)) from None
+                if not replicated:
+                    # Gone for good (its node too, for an unschedulable one). A newer topology
+                    # may name another shard at this index (a resize): the requests in flight
+                    # go there, and a shard that does not own their queues answers Moved,
+                    # which result() follows.
+                    node = self.topology.nodes[index]
+                    if not (self.fetch_topology() and index < len(self.shards)):
+                        raise ShardUnavailableError(
+                            f"shard {index} on node {node} is gone for good: {error}") from None
+                    if index in self.topology.lost:
+                        raise ShardUnavailableError(self.topology.lost_shard(index)) from None
+                    key = self.topology.shard_key(index)
+                    continue
+            # Restarting, gone, or a backup: replicated, the router promotes another
+            # replica and publishes a topology that names it.
+            if time.monotonic() >= deadline:
+                raise ShardUnavailableError(
+                    f"shard {index} had no primary for {timeout:g} s "
+                    f"(transport.request_timeout)") from None
+            if replicated and self.fetch_topology():
                 key = self.topology.shard_key(index)
+                continue
+            time.sleep(RESTART_POLL)
         state.remember_address(key, address)
         return address
 

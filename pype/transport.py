@@ -37,7 +37,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pype import protocol
-from pype.errors import ShardRestartedError, ShardUnavailableError
+from pype.errors import NotPrimaryError, ShardRestartedError, ShardUnavailableError
 from pype.framing import (
     EVENTS,
     POLLIN,
@@ -86,6 +86,7 @@ class DataAddress:
     unix: str | None  # path of its Unix socket, for clients on that node
     tcp: str          # ZeroMQ endpoint for clients on other nodes (CURVE)
     pid: int
+    primary: bool = True  # False: a backup replica, which serves no client (NotPrimaryError)
 
 
 def _context() -> zmq.Context:
@@ -387,6 +388,7 @@ class Pipeline:
         index, number = ticket
         in_flight = self._in_flight[index]
         limit = None if wait is None else wait + self._timeout
+        failovers = 0
         while True:
             entry = in_flight.get(number)
             if entry is None:  # failed in a reconnect
@@ -401,8 +403,13 @@ class Pipeline:
                 self._fail_all(index, error)
                 del self._failures[number]
                 raise error
-            del in_flight[number]
             status, value = reply
+            if status == protocol.ERROR and type(value) is NotPrimaryError:
+                failovers += 1  # this replica does not lead: to the new primary, as after
+                if failovers <= RECONNECT_ATTEMPTS:  # a restart
+                    self._reconnect(index)
+                    continue
+            del in_flight[number]
             if status == protocol.ERROR:
                 raise value
             return value

@@ -36,6 +36,32 @@ def queues_by_shard(server, shards: int) -> dict[int, str]:
     return found
 
 
+def start_cluster(workers: int, prefix: str):
+    """A head node and `workers` worker nodes with the resource "pype" and each its own
+    data directory in $PYPE_DATA, Ray's failure detection shortened, and Ray connected.
+    Returns (cluster, ray, data: node id -> its directory, the scratch directory)."""
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "_system_config": FAST_FAILURE_DETECTION})
+    import ray  # imported after Cluster, as Ray's own tests do
+
+    scratch = tempfile.mkdtemp(prefix=prefix)
+    data = {}
+    for index in range(workers):
+        directory = os.path.join(scratch, f"node-{index}")
+        os.mkdir(directory)
+        node = cluster.add_node(num_cpus=1, resources={"pype": 1}, env_vars={"PYPE_DATA": directory})
+        data[node.node_id] = directory
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, ray, data, scratch
+
+
+def stop_cluster(cluster: Cluster, ray, scratch: str) -> None:
+    ray.shutdown()
+    cluster.shutdown()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def lose_node(cluster: Cluster, node_id: str, data: dict) -> str:
     """Lose the worker node `node_id` as a machine is lost: SIGKILL its raylet and every
     process it started, delete its data directory (data: node id -> its PYPE_DATA).
@@ -69,21 +95,8 @@ def timed(call):
 
 
 def main() -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_system_config": FAST_FAILURE_DETECTION})
-    import ray  # imported after Cluster, as Ray's own tests do
-
-    scratch = tempfile.mkdtemp(prefix="pype-node-loss-")
+    cluster, ray, data, scratch = start_cluster(WORKERS, "pype-node-loss-")
     try:
-        data = {}
-        for index in range(WORKERS):
-            directory = os.path.join(scratch, f"node-{index}")
-            os.mkdir(directory)
-            node = cluster.add_node(num_cpus=1, resources={"pype": 1},
-                                    env_vars={"PYPE_DATA": directory})
-            data[node.node_id] = directory
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
         import pype
 
         server = pype.Server.remote(
@@ -142,9 +155,7 @@ def main() -> None:
         print("ok: a resize brings shard 0 back, empty, on another node")
         server.shutdown()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(scratch, ignore_errors=True)
+        stop_cluster(cluster, ray, scratch)
 
 
 if __name__ == "__main__":

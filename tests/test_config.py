@@ -36,6 +36,8 @@ def test_missing_file_is_file_not_found(tmp_path):
     ("shard:\n  poll_wait: -1", "shard.poll_wait"), ("shard: 3", "shard"),
     ("queue_defaults:\n  kind: heap", "queue_defaults"), ("sharts: 2", "sharts"),
     ("shard:\n  threads: 2", "shard.threads"), ("- a list", "mapping"), ("shards: [", "YAML"),
+    ("replicas: 0", "replicas"), ("replicas: 2\nmin_insync: 3", "min_insync"),
+    ("min_insync: 0", "min_insync"), ("replicas: 1.5", "replicas"),
 ])
 def test_bad_values_raise_config_error_naming_key_and_file(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
@@ -45,6 +47,11 @@ def test_bad_values_raise_config_error_naming_key_and_file(tmp_path, text, key):
     assert key in str(caught.value)
     assert "bad.yaml" in str(caught.value)
     assert isinstance(caught.value, ValueError)
+
+
+def test_min_insync_defaults_to_two_from_three_replicas_else_one():
+    assert [load_config(replicas=n).min_insync for n in (1, 2, 3, 5)] == [1, 1, 2, 2]
+    assert load_config(replicas=3, min_insync=3).min_insync == 3
 
 
 def test_bad_keyword_override_is_a_config_error():

@@ -303,6 +303,27 @@ def test_a_backup_with_records_of_an_old_epoch_that_the_new_primary_lacks_loads_
         backups["c"].accept(Batch(1, 99, stores["c"].position + 1, [], 0))  # a is fenced
 
 
+def test_a_backup_out_of_sync_rejoins_under_steady_load():
+    """Out of sync, a backup is one message behind whenever a push comes between its
+    messages: commits wait for it from the moment it joins, so it catches up."""
+    pair = Pair()
+    pair.change(pair.replicas.shrunk(1, 0, "b"))
+    pair.push("x")
+    for item in ("y", "z"):  # a push arrives while each message is on its way
+        message = pair.log.send_to("b")
+        pair.push(item)
+        pair.log.acknowledged("b", pair.backups["b"].accept(message))
+        assert not pair.log.caught_up("b")
+    assert pair.log.may_join("b")
+    pair.log.joining("b")
+    pair.push("w")
+    assert pair.acked == ["x", "y", "z"]  # w waits for b now
+    pair.sync("b")
+    assert pair.acked == ["x", "y", "z", "w"] and pair.log.caught_up("b")
+    pair.change(pair.replicas.grown(1, pair.log.ask_to_join("b"), "b"))
+    assert pair.replicas.in_sync == {"a", "b"}
+
+
 def test_a_backup_joining_the_in_sync_set_counts_before_the_router_answers():
     """If the router records c back in sync but its answer is lost, c may be promoted:
     the primary must not commit without c from the moment it asks."""
@@ -312,7 +333,7 @@ def test_a_backup_joining_the_in_sync_set_counts_before_the_router_answers():
     with pytest.raises(ValueError, match="not caught up"):
         pair.log.joining("b")  # never asked for: b has not answered yet
     pair.log.joining("c")
-    pair.replicas = pair.replicas.grown(1, 1, "c")  # recorded; the answer does not arrive
+    pair.replicas = pair.replicas.grown(1, pair.log.ask_to_join("c"), "c")  # recorded; the answer does not arrive
     pair.push("x")
     pair.sync("b")
     assert pair.acked == []  # b holds x, c does not: c could be promoted
@@ -531,10 +552,16 @@ class ReplicaSetMachine(RuleBasedStateMachine):
     @precondition(lambda self: hasattr(self, "router"))
     def grow(self, data, told):
         backup = data.draw(st.sampled_from(self.router.backups))
-        if backup in self.log.replicas.in_sync or not self.log.caught_up(backup):
+        if backup in self.log.replicas.in_sync or not self.log.may_join(backup):
             return
-        self.log.joining(backup)
-        self._ask("grow", self.log.epoch, self.log.replicas.version, backup)
+        self.log.joining(backup)  # commits wait for it from now on
+        if not self.log.caught_up(backup):
+            return
+        try:
+            version = self.log.ask_to_join(backup)
+        except ValueError:  # asked already
+            return
+        self._ask("grow", self.log.epoch, version, backup)
         if told:  # else the answer is lost: the primary keeps counting the backup in
             self._run(self.log.change_replicas(self.router))
 

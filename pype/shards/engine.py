@@ -22,8 +22,9 @@ actor's main thread in order, but not in order with its calls to the waiting
 groups, nor with its native calls. So every `.remote()` call to the main thread
 carries (caller id, sequence number), and every other request carries the
 sequence number of its caller's last such call: the engine holds it until that
-call has run. A shard that Ray restarted does not hold requests of callers it
-has not seen since: their earlier calls went to its predecessor.
+call has run. A shard that Ray restarted, or a replica promoted to primary, does
+not hold requests of callers it has not seen since: their earlier calls went to its
+predecessor.
 
 Without persistence a restarted shard lost its queues: each caller's first call
 to one of them raises ShardLostError once, and is not applied.
@@ -255,6 +256,7 @@ class ShardEngine:
         self._behind: dict[str, list[tuple]] = {}    # caller id -> requests waiting for it
         self._held: list[tuple] = []  # requests for queues on their way here
         self.replication: PrimaryLog | BackupLog | None = None  # None: not replicated
+        self.new_records = threading.Condition(self.lock)  # a primary logged a record
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
@@ -291,6 +293,8 @@ class ShardEngine:
 
     def housekeep(self) -> None:
         """Return expired leases to their queues and answer what that wakes (lock held)."""
+        if type(self.replication) is BackupLog:  # a backup never reads the clock
+            return
         for name in self.store.expire_leases():  # leases keep wall-clock time (journaled)
             self.changed(name)
         self._wake()
@@ -301,8 +305,19 @@ class ShardEngine:
         Call it with the lock held (housekeeping does), or send a Stats request.
         """
         waiting = sum(not parked.done for parked_on in self._parked.values() for parked in parked_on)
-        return {**self.store.stats(), **self.counts, "waiting_calls": waiting,
-                "lost_queues": sorted(self._lost)}
+        stats = {**self.store.stats(), **self.counts, "waiting_calls": waiting,
+                 "lost_queues": sorted(self._lost)}
+        replication = self.replication
+        if replication is not None:
+            stats["replication"] = {
+                "role": "backup" if type(replication) is BackupLog else "primary",
+                "epoch": replication.epoch, "position": self.store.position,
+                "committed": replication.committed}
+            if type(replication) is PrimaryLog:  # records each backup lacks
+                stats["replication"]["lag"] = {
+                    backup: replication.end - replication.held(backup)
+                    for backup in replication.replicas.backups}
+        return stats
 
     # -- running requests -------------------------------------------------------------------
 
@@ -361,8 +376,15 @@ class ShardEngine:
         what it knew to be committed)."""
         committed = self.replication.committed if type(self.replication) is BackupLog else 0
         self.replication = PrimaryLog(replicas, me, self.store, committed)
-        self.store.replicate = self.replication.append
+        # Callers numbered their `.remote()` calls to the old primary, which this one never
+        # saw run: like a restarted shard, it holds nobody's requests for them.
+        self._restarted = True
+        self.store.replicate = self._logged
         self.store.lead(replicas.epoch, me)
+
+    def _logged(self, position: int, record) -> None:
+        self.replication.append(position, record)
+        self.new_records.notify_all()
 
     def follow(self, epoch: int) -> None:
         """Be a backup, following leader epoch `epoch` or newer. A primary that was
@@ -372,6 +394,11 @@ class ShardEngine:
                 fail()
         self.store.replicate = None
         self.replication = BackupLog(self.store, epoch)
+        self.new_records.notify_all()  # the primary's senders stop
+
+    def step_down(self) -> None:
+        """A primary learned that another replica leads a newer epoch: follow."""
+        self.follow(self.replication.epoch)
 
     def message_for(self, backup: str) -> Batch | Snapshot | None:
         """What the primary sends backup `backup` next (see PrimaryLog.send_to)."""

@@ -259,7 +259,9 @@ class PrimaryLog:
         self._sequences = itertools.count(1)
         self._held: dict[str, int] = {}     # backup -> last position it holds, as it answered
         self._waiting: deque = deque()      # (position, release, fail) of replies held
-        self._joining: dict[str, int] = {}  # backup -> version of the set it was asked to join
+        # backup -> version of the set the router was asked to add it to (None: not yet)
+        self._joining: dict[str, int | None] = {}
+        self._sent_end: dict[str, int] = {}  # backup -> the log's end when its last message left
         self._commit()
 
     @property
@@ -315,6 +317,7 @@ class PrimaryLog:
                     self._tail, first - oldest, None)]
                 message = Batch(self.epoch, sequence, first, records, self.committed)
         self._in_flight[backup] = sequence
+        self._sent_end[backup] = self.end
         return message
 
     def acknowledged(self, backup: str, answer: Position) -> list[Callable[[], None]]:
@@ -346,10 +349,19 @@ class PrimaryLog:
         self._in_flight.pop(backup, None)
         self._next.pop(backup, None)
         self._held.pop(backup, None)
+        if backup in self._joining and self._joining[backup] is None:  # the router never heard
+            del self._joining[backup]
 
     def caught_up(self, backup: str) -> bool:
-        """Does `backup` hold every record (so it may rejoin the in-sync set)?"""
-        return self._held.get(backup, -1) >= self.end
+        """Does `backup` hold every committed record (so the router may record it in
+        sync)? Under steady load one that is not joining never is: commits go on
+        without it. So it joins first (may_join), and commits wait for it."""
+        return self._held.get(backup, -1) >= self.committed
+
+    def may_join(self, backup: str) -> bool:
+        """Is `backup` one message behind at most: did it hold the whole log as it was
+        when its last message was sent?"""
+        return backup in self._held and self._held[backup] >= self._sent_end.get(backup, 0)
 
     def held(self, backup: str) -> int:
         """The last position `backup` holds, as far as this primary knows."""
@@ -362,12 +374,24 @@ class PrimaryLog:
                 and member in self._held and self._held[member] < self.committed]
 
     def joining(self, backup: str) -> None:
-        """The primary is about to ask the router to add `backup` (caught_up) to the
-        in-sync set. From now on commits wait for it as well, as if it were in the set:
-        once the router has recorded it, a promotion may pick it (Kafka's "maximal ISR")."""
-        if not self.caught_up(backup):
+        """`backup` (may_join) is to join the in-sync set: from now on commits wait for it
+        as well, as if it were in the set, and once it is caught_up the primary asks the
+        router to record it. Once recorded, a promotion may pick it, also before the
+        router's answer reaches the primary (Kafka's "maximal ISR")."""
+        if not self.may_join(backup):
             raise ValueError(f"backup {backup} has not caught up: it cannot join the in-sync set")
+        self._joining.setdefault(backup, None)
+
+    def ask_to_join(self, backup: str) -> int:
+        """The primary asks the router now to add `backup`, joining and caught_up, to the
+        in-sync set: return the version of the set to ask on."""
+        if self._joining.get(backup, 0) is not None or not self.caught_up(backup):
+            raise ValueError(f"backup {backup} is not joining, or has not caught up")
         self._joining[backup] = self.replicas.version
+        return self.replicas.version
+
+    def asked_to_join(self, backup: str) -> bool:
+        return self._joining.get(backup) is not None
 
     def change_replicas(self, replicas: ReplicaSet) -> list[Callable[[], None]]:
         """The router answered with `replicas` (it recorded a change, or refused one and
@@ -380,7 +404,8 @@ class PrimaryLog:
             return []
         self.replicas = replicas
         self._joining = {backup: asked for backup, asked in self._joining.items()
-                         if asked >= replicas.version}  # its request is yet to be answered
+                         if backup not in replicas.in_sync and  # else answered: not recorded
+                         (asked is None or asked >= replicas.version)}
         return self._commit()
 
     def abandon(self) -> list[Callable[[], None]]:

@@ -35,12 +35,13 @@ import os
 import resource
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
 
 from pype.config import Config
+from pype.errors import StaleEpochError
 from pype.metrics import ShardMetrics
 from pype.payloads import keep_references_here
 from pype.protocol import AwaitPush, Moved, Names, Push, Redirect, Stats
@@ -49,6 +50,8 @@ from pype.shards.engine import ShardEngine
 from pype.shards.journal import Journal, JournalPlace
 from pype.shards.listeners import ShardSockets
 from pype.shards.loop import ShardLoop
+from pype.shards.replication import BackupLog, Position, PrimaryLog, ReplicaSet
+from pype.shards.replicator import Replicator
 from pype.shards.store import QueueStore
 from pype.transport import DataAddress, Keys
 
@@ -138,7 +141,10 @@ class Shard:
     """Holds the queues whose names hash to shard `index` (made an actor by shard_actor)."""
 
     def __init__(self, index: int, config: Config, journal_place: JournalPlace | None,
-                 router: ray.actor.ActorHandle, server: str, keys: Keys, server_secret: bytes):
+                 router: ray.actor.ActorHandle, server: str, keys: Keys, server_secret: bytes,
+                 replica: str | None = None):
+        """replica: this replica's id in a replicated shard (config.replicas > 1), which
+        starts as a backup until the router makes it primary (lead()); None: the one copy."""
         keep_references_here()
         log_to_stderr()
         serve_at_normal_priority()
@@ -162,11 +168,11 @@ class Shard:
             logger.log(logging.WARNING if self._restarted else logging.INFO,
                        "pype shard %d restored %d queues from %s (%d log records)",
                        index, len(store.names()), journal_dir, replayed)
-        elif self._restarted:
+        elif self._restarted and replica is None:  # a backup catches up from its primary
             lost = set(ray.get(router.shard_restarted.remote(index)))
             logger.warning("pype shard %d restarted without persistence: the items of queues %s "
                            "are lost", index, sorted(lost) or "(none known)")
-        if self._restarted:
+        if self._restarted and replica is None:
             ownership = ray.get(router.ownership.remote())
             if ownership is not None and (store.owner is None or store.owner[2] < ownership[2]):
                 store.owner = ownership  # resizes it missed: names it no longer owns
@@ -181,12 +187,21 @@ class Shard:
         self._reported: frozenset | None = None
         self._rounds = 0
         self._engine = ShardEngine(store, index, config.shard.poll_wait, self._restarted, lost)
+        self._replica = replica
+        self._replicator: Replicator | None = None
+        self._keys = keys
+        self._request_timeout = transport.request_timeout
+        if replica is not None:
+            with self._engine.lock:
+                self._engine.follow(0)
         self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
         self._stopped = threading.Event()
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
 
     def _housekeeping(self, engine: ShardEngine) -> None:
         """Every 0.1 s, on the loop's thread: report new queue names, export metrics."""
+        if type(engine.replication) is BackupLog:  # its primary reports for the shard
+            return
         self._rounds += 1
         names = frozenset(engine.store.names())
         if names != self._reported:
@@ -203,8 +218,62 @@ class Shard:
 
     @ray.method(concurrency_group=CONTROL)
     def data_address(self) -> DataAddress:
-        """Where this incarnation of the shard serves native calls."""
-        return self._loop.address
+        """Where this incarnation of the shard serves native calls, and whether it is
+        the primary (a backup answers clients NotPrimaryError)."""
+        primary = type(self._engine.replication) is not BackupLog
+        return replace(self._loop.address, primary=primary)
+
+    # -- replication (the router's calls to a replicated shard) ------------------------------
+
+    @ray.method(concurrency_group=CONTROL)
+    def position(self) -> Position:
+        """Where this replica's log ends, and the epochs it follows and last wrote."""
+        with self._engine.lock:
+            replication = self._engine.replication
+            if type(replication) is BackupLog:
+                return replication.position()
+            store = self._engine.store
+            return Position(replication.epoch, 0, store.position, store.history.last_epoch)
+
+    @ray.method(concurrency_group=CONTROL)
+    def lead(self, replicas: ReplicaSet, backups: dict) -> None:
+        """Serve the shard as the primary of `replicas` (its epoch, its in-sync set),
+        replicating to `backups` (replica id -> shard actor). Called again with the same
+        epoch when the backups change (one lost with its node was replaced)."""
+        if self._replicator is not None:
+            self._replicator.stop()
+        with self._engine.lock:
+            replication = self._engine.replication
+            if type(replication) is PrimaryLog and replication.epoch == replicas.epoch:
+                self._engine.change_replicas(replicas)
+                for backup in replicas.backups:  # what the old senders had in flight is void
+                    replication.lost(backup)
+            else:
+                self._engine.lead(replicas, self._replica)
+            log = self._engine.replication
+        index, router = self._index, self._router
+        timeout = self._request_timeout
+
+        def ask_router(backup: str, in_sync: bool, version: int) -> ReplicaSet:
+            return ray.get(router.change_in_sync.remote(
+                index=index, epoch=replicas.epoch, version=version, replica=backup,
+                in_sync=in_sync), timeout=timeout)
+
+        self._replicator = Replicator(self._engine, log, backups, self._keys, self._node["node_id"],
+                                      timeout, ask_router)
+        logger.warning("pype shard %d: replica %s leads epoch %d (in sync: %s)", index,
+                       self._replica[:8], replicas.epoch, sorted(r[:8] for r in replicas.in_sync))
+
+    @ray.method(concurrency_group=CONTROL)
+    def change_replicas(self, replicas: ReplicaSet) -> None:
+        """The router recorded `replicas` (a backup it found dead left the in-sync set)."""
+        with self._engine.lock:
+            if type(self._engine.replication) is not PrimaryLog:
+                return
+            try:
+                self._engine.change_replicas(replicas)
+            except StaleEpochError:
+                self._engine.step_down()
 
     # -- moving queues (the router's resize): never behind the data ------------------------
 
@@ -221,6 +290,8 @@ class Shard:
 
     def call(self, request: tuple, caller: tuple[str, int]) -> object:
         """Run `request` (pype.protocol) for `caller` = (caller id, number of this call)."""
+        if self._is_backup(request):
+            return self._run_on_primary(request, caller[0])
         try:
             return self._engine.submit(request, caller[0], sequence=caller[1], may_wait=False)
         except Redirect as redirect:
@@ -232,12 +303,32 @@ class Shard:
         """Run natively, where it belongs, a `.remote()` request that this shard refused: it
         named a partitioned queue's head, or a queue that moved to another shard. The
         caller could not follow the redirect itself without waiting."""
+        return self._routes_to_others().forward(request, caller_id, redirect)
+
+    def _routes_to_others(self) -> Routes:
         if self._routes is None:
             self._routes = Routes(self._router, ray.get(self._router.topology.remote()))
-        return self._routes.forward(request, caller_id, redirect)
+        return self._routes
+
+    def _is_backup(self, request: tuple) -> bool:
+        """Is this replica a backup, which runs no client's request but Stats and Names?"""
+        return type(self._engine.replication) is BackupLog and type(request) not in (Stats, Names)
+
+    def _run_on_primary(self, request: tuple, caller_id: str) -> object:
+        """Run natively on the shard's primary a `.remote()` request that reached this
+        backup: its caller routes by a topology from before a failover (it learns the
+        new one within a second, pype.routing.TOPOLOGY_CHECK)."""
+        routes = self._routes_to_others()
+        if type(request) is Push:
+            return routes.push_to(request.queues, request.items, request.block, request.timeout,
+                                  request.priority, request.key,
+                                  on_behalf=request.on_behalf or caller_id)
+        return routes.native(self._index, request)
 
     def _submit_waiting(self, request: tuple, caller: tuple[str, int]) -> object:
         caller_id, after = caller
+        if self._is_backup(request):
+            return self._run_on_primary(request, caller_id)
         try:
             return self._engine.submit(request, caller_id, after=after)
         except Redirect as redirect:
@@ -253,6 +344,8 @@ class Shard:
     def close(self) -> None:
         """Stop serving: close the data sockets (and remove the Unix socket file)."""
         self._stopped.set()
+        if self._replicator is not None:
+            self._replicator.stop()
         self._loop.stop()
 
     # -- waiting groups ("pulls", "pushes"): may block ----------------------------------
@@ -273,6 +366,8 @@ class Shard:
         caller_id, after = caller
         if isinstance(pending, _Refused):
             return self._run_refused(pending.request, pending.caller_id, pending.redirect)
+        if isinstance(pending, int):  # the first half ran all of it (on the primary, for one)
+            return pending
         try:
             return self._engine.submit(AwaitPush(pending), caller_id, after=after)
         except Moved as moved:  # its queue moved while the push waited for room there

@@ -1,0 +1,125 @@
+"""Replicated shards on a multi-node Ray cluster: nodes die, their disks with them, and
+nothing acknowledged is lost; clients fail over by themselves.
+
+Run by tests/test_failover.py in its own process (a process joins one Ray cluster, and
+the test session already runs one). A head node and 3 worker nodes (ray.cluster_utils),
+Ray's failure detection shortened; 2 shards of 2 replicas (min_insync 1), journals with
+fsync "always" on each node's own disk. Prints one "ok: ..." line per check; stops the
+cluster, which stops what it started.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from events import until  # beside this script
+from node_loss_scenario import (
+    forget_node,
+    lose_node,
+    queues_by_shard,
+    start_cluster,
+    stop_cluster,
+)
+
+WORKERS = 3
+REQUEST_TIMEOUT = 10.0
+
+
+def replicas_of(ray, server, index: int) -> dict:
+    """The router's record of shard `index`: epoch, and each replica's node, role, in sync."""
+    return ray.get(server.routes.router.stats.remote())["replicas"][index]
+
+
+def all_in_sync(ray, server, index: int) -> bool:
+    record = replicas_of(ray, server, index)
+    return all(replica["in_sync"] for replica in record["replicas"]) and len(record["replicas"]) == 2
+
+
+def primary_node(ray, server, index: int) -> str:
+    record = replicas_of(ray, server, index)
+    return next(r["node"] for r in record["replicas"] if r["role"] == "primary")
+
+
+def main() -> None:
+    cluster, ray, data, scratch = start_cluster(WORKERS, "pype-failover-")
+    try:
+        import pype
+
+        try:
+            pype.Server.remote(shards=1, replicas=4, placement={"resource": "pype"})
+            raise AssertionError("4 replicas on 3 nodes started")
+        except pype.ConfigError as error:
+            assert "4 distinct nodes" in str(error), error
+        print("ok: more replicas than eligible nodes is a ConfigError, and starts nothing")
+
+        server = pype.Server.remote(
+            shards=2, replicas=2, placement={"resource": "pype"},
+            transport={"request_timeout": REQUEST_TIMEOUT},
+            persistence={"dir": "${PYPE_DATA}/pype", "fsync": "always"})
+        queue = queues_by_shard(server, 2)[0]
+        for index in (0, 1):
+            record = replicas_of(ray, server, index)
+            nodes = [replica["node"] for replica in record["replicas"]]
+            assert len(set(nodes)) == 2 and all(r["in_sync"] for r in record["replicas"]), record
+        print("ok: each shard has 2 replicas on distinct nodes, both in sync")
+
+        server.push(list(range(100)), queue, expand=True)
+        assert ray.get(server.push.remote(list(range(100, 150)), queue, expand=True)) == 50
+        leased = server.pull(queue, 5, ack=True)
+        assert [item for _, item, _ in leased] == [0, 1, 2, 3, 4], leased
+        print("ok: 150 items acknowledged on both paths, 5 of them leased")
+
+        # 1. A primary's process is SIGKILLed (its node lives): a backup takes over, and
+        # Ray restarts the old one, which rejoins as a backup.
+        other = queues_by_shard(server, 2)[1]
+        server.push(["a", "b"], other, expand=True)
+        pid = next(s["pid"] for s in ray.get(server.stats.remote())["shards"] if s["shard"] == 1)
+        os.kill(pid, signal.SIGKILL)
+        assert server.push("c", other) == 1  # resent to the new primary
+        got = server.pull(other, -1)
+        assert got == ["a", "b", "c"], (got, replicas_of(ray, server, 1))
+        print(f"ok: shard 1's primary process {pid} was killed; the promoted backup serves "
+              f"every acknowledged item")
+        until(lambda: all_in_sync(ray, server, 1), "the restarted replica back in sync", 120)
+        print("ok: the killed primary came back as a backup and caught up")
+
+        # 2. The primary's node dies, its disk with it.
+        first = primary_node(ray, server, 0)
+        killed_at = time.monotonic()
+        lose_node(cluster, first, data)
+        server.push([150], queue, expand=True)  # waits for the failover
+        seconds = time.monotonic() - killed_at
+        assert primary_node(ray, server, 0) != first
+        print(f"ok: the primary's node died; a native push was acknowledged {seconds:.1f} s "
+              f"after the kill, by the promoted backup")
+        forget_node(cluster, first)
+
+        assert server.ack(queue, [lease_id for lease_id, _, _ in leased]) == 5
+        assert server.ack(queue, [lease_id for lease_id, _, _ in leased]) == 0
+        print("ok: leases taken before the failover are acked after it (a second ack is harmless)")
+
+        assert ray.get(server.push.remote([151], queue, expand=True)) == 1
+        print("ok: .remote() pushes go to the new primary")
+
+        # 3. A new replica replaces the lost one, on the node left, and catches up.
+        until(lambda: all_in_sync(ray, server, 0), "a new replica of shard 0 in sync", 120)
+        record = replicas_of(ray, server, 0)
+        assert first not in [replica["node"] for replica in record["replicas"]], record
+        print("ok: a new replica of shard 0 on the remaining node caught up and is in sync")
+
+        # 4. A second node loss: the new primary's node. Nothing acknowledged is lost.
+        second = primary_node(ray, server, 0)
+        lose_node(cluster, second, data)
+        got = server.pull(queue, -1)
+        assert got == list(range(5, 152)), (len(got), got[:10], got[-10:])
+        print("ok: after a second node loss every acknowledged item is there, in order, once")
+        forget_node(cluster, second)
+
+        server.shutdown()
+    finally:
+        stop_cluster(cluster, ray, scratch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
