@@ -542,6 +542,11 @@ class Server:
         totals["unreachable"] (the number of such shards): then the totals are partial.
         A shard lost with its node (one replica) is listed so too, with "lost": True and
         its "node_id", and "lost" (the router's record) says which queues went with it.
+        Replicated shards (replicas > 1): "replicas" lists per shard its leader epoch,
+        min_insync, whether it is under-replicated (not every replica in sync), and each
+        replica's node, role (primary or backup), whether it is in sync, and its lag (the
+        records it lacks, as its primary knows; None while unknown); "failovers" lists the
+        promotions (shard, when, from, to, epoch); "under_replicated" counts such shards.
         """
         shards = self._each_shards_stats()
         answered = [shard for shard in shards if "unreachable" not in shard]
@@ -555,8 +560,16 @@ class Server:
                               "native_requests", "tcp_requests", "ray_requests")}
         totals["unreachable"] = len(shards) - len(answered)
         router = ray.get(self.routes.router.stats.remote())
+        replicas = router.pop("replicas")
+        for record in replicas:  # how far each backup is behind, as its primary knows
+            index = record["shard"]
+            lag = shards[index].get("replication", {}).get("lag", {}) if index < len(shards) else {}
+            for replica in record["replicas"]:
+                replica["lag"] = 0 if replica["role"] == "primary" else lag.get(replica["replica"])
         return {"server": self.name, "router": router, "totals": totals, "shards": shards,
-                "queues": queues, "lost": router["lost"]}
+                "queues": queues, "lost": router["lost"], "replicas": replicas,
+                "failovers": router["failovers"],
+                "under_replicated": sum(record["under_replicated"] for record in replicas)}
 
     def _each_shards_stats(self) -> list[dict]:
         """Each shard's stats, in index order, waiting transport.request_timeout at most:

@@ -13,6 +13,10 @@ Counters: pype_queue_pushed, pype_queue_pulled, pype_queue_dropped, pype_queue_a
 pype_queue_redelivered (items, since the shard started); pype_shard_requests, tagged
 path="native" or "ray" (requests served on each path) and pype_shard_tcp_requests
 (native requests that came over TCP, from other nodes).
+Replicated shards (exported by each primary): pype_shard_leader_epoch,
+pype_shard_replicas_in_sync, pype_shard_replication_lag (records a backup lacks, tagged
+replica). The router exports pype_failovers (a counter) and
+pype_under_replicated_shards.
 """
 
 from __future__ import annotations
@@ -57,10 +61,22 @@ class ShardMetrics:
                                      "Native requests that came over TCP (other nodes)",
                                      ("server", "shard"))
         self._counted: dict[tuple[str, str], int] = {}  # (queue, counter) -> value exported
+        self._epoch = Gauge("pype_shard_leader_epoch", "Leader epoch of a replicated shard",
+                            ("server", "shard"))
+        self._in_sync = Gauge("pype_shard_replicas_in_sync", "Replicas in sync, the primary too",
+                              ("server", "shard"))
+        self._lag = Gauge("pype_shard_replication_lag", "Records a backup lacks",
+                          ("server", "shard", "replica"))
 
     def export(self, stats: dict) -> None:
         for key, gauge in self._shard_gauges.items():
             gauge.set(stats[key], self._tags)
+        replication = stats.get("replication")
+        if replication is not None and replication["role"] == "primary":
+            self._epoch.set(replication["epoch"], self._tags)
+            self._in_sync.set(replication["in_sync"], self._tags)
+            for replica, lag in replication["lag"].items():
+                self._lag.set(lag, {**self._tags, "replica": replica[:8]})
         for path, key in REQUEST_PATHS.items():
             self._count(self._requests, (None, key), stats[key], {**self._tags, "path": path})
         self._count(self._tcp_requests, (None, "tcp_requests"), stats["tcp_requests"], self._tags)
@@ -84,3 +100,21 @@ class ShardMetrics:
         if value > before:
             counter.inc(value - before, tags)
         self._counted[key] = value
+
+
+class RouterMetrics:
+    """A server's failovers and under-replicated shards, as its router records them."""
+
+    def __init__(self, server: str):
+        self._tags = {"server": server}
+        self._failovers = Counter("pype_failovers", "Promotions of a backup to primary",
+                                  ("server",))
+        self._under_replicated = Gauge("pype_under_replicated_shards",
+                                       "Replicated shards with a replica out of sync", ("server",))
+        self._counted = 0
+
+    def export(self, failovers: int, under_replicated: int) -> None:
+        if failovers > self._counted:
+            self._failovers.inc(failovers - self._counted, self._tags)
+            self._counted = failovers
+        self._under_replicated.set(under_replicated, self._tags)

@@ -98,7 +98,23 @@ class StatsView:
                 for event in stats["lost"]]
         unreachable = [f"shard {shard['shard']} did not answer: {shard['unreachable']}"
                        for shard in stats["shards"] if "unreachable" in shard]
-        return Group(table, requests, *lost, *unreachable)
+        replicas = [replica_table(stats)] if stats["replicas"] else []
+        return Group(table, requests, *lost, *unreachable, *replicas)
+
+
+def replica_table(stats: dict) -> Table:
+    """Each replica of each replicated shard: node, role, leader epoch, in sync, lag."""
+    table = Table(title=f"replicas: {len(stats['failovers'])} failovers, "
+                        f"{stats['under_replicated']} shards under-replicated")
+    for column in ("shard", "replica", "node", "role", "epoch", "in sync", "lag"):
+        table.add_column(column, justify="right" if column in ("shard", "epoch", "lag") else "left")
+    for record in stats["replicas"]:
+        for replica in record["replicas"]:
+            lag = replica["lag"]
+            table.add_row(str(record["shard"]), replica["replica"][:8], replica["node"][:12],
+                          replica["role"], str(record["epoch"]),
+                          "yes" if replica["in_sync"] else "no", "?" if lag is None else f"{lag:,}")
+    return table
 
 
 def _node(shard: dict) -> str:

@@ -22,6 +22,7 @@ import ray
 from pype.config import Config
 from pype.errors import NotPrimaryError, ShardUnavailableError, StaleEpochError
 from pype.hashing import shard_for
+from pype.metrics import RouterMetrics
 from pype.placement import eligible_nodes, pinned_to, shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
 from pype.shards.journal import JournalPlace, safe_dir_name
@@ -104,6 +105,7 @@ class Router:
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []
         self._failovers: list[dict] = []
+        self._metrics = RouterMetrics(label)
         self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
         logger.info("pype router started %d shards of %d replicas (%s)", config.shards,
@@ -260,6 +262,10 @@ class Router:
             if not watching:  # every shard is lost: wait for a resize
                 time.sleep(WATCH_INTERVAL)
                 continue
+            if self._config.replicas > 1:
+                self._metrics.export(len(self._failovers), sum(
+                    len(shard.replica_set.in_sync) < len(shard.replicas) for shard in self._all
+                    if shard.replica_set is not None))
             ended, _ = ray.wait(list(watching), num_returns=1, timeout=WATCH_INTERVAL)
             for ref in ended:
                 index, replica = watching.pop(ref)

@@ -116,6 +116,18 @@ def main() -> None:
         print("ok: after a second node loss every acknowledged item is there, in order, once")
         forget_node(cluster, second)
 
+        stats = server.stats()
+        assert len(stats["failovers"]) >= 3 and stats["under_replicated"] >= 1, stats["failovers"]
+        from rich.console import Console
+
+        from pype.operations import StatsView
+        console = Console(record=True, width=160)
+        console.print(StatsView(server).render())
+        shown = console.export_text()
+        assert "failovers" in shown and "primary" in shown and "backup" in shown, shown
+        print(f"ok: stats() and pype stats show {len(stats['failovers'])} failovers, "
+              f"{stats['under_replicated']} shards under-replicated, each replica's role")
+
         server.shutdown()
     finally:
         stop_cluster(cluster, ray, scratch)

@@ -314,6 +314,7 @@ class ShardEngine:
                 "epoch": replication.epoch, "position": self.store.position,
                 "committed": replication.committed}
             if type(replication) is PrimaryLog:  # records each backup lacks
+                stats["replication"]["in_sync"] = len(replication.replicas.in_sync)
                 stats["replication"]["lag"] = {
                     backup: replication.end - replication.held(backup)
                     for backup in replication.replicas.backups}
