@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
                         help="chain, ping-pong, bulk, frames, capacity, video, spread, scale, "
-                             "durability, queue, memory")
+                             "durability, queue, memory, replication (on a local multi-node "
+                             "cluster of its own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default bench/results/, or a temporary "
                              "directory with --only, so a partial run never replaces the full one)")
@@ -185,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="pype-bench-")) if args.only else RESULTS
     console = Console()
+    if args.only and "replication" in args.only:  # a multi-node cluster of its own
+        from bench import replication
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        console.print(replication.main(args.rounds, args.quick, args.out, machine()))
+        console.print(f"written: {args.out}/replication.json, replication.md")
+        args.only.remove("replication")
+        if not args.only:
+            return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:

@@ -14,13 +14,9 @@ import sys
 import time
 
 from events import until  # beside this script
-from node_loss_scenario import (
-    forget_node,
-    lose_node,
-    queues_by_shard,
-    start_cluster,
-    stop_cluster,
-)
+from node_loss_scenario import queues_by_shard
+
+from bench.cluster import LocalCluster  # the repository's root is on PYTHONPATH
 
 WORKERS = 3
 REQUEST_TIMEOUT = 10.0
@@ -42,7 +38,8 @@ def primary_node(ray, server, index: int) -> str:
 
 
 def main() -> None:
-    cluster, ray, data, scratch = start_cluster(WORKERS, "pype-failover-")
+    cluster = LocalCluster(WORKERS, "pype-failover-")
+    ray = cluster.ray
     try:
         import pype
 
@@ -87,13 +84,13 @@ def main() -> None:
         # 2. The primary's node dies, its disk with it.
         first = primary_node(ray, server, 0)
         killed_at = time.monotonic()
-        lose_node(cluster, first, data)
+        cluster.lose(first)
         server.push([150], queue, expand=True)  # waits for the failover
         seconds = time.monotonic() - killed_at
         assert primary_node(ray, server, 0) != first
         print(f"ok: the primary's node died; a native push was acknowledged {seconds:.1f} s "
               f"after the kill, by the promoted backup")
-        forget_node(cluster, first)
+        cluster.forget(first)
 
         assert server.ack(queue, [lease_id for lease_id, _, _ in leased]) == 5
         assert server.ack(queue, [lease_id for lease_id, _, _ in leased]) == 0
@@ -110,11 +107,11 @@ def main() -> None:
 
         # 4. A second node loss: the new primary's node. Nothing acknowledged is lost.
         second = primary_node(ray, server, 0)
-        lose_node(cluster, second, data)
+        cluster.lose(second)
         got = server.pull(queue, -1)
         assert got == list(range(5, 152)), (len(got), got[:10], got[-10:])
         print("ok: after a second node loss every acknowledged item is there, in order, once")
-        forget_node(cluster, second)
+        cluster.forget(second)
 
         stats = server.stats()
         assert len(stats["failovers"]) >= 3 and stats["under_replicated"] >= 1, stats["failovers"]
@@ -130,7 +127,7 @@ def main() -> None:
 
         server.shutdown()
     finally:
-        stop_cluster(cluster, ray, scratch)
+        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -11,20 +11,13 @@ can outlive their raylet on one machine) and its directory is deleted. Prints on
 """
 
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 
-import psutil
-from ray.cluster_utils import Cluster
+from bench.cluster import LocalCluster  # the repository's root is on PYTHONPATH
 
 WORKERS = 3
 REQUEST_TIMEOUT = 5.0
-# Ray declares a silent node dead after period x threshold (default 3 s x 5).
-FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
 
 def queues_by_shard(server, shards: int) -> dict[int, str]:
@@ -34,54 +27,6 @@ def queues_by_shard(server, shards: int) -> dict[int, str]:
         found.setdefault(server.shard_of(f"q{n}"), f"q{n}")
         n += 1
     return found
-
-
-def start_cluster(workers: int, prefix: str):
-    """A head node and `workers` worker nodes with the resource "pype" and each its own
-    data directory in $PYPE_DATA, Ray's failure detection shortened, and Ray connected.
-    Returns (cluster, ray, data: node id -> its directory, the scratch directory)."""
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_system_config": FAST_FAILURE_DETECTION})
-    import ray  # imported after Cluster, as Ray's own tests do
-
-    scratch = tempfile.mkdtemp(prefix=prefix)
-    data = {}
-    for index in range(workers):
-        directory = os.path.join(scratch, f"node-{index}")
-        os.mkdir(directory)
-        node = cluster.add_node(num_cpus=1, resources={"pype": 1}, env_vars={"PYPE_DATA": directory})
-        data[node.node_id] = directory
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    return cluster, ray, data, scratch
-
-
-def stop_cluster(cluster: Cluster, ray, scratch: str) -> None:
-    ray.shutdown()
-    cluster.shutdown()
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
-def lose_node(cluster: Cluster, node_id: str, data: dict) -> str:
-    """Lose the worker node `node_id` as a machine is lost: SIGKILL its raylet and every
-    process it started, delete its data directory (data: node id -> its PYPE_DATA).
-    Returns its IP. Ray learns of it by itself (remove_node() only tidies up after)."""
-    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
-    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    processes = [raylet, *raylet.children(recursive=True)]
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=10)
-    shutil.rmtree(data[node_id])
-    return node.node_ip_address
-
-
-def forget_node(cluster: Cluster, node_id: str) -> None:
-    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
-    cluster.remove_node(node, allow_graceful=False)
 
 
 def timed(call):
@@ -95,7 +40,8 @@ def timed(call):
 
 
 def main() -> None:
-    cluster, ray, data, scratch = start_cluster(WORKERS, "pype-node-loss-")
+    cluster = LocalCluster(WORKERS, "pype-node-loss-")
+    ray, data = cluster.ray, cluster.data
     try:
         import pype
 
@@ -116,7 +62,7 @@ def main() -> None:
         assert router_node == head, (router_node, head)
         print("ok: the router runs on the head node")
 
-        ip = lose_node(cluster, nodes[0], data)
+        ip = cluster.lose(nodes[0])
         lost = queues[0]
         print(f"ok: lost the node of shard 0 ({ip}): raylet and processes killed, directory deleted")
 
@@ -134,7 +80,7 @@ def main() -> None:
         assert "shard 0" in str(error) and nodes[0] in str(error), str(error)
         print("ok: a .remote() push to the lost shard fails with ShardUnavailableError, "
               "not a raw Ray error")
-        forget_node(cluster, nodes[0])
+        cluster.forget(nodes[0])
 
         for index in (1, 2):
             assert server.pull(queues[index], -1) == list(range(10))
@@ -155,7 +101,7 @@ def main() -> None:
         print("ok: a resize brings shard 0 back, empty, on another node")
         server.shutdown()
     finally:
-        stop_cluster(cluster, ray, scratch)
+        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def run_script(*args, timeout: float, env: dict | None = None) -> tuple[int, str
 # Ray's Cluster writes the newest cluster's address here and removes it on shutdown;
 # a scenario killed midway would leave it pointing at a dead cluster.
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cluster_scenario(script: Path, timeout: float) -> tuple[int, str]:
@@ -63,7 +64,7 @@ def run_cluster_scenario(script: Path, timeout: float) -> tuple[int, str]:
     note of the newest cluster on this machine is put back as it was, also on failure."""
     before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
     try:
-        return run_script(script, timeout=timeout)
+        return run_script(script, timeout=timeout, env={"PYTHONPATH": str(ROOT)})  # bench.cluster
     finally:
         if before is None:
             CURRENT_CLUSTER.unlink(missing_ok=True)
