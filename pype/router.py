@@ -105,6 +105,7 @@ class Router:
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
         self._lost: list[dict] = []
         self._failovers: list[dict] = []
+        self._gone: set[str] = set()  # replicas gone for good with their node
         self._metrics = RouterMetrics(label)
         self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
@@ -257,7 +258,8 @@ class Router:
             lost = self._topology.lost
             for index, shard in enumerate(list(self._all)):
                 for replica in shard.replicas:
-                    if index not in lost and (index, replica) not in watched:
+                    if (index not in lost and (index, replica) not in watched
+                            and replica.id not in self._gone):
                         watching[replica.actor.until_stopped.remote()] = (index, replica)
             if not watching:  # every shard is lost: wait for a resize
                 time.sleep(WATCH_INTERVAL)
@@ -357,6 +359,31 @@ class Router:
                          primary.id[:8], error)
             return False
 
+    def _lead_until_answered(self, index: int, replicas: ReplicaSet) -> None:
+        """Tell the primary of `replicas` to lead until it answers, or dies (its death
+        starts the next failover), or the set changed meanwhile."""
+        deadline = time.monotonic() + 3 * self._config.transport.request_timeout
+        while not self._lead(index) and time.monotonic() < deadline:
+            with self._replicas_lock:
+                if self._all[index].replica_set is not replicas:
+                    return
+            time.sleep(0.2)
+
+    def replica_restarted(self, *, index: int, replica: str) -> None:
+        """Replica `replica` of shard `index` started again (Ray restarted its process): a
+        backup leaves the in-sync set before it answers anything, as it may lack records
+        it had acknowledged (ReplicaSet.restarted). A primary's restart is a death, which
+        the watcher handles."""
+        with self._replicas_lock:
+            shard = self._shard_holding(index, replica)
+            if shard is None or shard.replica_set.primary == replica:
+                return
+            before = shard.replica_set
+            shard.replica_set = before.restarted(replica)
+            changed = shard.replica_set
+        if changed is not before:
+            shard.primary.actor.change_replicas.remote(changed)
+
     def change_in_sync(self, *, index: int, epoch: int, version: int, replica: str,
                        in_sync: bool) -> ReplicaSet:
         """The primary of `epoch` asks to record `replica` in sync (it caught up) or out of
@@ -403,18 +430,19 @@ class Router:
                     self._failovers.append({"shard": index, "at": time.time(),
                                             "from": replica.id, "to": candidates[0],
                                             "epoch": shard.replica_set.epoch})
-            elif replica.id in replicas.in_sync:
+            else:  # in sync or not: a new version fails requests to grow the dead one
                 shard.replica_set = replicas.shrunk(replicas.epoch, replicas.version, replica.id)
             changed = shard.replica_set
         if promote:
             logger.warning("pype: shard %d fails over from replica %s to %s (leader epoch %d)",
                            index, replica.id[:8], changed.primary[:8], changed.epoch)
-            if self._lead(index):
-                self._publish()
+            self._lead_until_answered(index, changed)
+            self._publish()  # clients wait for the new primary to say it leads
         elif changed is not replicas:
             shard.primary.actor.change_replicas.remote(changed)
         gone = self._gone_for_good(replica.actor)
         if gone is not None:
+            self._gone.add(replica.id)  # watched no more
             self._replace_replica(index, replica)
         elif changed.primary == replica.id:
             self._lead_again(index, replica)

@@ -123,6 +123,7 @@ def test_below_min_insync_nothing_is_committed():
     pair.sync("b")
     assert pair.acked == []  # b holds x, but the in-sync set is a alone, below min_insync
     pair.log.joining("b")
+    assert not pair.log.can_commit  # joining is not recorded: b could never be promoted
     pair.change(pair.replicas.grown(1, 2, "b"))
     assert pair.log.can_commit and pair.acked == ["x"]
 
@@ -135,6 +136,8 @@ def test_shrink_and_grow_are_compare_and_sets_on_the_version():
     again = regrown.shrunk(1, 2, "c")
     assert again.grown(1, 1, "c") is again  # the first grow, repeated: refused
     assert again.in_sync == {"a", "b"}
+    fenced = again.shrunk(1, 3, "c")  # c is out of sync already: only the version grows
+    assert fenced.in_sync == again.in_sync and fenced.grown(1, 3, "c") is fenced
     with pytest.raises(ValueError, match="primary cannot leave"):
         replicas.shrunk(1, 0, "a")
 
@@ -301,6 +304,26 @@ def test_a_backup_with_records_of_an_old_epoch_that_the_new_primary_lacks_loads_
     assert contents(stores["c"]) == ["y"]
     with pytest.raises(StaleEpochError):
         backups["c"].accept(Batch(1, 99, stores["c"].position + 1, [], 0))  # a is fenced
+
+
+def test_a_primary_that_stepped_down_takes_only_a_snapshot():
+    """A deposed primary may hold records no other replica has (here y, never
+    committed): it must not keep them, nor go on from them, when it follows."""
+    pair = Pair()
+    pair.push("x")
+    pair.sync("b")
+    pair.primary.push(Q, ["y"])  # taken by a alone, then a is cut off
+    promoted = pair.replicas.promoted("b")
+    new = PrimaryLog(promoted, "b", pair.stores["b"], committed=pair.backups["b"].committed)
+    pair.stores["b"].replicate = new.append
+    pair.stores["b"].lead(promoted.epoch, "b")
+    old = BackupLog(pair.stores["a"], promoted.epoch - 1, diverged=True)
+    kinds = []
+    while (message := new.send_to("a")) is not None:
+        kinds.append(type(message).__name__)
+        new.acknowledged("a", old.accept(message))
+    assert kinds[-1] == "Snapshot" and not old.diverged
+    assert contents(pair.stores["a"]) == ["x"] == contents(pair.stores["b"])
 
 
 def test_a_backup_out_of_sync_rejoins_under_steady_load():

@@ -375,11 +375,14 @@ class ShardEngine:
     def lead(self, replicas: ReplicaSet, me: str) -> None:
         """Serve the shard as its primary in `replicas`' epoch (a promoted backup keeps
         what it knew to be committed)."""
+        if type(self.replication) is PrimaryLog:  # it led an earlier epoch: what it held fails
+            self._fail_waiting()
         committed = self.replication.committed if type(self.replication) is BackupLog else 0
         self.replication = PrimaryLog(replicas, me, self.store, committed)
         # Callers numbered their `.remote()` calls to the old primary, which this one never
         # saw run: like a restarted shard, it holds nobody's requests for them.
         self._restarted = True
+        self._applied.clear()
         self.store.replicate = self._logged
         self.store.lead(replicas.epoch, me)
 
@@ -389,13 +392,37 @@ class ShardEngine:
 
     def follow(self, epoch: int) -> None:
         """Be a backup, following leader epoch `epoch` or newer. A primary that was
-        replaced fails the replies it still holds (NotPrimaryError)."""
-        if type(self.replication) is PrimaryLog:
-            for fail in self.replication.abandon():
-                fail()
+        replaced fails every request it still holds (NotPrimaryError: a reply waiting for
+        its commit may or may not survive, a parked one was not applied) and takes only a
+        snapshot from the new primary: it may hold records no other replica has."""
+        stepped_down = type(self.replication) is PrimaryLog
+        if stepped_down:
+            self._fail_waiting()
         self.store.replicate = None
-        self.replication = BackupLog(self.store, epoch)
+        self.replication = BackupLog(self.store, epoch, diverged=stepped_down)
         self.new_records.notify_all()  # the primary's senders stop
+
+    def _fail_waiting(self) -> None:
+        """Answer NotPrimaryError to every request this primary holds: replies waiting for
+        their commit, parked requests, and requests held behind others or for queues on
+        their way here."""
+        not_primary = NotPrimaryError(f"shard {self.index}: this replica stopped being primary "
+                                      f"before the call was answered; a change it made may "
+                                      f"or may not have been applied")
+        for fail in self.replication.abandon():
+            fail()
+        for parked_on in self._parked.values():
+            for parked in parked_on:
+                if not parked.done:
+                    parked.finish(protocol.ERROR, not_primary)
+        self._parked.clear()
+        self._deadlines.clear()
+        held = [entry[3] for behind in self._behind.values() for entry in behind]
+        held += [entry[3] for entry in self._held]
+        self._behind.clear()
+        self._held.clear()
+        for reply in held:
+            reply(protocol.ERROR, not_primary)
 
     def step_down(self) -> None:
         """A primary learned that another replica leads a newer epoch: follow."""

@@ -88,13 +88,16 @@ class ReplicaSet:
 
     def shrunk(self, epoch: int, version: int, replica: str) -> ReplicaSet:
         """Without backup `replica` in the in-sync set, as the primary of `epoch` asked on
-        `version` (another version: unchanged). Raises StaleEpochError if `epoch` is
-        over (a fenced primary asks)."""
+        `version` (another version: unchanged), in a new version. Raises StaleEpochError
+        if `epoch` is over (a fenced primary asks)."""
         self._check_epoch(epoch)
         if replica == self.primary:
             raise ValueError("the primary cannot leave the in-sync set; promote another")
-        if version != self.version or replica not in self.in_sync:
+        if version != self.version:
             return self
+        # Also for a replica out of sync: the new version fails any request to grow it
+        # that is still on its way (asked on this version), so its primary may stop
+        # counting it as joining.
         return replace(self, in_sync=self.in_sync - {replica}, version=self.version + 1)
 
     def grown(self, epoch: int, version: int, replica: str) -> ReplicaSet:
@@ -275,9 +278,11 @@ class PrimaryLog:
 
     @property
     def can_commit(self) -> bool:
-        """May a change be acknowledged at all (min_insync members in sync)? The engine
-        refuses changes while not (NotEnoughReplicasError), before it applies them."""
-        return len(self.replicas.in_sync | set(self._joining)) >= self.replicas.min_insync
+        """May a change be acknowledged at all (min_insync members recorded in sync)? The
+        engine refuses changes while not (NotEnoughReplicasError), before it applies
+        them. A joining backup does not count: until the router recorded it, it could
+        never be promoted, so what only it holds besides the primary could be lost."""
+        return len(self.replicas.in_sync) >= self.replicas.min_insync
 
     def append(self, position: int, record: Record) -> None:
         """The log took `record` at `position`, the next one: keep it for the backups."""
@@ -351,6 +356,7 @@ class PrimaryLog:
         self._held.pop(backup, None)
         if backup in self._joining and self._joining[backup] is None:  # the router never heard
             del self._joining[backup]
+        self._sent_end.pop(backup, None)
 
     def caught_up(self, backup: str) -> bool:
         """Does `backup` hold every committed record (so the router may record it in
@@ -461,14 +467,18 @@ class BackupLog:
     older than one already taken (late, repeated) changes nothing.
     """
 
-    def __init__(self, log: Log, epoch: int = 0):
+    def __init__(self, log: Log, epoch: int = 0, diverged: bool = False):
         self.log = log
         self.epoch = max(epoch, log.history.last_epoch)  # the newest epoch it follows
         self.committed = 0  # the primary's committed position, as far as this log holds
         self._sequence = 0  # the newest message of this epoch's primary taken
+        # A primary that stepped down may hold records, and requests it answered alone,
+        # that no other replica has: it takes nothing but a snapshot until it had one.
+        self.diverged = diverged
 
     def position(self, sequence: int = 0) -> Position:
-        return Position(self.epoch, sequence, self.log.position, self.log.history.last_epoch)
+        last_epoch = 0 if self.diverged else self.log.history.last_epoch  # 0: "send a snapshot"
+        return Position(self.epoch, sequence, self.log.position, last_epoch)
 
     def accept(self, message: Batch | Snapshot) -> Position:
         """Apply a Batch that continues this log, or load a Snapshot; return where the
@@ -487,6 +497,9 @@ class BackupLog:
         if type(message) is Snapshot:
             self.log.load_snapshot(message.state)
             self.committed = min(message.committed, self.log.position)
+            self.diverged = False
+        elif self.diverged:
+            pass  # its answer asks for a snapshot
         else:
             if message.first == self.log.position + 1 and message.records:
                 self.log.apply_replicated(message.records)

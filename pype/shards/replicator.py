@@ -158,19 +158,29 @@ class Replicator:
         with self._engine.lock:
             if not self._current():
                 return False
-            self._log.lost(backup)
-            if backup not in self._log.replicas.in_sync:
+            log = self._log
+            log.lost(backup)
+            # Commits wait for a backup in sync, or one the router may have recorded so
+            # (asked to join): until the router records it out, nothing more commits.
+            if backup not in log.replicas.in_sync and not log.asked_to_join(backup):
                 return True
-            version = self._log.replicas.version
+            version = log.replicas.version
         return self._change(backup, False, version)
 
     def _change(self, backup: str, in_sync: bool, version: int) -> bool:
-        try:
-            replicas: ReplicaSet = self._ask_router(backup, in_sync, version)
-        except ray.exceptions.RayError as error:
-            logger.warning("pype shard %d: the router did not answer: %s", self._engine.index, error)
-            time.sleep(RETRY_PAUSE)
-            return True
+        """Ask the router to record `backup` in sync or out of it, until it answers; take
+        the set it recorded. False once stopped."""
+        while True:
+            try:
+                replicas: ReplicaSet = self._ask_router(backup, in_sync, version)
+                break
+            except ray.exceptions.RayError as error:
+                logger.warning("pype shard %d: the router did not answer: %s",
+                               self._engine.index, error)
+                time.sleep(RETRY_PAUSE)
+                with self._engine.lock:
+                    if not self._current():
+                        return False
         with self._engine.lock:
             if not self._current():
                 return False

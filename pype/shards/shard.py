@@ -194,6 +194,8 @@ class Shard:
         if replica is not None:
             with self._engine.lock:
                 self._engine.follow(0)
+            if self._restarted:  # out of the in-sync set before it answers anything
+                ray.get(router.replica_restarted.remote(index=index, replica=replica))
         self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
         self._stopped = threading.Event()
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
@@ -240,6 +242,11 @@ class Shard:
         """Serve the shard as the primary of `replicas` (its epoch, its in-sync set),
         replicating to `backups` (replica id -> shard actor). Called again with the same
         epoch when the backups change (one lost with its node was replaced)."""
+        with self._engine.lock:
+            replication = self._engine.replication
+            if (type(replication) is PrimaryLog and replication.epoch == replicas.epoch
+                    and replicas.version < replication.replicas.version):
+                return  # a set older than the one it has: a later lead() came first
         if self._replicator is not None:
             self._replicator.stop()
         with self._engine.lock:
