@@ -88,6 +88,7 @@ class Router:
         self._keys = keys
         # Every shard alive, in index order; the topology holds the first ones.
         self._all = [self._start_shard(index, placements[index]) for index in range(config.shards)]
+        self._wait_until_started(range(config.shards))
         self._publishing = threading.Lock()  # one topology published at a time
         self._replicas_lock = threading.Lock()  # guards each _Shard's replicas and replica_set
         self._topology = Topology(server_id=server_id, shards=(), config=config, keys=keys,
@@ -118,6 +119,26 @@ class Router:
         that journal (which holds no queue) aside."""
         return _Shard([self._start_replica(index, slot, options, fresh)
                        for slot, options in enumerate(placement)])
+
+    def _wait_until_started(self, indices: range) -> None:
+        """Wait until every replica of the shards at `indices` answers, however long Ray
+        takes to start their processes (a loaded machine, a resource not yet free), so
+        that a slow start is charged to starting the server and not to a first call's
+        transport.request_timeout. Warns each request_timeout while some are starting; a
+        replica that fails to start raises Ray's error."""
+        waiting = {replica.actor.data_address.remote(): f"{index}/{replica.slot}"
+                   for index in indices for replica in self._all[index].replicas}
+        every = self._config.transport.request_timeout
+        started = time.monotonic()
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=every)
+            ray.get(ready)
+            for ref in ready:
+                del waiting[ref]
+            if waiting:
+                logger.warning("pype router: shard replicas %s still starting after %.0f s (a "
+                               "missing resource keeps them pending: see Ray's warnings)",
+                               sorted(waiting.values()), time.monotonic() - started)
 
     def _start_replica(self, index: int, slot: int, placement: dict, fresh: bool) -> _Replica:
         config = self._config
@@ -181,9 +202,11 @@ class Router:
         if shards > len(self._all):
             self._stop_leaving()  # their indices are about to be taken again
             placements = shard_options(config.placement, shards, config.replicas)
-            for index in range(len(self._all), shards):
-                self._all.append(self._start_shard(index, placements[index], fresh=True))
-                if config.replicas > 1:
+            added = range(len(self._all), shards)
+            self._all += [self._start_shard(index, placements[index], fresh=True) for index in added]
+            self._wait_until_started(added)
+            if config.replicas > 1:
+                for index in added:
                     self._elect(index)
         receivers = self._all[:shards]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.

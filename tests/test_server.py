@@ -413,6 +413,35 @@ def test_named_server_is_found_from_other_processes(ray_session, names):
         pytest.fail("the name stayed taken after shutdown")
 
 
+@ray.remote
+class _Holder:
+    def ready(self):
+        return True
+
+
+def test_server_remote_returns_once_its_shards_serve(fresh_server, names):
+    """A shard that cannot start yet (here: no CPU free for it) keeps Server.remote
+    waiting, rather than failing the first call at transport.request_timeout."""
+    free = ray.available_resources().get("CPU", 0)
+    if not free:
+        pytest.skip("another test holds every CPU of this Ray")
+    holder = _Holder.options(num_cpus=free).remote()
+    ray.get(holder.ready.remote())
+    started: list = []
+    starting = threading.Thread(target=lambda: started.append(fresh_server(
+        shards=1, shard={"num_cpus": 1}, transport={"request_timeout": 1})))
+    starting.start()
+    try:
+        starting.join(timeout=5)  # the window in which it must not return (longer under load)
+        assert not started, "Server.remote returned before its shard could start"
+    finally:
+        ray.kill(holder)
+        starting.join()
+    q = names()
+    started[0].push(1, q)
+    assert started[0].pull(q) == [1]
+
+
 def test_anonymous_servers_do_not_share_queues(fresh_server):
     first, second = fresh_server(), fresh_server()
     ray.get(first.push.remote(1, "q"))
