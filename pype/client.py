@@ -40,6 +40,7 @@ from pype.errors import (
     ServerExistsError,
     ServerNotFoundError,
 )
+from pype.keeper import Keeper
 from pype.options import (
     as_items,
     as_names,
@@ -166,9 +167,14 @@ class Server:
                 options["lifetime"] = "detached"
         placements = shard_options(resolved.placement, resolved.shards, resolved.replicas)
         check_persistence_dir(resolved.persistence, placements)
+        keeper = Keeper.options(**{key: value for key, value in options.items()
+                                   if key not in ("name", "namespace")}).remote(resolved)
         try:
-            router = Router.options(**options).remote(resolved, label, placements)
+            # Ray restarts a router whose process dies; it carries on from the keeper's record.
+            router = Router.options(**options, max_restarts=-1, max_task_retries=-1).remote(
+                resolved, label, placements, keeper)
         except ValueError as error:  # lost a race for the name
+            ray.kill(keeper)
             raise ServerExistsError(str(error)) from None
         return cls(router, ray.get(router.topology.remote()), name)
 
@@ -178,9 +184,11 @@ class Server:
         shards = ray.get(self.routes.router.actors.remote())  # every replica of every shard
         closing = [shard.close.remote() for shard in shards]  # removes socket files
         ray.wait(closing, num_returns=len(closing), timeout=5)
+        keeper = self.routes.topology.keeper
         ray.kill(self.routes.router)  # first: it would take its stopped shards for lost ones
         for shard in shards:
             ray.kill(shard)
+        ray.kill(keeper)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

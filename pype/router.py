@@ -1,7 +1,8 @@
 """The router actor: owns a server's topology and answers discovery.
 
-It starts the shard actors (so they live exactly as long as it does) and hands
-out a Topology, from which every client computes shard_for(name) itself. After
+It starts the shard actors (made by the server's Keeper, so that they outlive a
+restart of the router's process, from which the router carries on with its record
+in the keeper) and hands out a Topology, from which every client computes shard_for(name) itself. After
 that first call no data operation touches the router. The topology also carries
 the CURVE keys of the native data path (pype.transport): only processes that can
 call the router, members of the Ray cluster, get them. Where each shard listens
@@ -22,12 +23,14 @@ import ray
 from pype.config import Config
 from pype.errors import NotPrimaryError, ShardUnavailableError, StaleEpochError
 from pype.hashing import shard_for
+from pype.keeper import RouterRecord
 from pype.metrics import RouterMetrics
 from pype.placement import eligible_nodes, pinned_to, shard_options
 from pype.protocol import Arrived, Expect, Export, Import, Release
 from pype.shards.journal import JournalPlace, safe_dir_name
 from pype.shards.replication import ReplicaSet
-from pype.shards.shard import shard_actor
+from pype.shards.replicator import MAX_LAG
+from pype.shards.shard import log_to_stderr
 from pype.topology import Topology
 from pype.transport import Keys
 
@@ -75,43 +78,100 @@ class _Shard:
 class Router:
     """Starts the shards of one server and serves its topology."""
 
-    def __init__(self, config: Config, label: str | None, placements: list[dict]):
+    def __init__(self, config: Config, label: str | None, placements: list[dict],
+                 keeper: ray.actor.ActorHandle):
         """label: "<namespace>.<name>" of a named server, None for an anonymous one; it names
-        the server in metrics and its journal directory. placements: Ray options per shard."""
-        server_id = uuid.uuid4().hex
-        label = label or f"anonymous-{server_id[:12]}"
-        self._shard_class = shard_actor(config.shard.waiter_threads, num_cpus=config.shard.num_cpus,
-                                        max_restarts=config.shard.max_restarts)
-        self._label = label
-        keys, self._server_secret = Keys.generate()
+        the server in metrics and its journal directory. placements: Ray options per shard.
+        keeper: the server's Keeper, which makes the shards and holds this router's record,
+        so that a router that Ray restarts carries on with the same shards."""
+        log_to_stderr()
+        self._keeper = keeper
         self._config = config
-        self._keys = keys
+        self._publishing = threading.Lock()  # one topology published at a time
+        self._replicas_lock = threading.Lock()  # guards each _Shard's replicas and replica_set
+        self._saving = threading.Lock()  # one record written at a time, the newest last
+        # Held by what changes the shards: resize() and the watcher of lost shards.
+        self._changing = threading.Lock()
+        self._leaving_lock = threading.Lock()
+        self._topology_requests = 0
+        self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
+        self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        self._generation, record = ray.get(keeper.load.remote())
+        restored = record is not None and record.topology.epoch >= 0
+        if restored:
+            self._restore(record)
+        else:  # new, or its first process died before it published a topology
+            ray.get(keeper.keep_only.remote(set()))
+            self._start(config, label, placements)
+        self._metrics = RouterMetrics(self._label)
+        threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
+        if restored and config.replicas > 1:
+            threading.Thread(target=self._elect_again, name="pype-router-elect",
+                             daemon=True).start()
+
+    def _start(self, config: Config, label: str | None, placements: list[dict]) -> None:
+        """Start the shards of a new server and publish its first topology."""
+        server_id = uuid.uuid4().hex
+        self._label = label or f"anonymous-{server_id[:12]}"
+        keys, self._server_secret = Keys.generate()
+        self._topology = self._recorded_topology = Topology(
+            server_id=server_id, shards=(), config=config, keys=keys, epoch=-1,
+            keeper=self._keeper)
+        self._settled_shards = config.shards
+        self._leaving: list = []  # (index, _Shard) a shrink removed, kept SHRINK_GRACE s as forwarders
+        self._lost: list[dict] = []
+        self._failovers: list[dict] = []
+        self._gone: set[str] = set()  # replicas gone for good with their node
         # Every shard alive, in index order; the topology holds the first ones.
         self._all = [self._start_shard(index, placements[index]) for index in range(config.shards)]
         self._wait_until_started(range(config.shards))
-        self._publishing = threading.Lock()  # one topology published at a time
-        self._replicas_lock = threading.Lock()  # guards each _Shard's replicas and replica_set
-        self._topology = Topology(server_id=server_id, shards=(), config=config, keys=keys,
-                                  epoch=-1)
         if config.replicas > 1:
             for index in range(config.shards):
                 self._elect(index)
         self._publish(config.shards)
-        # Held by what changes the shards: resize() and the watcher of lost shards.
-        self._changing = threading.Lock()
-        self._settled_shards = config.shards
-        self._leaving: list = []  # (index, _Shard) a shrink removed, kept SHRINK_GRACE s as forwarders
-        self._leaving_lock = threading.Lock()
-        self._topology_requests = 0
-        self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
-        self._lost: list[dict] = []
-        self._failovers: list[dict] = []
-        self._gone: set[str] = set()  # replicas gone for good with their node
-        self._metrics = RouterMetrics(label)
-        self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-        threading.Thread(target=self._watch, name="pype-router-watch", daemon=True).start()
         logger.info("pype router started %d shards of %d replicas (%s)", config.shards,
                     config.replicas, config.source)
+
+    def _save(self, topology: Topology | None = None) -> None:
+        """Write the record a restarted router carries on from (with `topology` as the one
+        about to be published), before the change it holds is told to anyone."""
+        with self._saving:
+            if topology is not None:
+                self._recorded_topology = topology
+            with self._leaving_lock:
+                leaving = list(self._leaving)
+            with self._replicas_lock:
+                shards = [dataclasses.replace(shard, replicas=list(shard.replicas))
+                          for shard in self._all]
+            record = RouterRecord(  # without the keeper's own handle, which it needs not
+                topology=dataclasses.replace(self._recorded_topology, keeper=None),
+                label=self._label,
+                server_secret=self._server_secret, shards=shards, names=dict(self._names),
+                settled_shards=self._settled_shards, leaving=leaving, lost=list(self._lost),
+                failovers=list(self._failovers), gone=set(self._gone))
+            ray.get(self._keeper.save.remote(self._generation, record))
+
+    def _restore(self, record: RouterRecord) -> None:
+        """Carry on from `record`: Ray restarted this router's process. Shard actors made
+        but never recorded (it died in between) are stopped; the topology is published
+        again in a newer epoch than any a client may have seen."""
+        self._label = record.label
+        self._server_secret = record.server_secret
+        self._topology = self._recorded_topology = dataclasses.replace(record.topology,
+                                                                       keeper=self._keeper)
+        self._names = record.names
+        self._all = record.shards
+        self._settled_shards = record.settled_shards
+        self._leaving = record.leaving
+        self._lost, self._failovers, self._gone = record.lost, record.failovers, record.gone
+        known = {replica.id for shard in [*self._all, *(s for _, s in self._leaving)]
+                 for replica in shard.replicas}
+        ray.get(self._keeper.keep_only.remote(known))
+        if self._leaving:
+            self._stop_leaving_later()
+        epoch = self._publish()
+        logger.warning("pype router restarted: carries on with %d shards (topology epoch %d)",
+                       len(self._all), epoch)
 
     def _start_shard(self, index: int, placement: list[dict], fresh: bool = False) -> _Shard:
         """Start shard `index`, a replica on each node of `placement`; fresh=True: a new one
@@ -149,9 +209,9 @@ class Router:
         if config.persistence.dir is not None:  # expanded on the shard's node
             name = f"shard-{index}-replica-{slot}" if replicated else f"shard-{index}"
             journal = JournalPlace(safe_dir_name(self._label), name, fresh)
-        actor = self._shard_class.options(**placement).remote(
-            index, config, journal, me, self._label, self._keys, self._server_secret,
-            replica_id if replicated else None)
+        actor = ray.get(self._keeper.make.remote(
+            replica_id, placement, index, config, journal, me, self._label, self._topology.keys,
+            self._server_secret, replica_id if replicated else None))
         return _Replica(actor, replica_id, placement["scheduling_strategy"].node_id, slot)
 
     def _publish(self, shards: int | None = None, lost: frozenset | None = None) -> int:
@@ -161,12 +221,14 @@ class Router:
             old = self._topology
             shards = len(old.shards) if shards is None else shards
             started = self._all[:shards]
-            self._topology = dataclasses.replace(
+            new = dataclasses.replace(
                 old, shards=tuple(s.shard for s in started), epoch=old.epoch + 1,
                 shard_ids=tuple(s.primary.id for s in started),
                 nodes=tuple(s.primary.node for s in started),
                 lost=old.lost if lost is None else lost)
-            return self._topology.epoch
+            self._save(new)
+            self._topology = new
+            return new.epoch
 
     @ray.method(concurrency_group=RESIZE)
     def resize(self, shards: int) -> dict:
@@ -204,9 +266,11 @@ class Router:
             placements = shard_options(config.placement, shards, config.replicas)
             added = range(len(self._all), shards)
             self._all += [self._start_shard(index, placements[index], fresh=True) for index in added]
+            self._save()
             self._wait_until_started(added)
-            if config.replicas > 1:
-                for index in added:
+        if config.replicas > 1:  # also those of a resize cut short before it elected them
+            for index, shard in enumerate(self._all):
+                if shard.replica_set is None:
                     self._elect(index)
         receivers = self._all[:shards]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
@@ -230,9 +294,8 @@ class Router:
         if leaving:
             with self._leaving_lock:
                 self._leaving += leaving
-            timer = threading.Timer(SHRINK_GRACE, self._stop_leaving)
-            timer.daemon = True
-            timer.start()
+            self._stop_leaving_later()
+        self._save()
         logger.info("pype router: resized from %d to %d shards (epoch %d), moved %d queues in "
                     "%.3f s", len(old.shards), shards, epoch, moved, time.monotonic() - started)
         return {"epoch": epoch, "shards": shards, "moved_queues": moved,
@@ -258,6 +321,11 @@ class Router:
                                error)
                 time.sleep(0.2)
 
+    def _stop_leaving_later(self) -> None:
+        timer = threading.Timer(SHRINK_GRACE, self._stop_leaving)
+        timer.daemon = True
+        timer.start()
+
     def _stop_leaving(self) -> None:
         """Stop the shards a shrink removed (their journals stay, holding no queue)."""
         with self._leaving_lock:
@@ -266,6 +334,7 @@ class Router:
             ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=5)
             for actor in actors:
                 ray.kill(actor, no_restart=True)
+        self._save()
 
     # -- shards lost with their node ---------------------------------------------------
 
@@ -276,7 +345,10 @@ class Router:
         a primary's death starts a failover at once (_replica_died). It costs no traffic
         while the shards live, and a restarted replica gets a new call."""
         watching: dict = {}  # the call's ref -> (index, _Replica)
+        pings: dict = {}  # shard index -> (primary's id, ping's ref, when sent)
         while True:
+            if self._config.replicas > 1:
+                self._ping_primaries(pings)
             watched = set(watching.values())
             lost = self._topology.lost
             for index, shard in enumerate(list(self._all)):
@@ -305,6 +377,30 @@ class Router:
                     if gone is not None:
                         self._mark_lost(index, replica.id, gone)
 
+    def _ping_primaries(self, pings: dict) -> None:
+        """Ping each replicated shard's primary (Shard.ping, a thread of its own, each
+        WATCH_INTERVAL). One silent for min(MAX_LAG, request_timeout / 2), as long as a
+        backup may lag, is taken for dead: a process that stopped, or a node cut off,
+        which Ray may never fail. Its shard fails over (_replica_died); if it comes
+        back, the newer replica set tells it that it leads no more."""
+        silence = min(MAX_LAG, self._config.transport.request_timeout / 2)
+        now = time.monotonic()
+        for index, shard in enumerate(list(self._all)):
+            if shard.replica_set is None:
+                continue
+            primary = shard.primary
+            sent = pings.get(index)
+            waiting = (sent is not None and sent[0] == primary.id
+                       and not ray.wait([sent[1]], timeout=0)[0])
+            if not waiting:  # answered, failed (the watcher sees deaths), or a new primary
+                pings[index] = (primary.id, primary.actor.ping.remote(), now)
+            elif now - sent[2] > silence:
+                logger.error("pype: shard %d: primary %s did not answer for %.0f s: taken for "
+                             "dead", index, primary.id[:8], now - sent[2])
+                pings[index] = (primary.id, sent[1], float("inf"))  # once
+                threading.Thread(target=self._replica_died, args=(index, primary),
+                                 name="pype-router-failover", daemon=True).start()
+
     def _gone_for_good(self, shard: ray.actor.ActorHandle) -> Exception | None:
         """Why `shard`, whose until_stopped() call Ray failed, is gone for good; None if
         Ray restarts it (or may yet). A new call tells, not the old call's error: Ray
@@ -330,6 +426,7 @@ class Router:
             queues = sorted(self._names.pop(index, ()))
             self._lost.append({"shard": index, "at": time.time(), "node": topology.nodes[index],
                                "queues": queues, "why": f"{type(error).__name__}: {error}"[:300]})
+            self._save()
             logger.error("pype: %s; queues lost: %s", self._topology.lost_shard(index),
                          queues or "(none known)")
 
@@ -347,23 +444,80 @@ class Router:
 
     # -- replicated shards: the router as their controller ------------------------------
 
-    def _elect(self, index: int) -> None:
+    def _elect(self, index: int, again: bool = False) -> bool:
         """Make the replica of shard `index` whose log goes furthest its primary, in an
-        epoch above any its replicas have seen; the replicas whose logs end at the same
-        place are in sync. New replicas all are; a named server started again over its
-        journals finds which went furthest."""
+        epoch above any its replicas or the record have seen; the replicas whose logs
+        end at the same place are in sync. A new server elects among all its replicas
+        (a named server started again over its journals finds which went furthest).
+
+        again=True: a restarted router's election, which its predecessor may have died
+        in the middle of (recorded, not yet told). A recorded primary that still leads
+        the recorded epoch is told the record again, and nothing changes for its
+        clients; else it is among the replicas of the recorded in-sync set that answer
+        and kept every record they acknowledged (not `restarted`). False if none did."""
         shard = self._all[index]
-        positions = ray.get([replica.actor.position.remote() for replica in shard.replicas],
-                            timeout=self._config.transport.request_timeout)
-        ends = [(position.last_epoch, position.end) for position in positions]
-        best = max(ends)
-        epoch = 1 + max(max(position.epoch, position.last_epoch) for position in positions)
-        in_sync = frozenset(replica.id for replica, end in zip(shard.replicas, ends, strict=True)
-                            if end == best)
-        primary = shard.replicas[ends.index(best)].id
-        shard.replica_set = ReplicaSet(tuple(r.id for r in shard.replicas), primary, in_sync,
-                                       self._config.min_insync, epoch)
-        self._lead(index)
+        timeout = self._config.transport.request_timeout
+        persistence = self._config.persistence
+        trust_restarted = bool(persistence.dir) and persistence.fsync == "always"
+        while True:
+            with self._replicas_lock:
+                before = shard.replica_set
+            voters = [replica for replica in shard.replicas
+                      if not again or before is None or replica.id in before.in_sync]
+            asked = [(replica, replica.actor.position.remote()) for replica in voters]
+            answers = []
+            for replica, position in asked:
+                try:
+                    answers.append((replica, ray.get(position, timeout=timeout)))
+                except ray.exceptions.RayError as error:
+                    if not again:
+                        raise
+                    logger.warning("pype: shard %d: replica %s did not answer: %s", index,
+                                   replica.id[:8], error)
+            if again and before is not None and any(
+                    replica.id == before.primary and position.leads
+                    and position.epoch == before.epoch for replica, position in answers):
+                return self._lead(index)  # the record, again: same epoch, nothing changes
+            if again:
+                answers = [(replica, position) for replica, position in answers
+                           if trust_restarted or not position.restarted]
+            if not answers:
+                logger.error("pype: shard %d: no replica of its in-sync set answered with "
+                             "every record it acknowledged: none can lead without losing "
+                             "items", index)
+                return False
+            ends = [(position.last_epoch, position.end) for _, position in answers]
+            best = max(ends)
+            in_sync = frozenset(replica.id for (replica, _), end in zip(answers, ends, strict=True)
+                                if end == best)
+            primary = answers[ends.index(best)][0].id
+            seen = max(max(position.epoch, position.last_epoch) for _, position in answers)
+            with self._replicas_lock:
+                if shard.replica_set is not before:
+                    continue  # changed while it asked (a failover, an in-sync change): again
+                recorded = before.epoch if before is not None else 0
+                shard.replica_set = ReplicaSet(tuple(r.id for r in shard.replicas), primary,
+                                               in_sync, self._config.min_insync,
+                                               1 + max(seen, recorded))
+                if before is not None and primary != before.primary:
+                    self._failovers.append({"shard": index, "at": time.time(),
+                                            "from": before.primary, "to": primary,
+                                            "epoch": shard.replica_set.epoch})
+            self._save()
+            return self._lead(index)
+
+    def _elect_again(self) -> None:
+        """A restarted router elects each replicated shard's primary again (_elect), until
+        it succeeds or request_timeout has passed three times (then the shard waits for a
+        replica's death or restart to move it on), and publishes who leads."""
+        deadline = time.monotonic() + 3 * self._config.transport.request_timeout
+        pending = list(range(len(self._all)))
+        while pending:
+            pending = [index for index in pending if not self._elect(index, again=True)]
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        self._publish()
 
     def _lead(self, index: int) -> bool:
         """Tell shard `index`'s primary to lead its replica set; False if it did not answer
@@ -392,20 +546,32 @@ class Router:
                     return
             time.sleep(0.2)
 
-    def replica_restarted(self, *, index: int, replica: str) -> None:
+    def replica_restarted(self, *, index: int, replica: str) -> bool:
         """Replica `replica` of shard `index` started again (Ray restarted its process): a
         backup leaves the in-sync set before it answers anything, as it may lack records
-        it had acknowledged (ReplicaSet.restarted). A primary's restart is a death, which
-        the watcher handles."""
+        it had acknowledged (ReplicaSet.restarted). A primary's restart is its death
+        (_replica_died), recorded before this returns (the watcher may see it too: the
+        second changes nothing that matters). True if it is recorded out of the in-sync
+        set: its log counts again only once it caught up."""
         with self._replicas_lock:
             shard = self._shard_holding(index, replica)
-            if shard is None or shard.replica_set.primary == replica:
-                return
+            if shard is None:
+                return False
             before = shard.replica_set
-            shard.replica_set = before.restarted(replica)
+            if before.primary != replica:
+                shard.replica_set = before.restarted(replica)
             changed = shard.replica_set
-        if changed is not before:
+        if before.primary == replica:
+            death = self._record_death(index, shard.replica(replica))
+            if death is None:
+                return False
+            threading.Thread(target=self._act_on_death, args=(index, shard.replica(replica), *death),
+                             name="pype-router-failover", daemon=True).start()
+            changed = death[1]
+        elif changed is not before:
+            self._save()
             shard.primary.actor.change_replicas.remote(changed)
+        return changed.primary != replica and replica not in changed.in_sync
 
     def change_in_sync(self, *, index: int, epoch: int, version: int, replica: str,
                        in_sync: bool) -> ReplicaSet:
@@ -423,11 +589,13 @@ class Router:
                     shard.replica_set = replicas.shrunk(epoch, version, replica)
             except (StaleEpochError, ValueError) as refused:
                 logger.info("pype: shard %d: in-sync change refused: %s", index, refused)
-            if shard.replica_set is not replicas:
-                logger.warning("pype: shard %d: replica %s %s the in-sync set (now %d of %d)",
-                               index, replica[:8], "joined" if in_sync else "left",
-                               len(shard.replica_set.in_sync), len(shard.replicas))
-            return shard.replica_set
+            changed = shard.replica_set
+        if changed is not replicas:
+            self._save()  # before the primary acts on it
+            logger.warning("pype: shard %d: replica %s %s the in-sync set (now %d of %d)",
+                           index, replica[:8], "joined" if in_sync else "left",
+                           len(changed.in_sync), len(shard.replicas))
+        return changed
 
     def _replica_died(self, index: int, replica: _Replica) -> None:
         """Replica `replica` of shard `index` died. Its primary's death promotes an in-sync
@@ -437,8 +605,30 @@ class Router:
         the shard, which catches up from the primary."""
         with self._replicas_lock:
             shard = self._shard_holding(index, replica.id)
+            backup = shard is not None and shard.replica_set.primary != replica.id
+        if backup and self._answers(replica):
+            return  # a new incarnation, which said so itself (replica_restarted)
+        death = self._record_death(index, replica)
+        if death is not None:
+            self._act_on_death(index, replica, *death)
+
+    def _answers(self, replica: _Replica) -> bool:
+        """Does `replica` answer a ping within a second? A death notice for one that
+        does is of an earlier incarnation (Ray may fail a call made after the restart
+        to the old one): taken again, it would take out a backup that caught up."""
+        try:
+            ray.get(replica.actor.ping.remote(), timeout=1.0)
+            return True
+        except ray.exceptions.RayError:
+            return False
+
+    def _record_death(self, index: int, replica: _Replica) -> tuple | None:
+        """Record what the death of `replica` changes (_replica_died); return the sets
+        before and after, and whether a backup was promoted (None: not of this shard)."""
+        with self._replicas_lock:
+            shard = self._shard_holding(index, replica.id)
             if shard is None:
-                return
+                return None
             replicas = shard.replica_set
             promote = replica.id == replicas.primary
             if promote:
@@ -456,11 +646,20 @@ class Router:
             else:  # in sync or not: a new version fails requests to grow the dead one
                 shard.replica_set = replicas.shrunk(replicas.epoch, replicas.version, replica.id)
             changed = shard.replica_set
+        self._save()
+        return replicas, changed, promote
+
+    def _act_on_death(self, index: int, replica: _Replica, replicas: ReplicaSet,
+                      changed: ReplicaSet, promote: bool) -> None:
+        """Tell the shard and the clients what _record_death recorded, and replace a
+        replica gone with its node."""
+        shard = self._all[index]
         if promote:
             logger.warning("pype: shard %d fails over from replica %s to %s (leader epoch %d)",
                            index, replica.id[:8], changed.primary[:8], changed.epoch)
             self._lead_until_answered(index, changed)
             self._publish()  # clients wait for the new primary to say it leads
+            replica.actor.change_replicas.remote(changed)  # if it only stopped: it follows
         elif changed is not replicas:
             shard.primary.actor.change_replicas.remote(changed)
         gone = self._gone_for_good(replica.actor)
@@ -486,6 +685,7 @@ class Router:
             if shard is None or shard.replica_set.primary != replica.id:
                 return
             shard.replica_set = shard.replica_set.promoted(replica.id)
+        self._save()
         if self._lead(index):
             self._publish()
 
@@ -504,6 +704,7 @@ class Router:
             new = self._start_replica(index, gone.slot, pinned_to(free[0]), fresh=True)
             shard.replicas[shard.replicas.index(gone)] = new
             shard.replica_set = shard.replica_set.replaced(gone.id, new.id)
+        self._save()
         logger.warning("pype: shard %d: a new replica %s on node %s replaces %s, lost with "
                        "node %s", index, new.id[:8], new.node, gone.id[:8], gone.node)
         self._lead(index)
@@ -539,6 +740,7 @@ class Router:
         """Shard `index` restarted empty: record and return the queues it held."""
         lost = sorted(self._names.pop(index, ()))
         self._lost.append({"shard": index, "at": time.time(), "queues": lost})
+        self._save()
         logger.warning("pype: shard %d restarted without persistence; queues that lost their "
                        "items: %s", index, lost or "(none known)")
         return lost

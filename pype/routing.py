@@ -204,8 +204,9 @@ class Routes:
         """A pipeline of native requests of its own (a Producer's or a Consumer's)."""
         if not ray.is_initialized():
             ray.init()
+        config = self.topology.config
         return Pipeline(self.topology.keys, self.locate, ray.get_runtime_context().get_node_id(),
-                        self.topology.config.transport.request_timeout)
+                        config.transport.request_timeout, replicated=config.replicas > 1)
 
     def locate(self, index: int, fresh: bool = False) -> DataAddress:
         """Where shard `index` listens; fresh=True asks it again (after a restart)."""
@@ -225,12 +226,18 @@ class Routes:
         deadline = time.monotonic() + timeout
         replicated = self.topology.config.replicas > 1
         while True:
+            left = max(0.0, deadline - time.monotonic())
             try:
+                # Replicated, a primary that stopped answering is replaced: look for that.
                 address = ray.get(self.shards[index].data_address.remote(),
-                                  timeout=max(0.0, deadline - time.monotonic()))
+                                  timeout=min(left, RESTART_POLL * 10) if replicated else left)
                 if address.primary:
                     break
             except ray.exceptions.GetTimeoutError:
+                if replicated and time.monotonic() < deadline:
+                    if self.fetch_topology():
+                        key = self.topology.shard_key(index)
+                    continue
                 raise ShardUnavailableError(
                     f"shard {index} did not answer within {timeout:g} s "
                     f"(transport.request_timeout); Ray may still be restarting it") from None

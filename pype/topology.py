@@ -28,6 +28,8 @@ class Topology:
     an index for the one that was there before a shrink. nodes: the Ray node id of
     each shard. lost: the shards gone with their node (one replica each), which
     every call fails for (ShardUnavailableError) until a resize brings them back.
+    keeper: the server's Keeper, which made the shards; Ray keeps an actor only while
+    some process holds its handle, and every client holds this one.
     """
 
     server_id: str
@@ -38,6 +40,7 @@ class Topology:
     shard_ids: tuple = ()
     nodes: tuple = ()
     lost: frozenset = frozenset()
+    keeper: object = None
 
     def shard_key(self, index: int) -> tuple[str, str]:
         """(server, shard actor) of shard `index`: what this process's call numbers and

@@ -350,11 +350,16 @@ class Pipeline:
     and sends again, in their order, the requests still unanswered that are safe
     to send again (protocol.retriable); the others fail with ShardRestartedError. A shard
     that does not come back within request_timeout seconds fails them with
-    ShardUnavailableError.
+    ShardUnavailableError. So does one that stops answering on an open connection,
+    unless it is `replicated`: then its primary may have stopped (the router replaces
+    one silent for half of request_timeout), and the pipeline goes to the new one as
+    after a restart.
     """
 
-    def __init__(self, keys: Keys, locate, local_node: str, request_timeout: float):
+    def __init__(self, keys: Keys, locate, local_node: str, request_timeout: float,
+                 replicated: bool = False):
         self._keys = keys
+        self._replicated = replicated
         self._locate = locate              # (index, fresh) -> DataAddress (asks Ray; may raise)
         self._local_node = local_node
         self._timeout = request_timeout
@@ -396,6 +401,10 @@ class Pipeline:
             try:
                 reply = self._connections[index].receive(entry[0], limit)
             except Disconnected:
+                self._reconnect(index)
+                continue
+            if reply is None and self._replicated and failovers < RECONNECT_ATTEMPTS:
+                failovers += 1  # a primary that stopped: to the one that replaced it
                 self._reconnect(index)
                 continue
             if reply is None:  # connected, but no answer in time: give up on this connection

@@ -4,7 +4,7 @@ nothing acknowledged is lost; clients fail over by themselves.
 Run by tests/test_failover.py in its own process (a process joins one Ray cluster, and
 the test session already runs one). A head node and 3 worker nodes (ray.cluster_utils),
 Ray's failure detection shortened; 2 shards of 2 replicas (min_insync 1), journals with
-fsync "always" on each node's own disk. Prints one "ok: ..." line per check; stops the
+fsync "always" on each node's own disk; the router is killed too. Prints one "ok: ..." line per check; stops the
 cluster, which stops what it started.
 """
 
@@ -80,6 +80,41 @@ def main() -> None:
               f"every acknowledged item")
         until(lambda: all_in_sync(ray, server, 1), "the restarted replica back in sync", 120)
         print("ok: the killed primary came back as a backup and caught up")
+
+        # 1b. The router dies in the middle of a failover: it and shard 1's primary are
+        # SIGKILLed together. Ray restarts the router, which carries on from its record.
+        server.push(["d", "e"], other, expand=True)
+        router = server.stats()["router"]["pid"]
+        pid = next(s["pid"] for s in ray.get(server.stats.remote())["shards"] if s["shard"] == 1)
+        epoch = replicas_of(ray, server, 1)["epoch"]
+        os.kill(pid, signal.SIGKILL)
+        os.kill(router, signal.SIGKILL)
+        assert server.push("f", other) == 1
+        got = server.pull(other, -1)
+        assert got == ["d", "e", "f"], (got, replicas_of(ray, server, 1))
+        assert server.stats()["router"]["pid"] != router
+        assert replicas_of(ray, server, 1)["epoch"] > epoch
+        until(lambda: all_in_sync(ray, server, 1), "shard 1's replicas back in sync", 120)
+        print(f"ok: the router ({router}) and shard 1's primary ({pid}) were killed together; "
+              f"the restarted router elected again and every acknowledged item is there")
+
+        # 1c. Shard 1's primary stops without dying (SIGSTOP): Ray sees nothing; the
+        # router's pings do, and it promotes the backup. Resumed, the old one follows.
+        server.push(["g"], other, expand=True)
+        pid = next(s["pid"] for s in ray.get(server.stats.remote())["shards"] if s["shard"] == 1)
+        epoch = replicas_of(ray, server, 1)["epoch"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            until(lambda: replicas_of(ray, server, 1)["epoch"] > epoch,
+                  "the router to replace the stopped primary", 120)
+            assert server.push("h", other) == 1  # no answer from the stopped one: resent
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        got = server.pull(other, -1)
+        assert got == ["g", "h"], (got, replicas_of(ray, server, 1))
+        until(lambda: all_in_sync(ray, server, 1), "the resumed replica back in sync", 120)
+        print(f"ok: shard 1's primary ({pid}) was stopped (SIGSTOP); the router took it for "
+              f"dead and promoted the backup; resumed, it followed and caught up")
 
         # 2. The primary's node dies, its disk with it.
         first = primary_node(ray, server, 0)

@@ -226,6 +226,29 @@ def test_a_blocking_call_over_tcp_to_a_shard_that_stopped_answering_fails(fresh_
     assert server.pull(q) == ["back"]
 
 
+def test_a_killed_router_restarts_and_carries_on_with_the_same_shards(fresh_server, names):
+    """Ray restarts the router; it carries on from its record in the keeper: the same
+    shards (no second set), their items and leases, and resizes still work."""
+    server = fresh_server(shards=2)
+    queues = [names(f"q{i}") for i in range(8)]
+    for q in queues:
+        server.push([1, 2, 3], q, expand=True)
+    [(lease, item, _)] = server.pull(queues[0], 1, ack=True)
+    before = server.stats()
+    epoch = server.routes.topology.epoch
+    os.kill(before["router"]["pid"], signal.SIGKILL)
+    after = server.stats()  # Ray holds router calls until the new process answers
+    assert after["router"]["pid"] != before["router"]["pid"]
+    assert [shard["pid"] for shard in after["shards"]] == [shard["pid"] for shard in before["shards"]]
+    assert len(ray.get(server.routes.router.actors.remote())) == 2
+    assert ray.get(server.routes.router.topology.remote()).epoch > epoch
+    assert server.ack(queues[0], [lease]) == 1 and item == 1
+    assert server.pull(queues[0], -1) == [2, 3]
+    assert server.resize(3)["shards"] == 3
+    for q in queues[1:]:
+        assert ray.get(server.pull.remote(q, -1)) == [1, 2, 3]
+
+
 def test_without_persistence_a_restarted_shard_reports_the_queues_it_lost(fresh_server, names):
     server = fresh_server(shards=1)
     q = names()

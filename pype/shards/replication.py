@@ -211,12 +211,17 @@ class Snapshot(NamedTuple):
 
 class Position(NamedTuple):
     """A backup's answer to message `sequence`: it holds every record up to `end`, the
-    last one written in leader epoch `last_epoch`, and follows leader epoch `epoch`."""
+    last one written in leader epoch `last_epoch`, and follows leader epoch `epoch`.
+    To the router also: whether it `leads` epoch `epoch`, and whether it `restarted`
+    (its process started again, and the router has neither recorded it out of the
+    in-sync set since nor made it lead: its log may lack records it acknowledged)."""
 
     epoch: int
     sequence: int
     end: int
     last_epoch: int
+    leads: bool = False
+    restarted: bool = False
 
 
 class Log(Protocol):

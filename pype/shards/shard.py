@@ -61,6 +61,7 @@ PULL_WAITS = "pulls"
 PUSH_WAITS = "pushes"
 CONTROL = "control"  # the router's calls and data_address(): never stuck behind a data call
 WATCH = "watch"  # until_stopped(): the router's one call that waits as long as the shard lives
+PING = "ping"  # ping(): answered however long the router's other calls take
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
 
@@ -70,14 +71,15 @@ def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
 
     Ray fixes concurrency groups when the class is made, not in .options().
     """
-    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, CONTROL: 1, WATCH: 1}
+    groups = {PULL_WAITS: waiter_threads, PUSH_WAITS: waiter_threads, CONTROL: 1, WATCH: 1,
+              PING: 1}
     return ray.remote(concurrency_groups=groups, **options)(Shard)
 
 
 def log_to_stderr() -> None:
     """Show Pype's warnings and errors on this process's stderr.
 
-    A shard process is Pype's own: nobody else configures logging there, and Ray
+    A shard's process (and the router's) is Pype's own: nobody else configures logging there, and Ray
     forwards a worker's stderr to the driver and to its log files.
     """
     if not any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
@@ -188,6 +190,7 @@ class Shard:
         self._rounds = 0
         self._engine = ShardEngine(store, index, config.shard.poll_wait, self._restarted, lost)
         self._replica = replica
+        self._restarted_since_led = False
         self._replicator: Replicator | None = None
         self._keys = keys
         self._request_timeout = transport.request_timeout
@@ -195,7 +198,8 @@ class Shard:
             with self._engine.lock:
                 self._engine.follow(0)
             if self._restarted:  # out of the in-sync set before it answers anything
-                ray.get(router.replica_restarted.remote(index=index, replica=replica))
+                self._restarted_since_led = not ray.get(
+                    router.replica_restarted.remote(index=index, replica=replica))
         self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
         self._stopped = threading.Event()
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
@@ -211,6 +215,11 @@ class Shard:
             self._reported = names
         if self._rounds % METRICS_EVERY == 0:
             self._metrics.export(engine.stats())
+
+    @ray.method(concurrency_group=PING)
+    def ping(self) -> None:
+        """Answer: the router takes a primary that stops answering for dead (a stopped
+        process, a node cut off), which Ray may never fail."""
 
     @ray.method(concurrency_group=WATCH)
     def until_stopped(self) -> None:
@@ -233,9 +242,10 @@ class Shard:
         with self._engine.lock:
             replication = self._engine.replication
             if type(replication) is BackupLog:
-                return replication.position()
+                return replication.position()._replace(restarted=self._restarted_since_led)
             store = self._engine.store
-            return Position(replication.epoch, 0, store.position, store.history.last_epoch)
+            return Position(replication.epoch, 0, store.position, store.history.last_epoch,
+                            leads=True)
 
     @ray.method(concurrency_group=CONTROL)
     def lead(self, replicas: ReplicaSet, backups: dict) -> None:
@@ -258,6 +268,7 @@ class Shard:
             else:
                 self._engine.lead(replicas, self._replica)
             log = self._engine.replication
+            self._restarted_since_led = False
         index, router = self._index, self._router
         timeout = self._request_timeout
 
