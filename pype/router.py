@@ -398,7 +398,7 @@ class Router:
                 logger.error("pype: shard %d: primary %s did not answer for %.0f s: taken for "
                              "dead", index, primary.id[:8], now - sent[2])
                 pings[index] = (primary.id, sent[1], float("inf"))  # once
-                threading.Thread(target=self._replica_died, args=(index, primary),
+                threading.Thread(target=self._replica_died, args=(index, primary, True),
                                  name="pype-router-failover", daemon=True).start()
 
     def _gone_for_good(self, shard: ray.actor.ActorHandle) -> Exception | None:
@@ -597,27 +597,38 @@ class Router:
                            len(changed.in_sync), len(shard.replicas))
         return changed
 
-    def _replica_died(self, index: int, replica: _Replica) -> None:
-        """Replica `replica` of shard `index` died. Its primary's death promotes an in-sync
-        backup (at once, also if Ray restarts the old one: it comes back a backup); a
-        backup's takes it out of the in-sync set. One gone for good with its node is
-        replaced by a new, empty backup on an eligible node that holds no replica of
-        the shard, which catches up from the primary."""
+    def _replica_died(self, index: int, replica: _Replica, silent: bool = False) -> None:
+        """Replica `replica` of shard `index` died (silent: a primary stopped answering
+        pings). Its primary's death promotes an in-sync backup (at once, also if Ray
+        restarts the old one: it comes back a backup); a backup's takes it out of the
+        in-sync set. One gone for good with its node is replaced by a new, empty backup
+        on an eligible node that holds no replica of the shard, which catches up from
+        the primary. A silent primary with no backup in sync is left as it is: nothing
+        else could lead, and leading again in a new epoch would fail what it holds."""
         with self._replicas_lock:
             shard = self._shard_holding(index, replica.id)
-            backup = shard is not None and shard.replica_set.primary != replica.id
+            if shard is None:
+                return
+            replicas = shard.replica_set
+            backup = replicas.primary != replica.id
         if backup and self._answers(replica):
             return  # a new incarnation, which said so itself (replica_restarted)
+        if silent and not (replicas.in_sync - {replica.id}):
+            logger.error("pype: shard %d: its primary is silent and no backup is in sync: it "
+                         "waits for the primary", index)
+            return
         death = self._record_death(index, replica)
         if death is not None:
             self._act_on_death(index, replica, *death)
 
     def _answers(self, replica: _Replica) -> bool:
-        """Does `replica` answer a ping within a second? A death notice for one that
-        does is of an earlier incarnation (Ray may fail a call made after the restart
-        to the old one): taken again, it would take out a backup that caught up."""
+        """Does `replica` answer a ping within request_timeout? A death notice for one
+        that does is of an earlier incarnation (Ray may fail a call made after the
+        restart to the old one; the new one said it restarted before it answers
+        anything): taken again, it would take out a backup that caught up. Meanwhile
+        its primary takes out a backup that does not answer it."""
         try:
-            ray.get(replica.actor.ping.remote(), timeout=1.0)
+            ray.get(replica.actor.ping.remote(), timeout=self._config.transport.request_timeout)
             return True
         except ray.exceptions.RayError:
             return False

@@ -94,10 +94,14 @@ class Routes:
             logger.info("pype: server %s now has %d shards (topology epoch %d)",
                         topology.server_id[:12], len(topology.shards), topology.epoch)
 
-    def fetch_topology(self) -> bool:
-        """Ask the router for its topology; True if it was newer than this one's."""
+    def fetch_topology(self, timeout: float | None = None) -> bool:
+        """Ask the router for its topology; True if it was newer than this one's (False
+        if the router, restarting, did not answer within `timeout` seconds)."""
         epoch = self.topology.epoch
-        self.adopt(ray.get(self.router.topology.remote()))
+        try:
+            self.adopt(ray.get(self.router.topology.remote(), timeout=timeout))
+        except ray.exceptions.GetTimeoutError:
+            return False
         return self.topology.epoch > epoch
 
     def refresh(self, epoch: int) -> None:
@@ -235,7 +239,7 @@ class Routes:
                     break
             except ray.exceptions.GetTimeoutError:
                 if replicated and time.monotonic() < deadline:
-                    if self.fetch_topology():
+                    if self.fetch_topology(timeout=max(0.0, deadline - time.monotonic())):
                         key = self.topology.shard_key(index)
                     continue
                 raise ShardUnavailableError(
@@ -303,8 +307,8 @@ class Routes:
                 return self.result(self.send(request, pipeline, index), request, wait, pipeline)
             except ShardUnavailableError:  # a shrink may have stopped it: a newer topology?
                 queue = getattr(request, "queue", None)
-                if queue is None or not self.fetch_topology():
-                    raise
+                if queue is None or not self.fetch_topology() or self.shard_of(queue) == index:
+                    raise  # at the same index it may have run: sent again, it could run twice
                 index = self.shard_of(queue)
         raise RedirectLimitError(f"{type(request).__name__}: the topology kept changing")
 

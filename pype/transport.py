@@ -351,9 +351,9 @@ class Pipeline:
     to send again (protocol.retriable); the others fail with ShardRestartedError. A shard
     that does not come back within request_timeout seconds fails them with
     ShardUnavailableError. So does one that stops answering on an open connection,
-    unless it is `replicated`: then its primary may have stopped (the router replaces
-    one silent for half of request_timeout), and the pipeline goes to the new one as
-    after a restart.
+    unless it is `replicated` and another replica leads by then: its primary stopped
+    (the router replaces one silent for half of request_timeout), and the pipeline
+    goes to the new one as after a restart.
     """
 
     def __init__(self, keys: Keys, locate, local_node: str, request_timeout: float,
@@ -369,6 +369,7 @@ class Pipeline:
         self._tickets = itertools.count(1)
         self._in_flight: dict[int, dict[int, list]] = {}  # shard -> ticket -> [request_id, caller, request]
         self._failures: dict[int, Exception] = {}  # ticket -> why it failed in a reconnect
+        self._answered: dict[int, tuple] = {}  # ticket -> its reply, kept through a reconnect
 
     def send(self, index: int, caller: tuple, request: tuple) -> tuple[int, int]:
         if protocol.takes_a_sequence(request):
@@ -396,6 +397,11 @@ class Pipeline:
         failovers = 0
         while True:
             entry = in_flight.get(number)
+            if entry is None and number in self._answered:  # answered before a reconnect
+                status, value = self._answered.pop(number)
+                if status == protocol.ERROR:
+                    raise value
+                return value
             if entry is None:  # failed in a reconnect
                 raise self._failures.pop(number)
             try:
@@ -403,7 +409,8 @@ class Pipeline:
             except Disconnected:
                 self._reconnect(index)
                 continue
-            if reply is None and self._replicated and failovers < RECONNECT_ATTEMPTS:
+            if (reply is None and self._replicated and failovers < RECONNECT_ATTEMPTS
+                    and self._replaced(index)):
                 failovers += 1  # a primary that stopped: to the one that replaced it
                 self._reconnect(index)
                 continue
@@ -422,6 +429,14 @@ class Pipeline:
             if status == protocol.ERROR:
                 raise value
             return value
+
+    def _replaced(self, index: int) -> bool:
+        """Does shard `index` have another primary than the one connected (which did not
+        answer)? A slow primary that leads still is no reason to send anything again."""
+        try:
+            return self._locate(index, True) != self._connections[index].address
+        except ShardUnavailableError:
+            return False
 
     def call(self, index: int, caller: tuple, request: tuple, wait: float | None = 0.0) -> object:
         return self.result(self.send(index, caller, request), wait)
@@ -459,6 +474,7 @@ class Pipeline:
         index, number = ticket
         entry = self._in_flight.get(index, {}).pop(number, None)
         self._failures.pop(number, None)
+        self._answered.pop(number, None)
         connection = self._connections.get(index)
         if entry is not None and connection is not None:
             connection.discard(entry[0])
@@ -487,6 +503,7 @@ class Pipeline:
         What is not safe to send again fails with ShardRestartedError, or with the
         ShardUnavailableError that says the shard did not come back."""
         in_flight = self._in_flight.get(index, {})
+        self._keep_answers(index, in_flight)
         unsafe = {ticket: type(entry[2]).__name__.lower() for ticket, entry in in_flight.items()
                   if ticket != unsent and not protocol.retriable(entry[2])}
         for ticket in unsafe:
@@ -496,6 +513,21 @@ class Pipeline:
             self._failures[ticket] = unavailable or ShardRestartedError(
                 f"shard {index} restarted while this {kind} was in flight; "
                 f"it may or may not have been applied")
+
+    def _keep_answers(self, index: int, in_flight: dict) -> None:
+        """Take out of `in_flight` the requests whose replies came before the connection
+        broke, keeping the replies: sent again, a push the shard refused (a full queue)
+        would meet its exactly-once check, which a later push of this pipeline passed,
+        and be answered as applied. A backup's NotPrimaryError is no answer: sent again."""
+        connection = self._connections.get(index)
+        if connection is None:
+            return
+        for ticket, entry in list(in_flight.items()):
+            if connection.has_reply(entry[0]):
+                status, value = connection.receive(entry[0], 0)
+                if not (status == protocol.ERROR and type(value) is NotPrimaryError):
+                    self._answered[ticket] = (status, value)
+                    del in_flight[ticket]
 
     def _send_again(self, index: int, in_flight: dict) -> ShardUnavailableError | None:
         """Send `in_flight` to the shard's new incarnation; on failure fail them all and
