@@ -553,7 +553,8 @@ class Server:
         Replicated shards (replicas > 1): "replicas" lists per shard its leader epoch,
         min_insync, whether it is under-replicated (not every replica in sync), and each
         replica's node, role (primary or backup), whether it is in sync, and its lag (the
-        records it lacks, as its primary knows; None while unknown); "failovers" lists the
+        records it lacks, as its primary knows, and "lag_bytes", the bytes of the items
+        in them; None while unknown); "failovers" lists the
         promotions (shard, when, from, to, epoch); "under_replicated" counts such shards.
         """
         shards = self._each_shards_stats()
@@ -571,9 +572,11 @@ class Server:
         replicas = router.pop("replicas")
         for record in replicas:  # how far each backup is behind, as its primary knows
             index = record["shard"]
-            lag = shards[index].get("replication", {}).get("lag", {}) if index < len(shards) else {}
+            replication = shards[index].get("replication", {}) if index < len(shards) else {}
             for replica in record["replicas"]:
-                replica["lag"] = 0 if replica["role"] == "primary" else lag.get(replica["replica"])
+                for key in ("lag", "lag_bytes"):
+                    replica[key] = (0 if replica["role"] == "primary"
+                                    else replication.get(key, {}).get(replica["replica"]))
         return {"server": self.name, "router": router, "totals": totals, "shards": shards,
                 "queues": queues, "lost": router["lost"], "replicas": replicas,
                 "failovers": router["failovers"],

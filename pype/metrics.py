@@ -15,7 +15,7 @@ path="native" or "ray" (requests served on each path) and pype_shard_tcp_request
 (native requests that came over TCP, from other nodes).
 Replicated shards (exported by each primary): pype_shard_leader_epoch,
 pype_shard_replicas_in_sync, pype_shard_replication_lag (records a backup lacks, tagged
-replica). The router exports pype_failovers (a counter) and
+replica) and pype_shard_replication_lag_bytes (the item bytes in them). The router exports pype_failovers (a counter) and
 pype_under_replicated_shards.
 """
 
@@ -67,6 +67,9 @@ class ShardMetrics:
                               ("server", "shard"))
         self._lag = Gauge("pype_shard_replication_lag", "Records a backup lacks",
                           ("server", "shard", "replica"))
+        self._lag_bytes = Gauge("pype_shard_replication_lag_bytes",
+                                "Item bytes of the records a backup lacks",
+                                ("server", "shard", "replica"))
 
     def export(self, stats: dict) -> None:
         for key, gauge in self._shard_gauges.items():
@@ -77,6 +80,8 @@ class ShardMetrics:
             self._in_sync.set(replication["in_sync"], self._tags)
             for replica, lag in replication["lag"].items():
                 self._lag.set(lag, {**self._tags, "replica": replica[:8]})
+                self._lag_bytes.set(replication["lag_bytes"][replica],
+                                    {**self._tags, "replica": replica[:8]})
         for path, key in REQUEST_PATHS.items():
             self._count(self._requests, (None, key), stats[key], {**self._tags, "path": path})
         self._count(self._tcp_requests, (None, "tcp_requests"), stats["tcp_requests"], self._tags)

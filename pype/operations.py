@@ -103,17 +103,20 @@ class StatsView:
 
 
 def replica_table(stats: dict) -> Table:
-    """Each replica of each replicated shard: node, role, leader epoch, in sync, lag."""
+    """Each replica of each replicated shard: node, role, leader epoch, in sync, lag (records
+    and item bytes)."""
     table = Table(title=f"replicas: {len(stats['failovers'])} failovers, "
                         f"{stats['under_replicated']} shards under-replicated")
-    for column in ("shard", "replica", "node", "role", "epoch", "in sync", "lag"):
-        table.add_column(column, justify="right" if column in ("shard", "epoch", "lag") else "left")
+    numbers = ("shard", "epoch", "lag", "lag bytes")
+    for column in ("shard", "replica", "node", "role", "epoch", "in sync", "lag", "lag bytes"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for record in stats["replicas"]:
         for replica in record["replicas"]:
-            lag = replica["lag"]
+            lag = ["?" if replica[key] is None else f"{replica[key]:,}"
+                   for key in ("lag", "lag_bytes")]
             table.add_row(str(record["shard"]), replica["replica"][:8], replica["node"][:12],
                           replica["role"], str(record["epoch"]),
-                          "yes" if replica["in_sync"] else "no", "?" if lag is None else f"{lag:,}")
+                          "yes" if replica["in_sync"] else "no", *lag)
     return table
 
 

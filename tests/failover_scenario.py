@@ -157,6 +157,12 @@ def main() -> None:
         console.print(StatsView(server).render())
         shown = console.export_text()
         assert "failovers" in shown and "primary" in shown and "backup" in shown, shown
+        assert "lag bytes" in shown, shown
+        backups = [replica for record in stats["replicas"] for replica in record["replicas"]
+                   if replica["role"] == "backup"]
+        assert all(isinstance(replica["lag_bytes"], int) or replica["lag_bytes"] is None
+                   for replica in backups) and any(replica["lag_bytes"] is not None
+                                                   for replica in backups), backups
         print(f"ok: stats() and pype stats show {len(stats['failovers'])} failovers, "
               f"{stats['under_replicated']} shards under-replicated, each replica's role")
 

@@ -16,6 +16,7 @@ from pype.errors import StaleEpochError
 from pype.options import QueueOptions
 from pype.shards import records
 from pype.shards.journal import Journal
+from pype.shards.queues import total_size
 from pype.shards.replication import (
     BackupLog,
     Batch,
@@ -246,6 +247,24 @@ def test_a_backup_too_far_behind_loads_a_snapshot():
     assert kinds == ["Batch", "Snapshot"]
     assert contents(pair.stores["b"]) == [1, 2, 3, 4]
     assert pair.log.caught_up("b")
+
+
+def test_lag_counts_the_item_bytes_a_backup_lacks():
+    pair = Pair(max_tail=2)
+    pair.change(pair.replicas.shrunk(1, 0, "b"))  # out of sync: the primary keeps 2 records
+    pair.sync()
+    items = [b"x" * 1_000, b"y" * 5_000]
+    for item in items:
+        pair.push(item)
+    assert pair.log.lag_bytes("b") == total_size(items)
+    pair.primary.pull("q", 1)  # a record without items adds no bytes
+    assert pair.log.lag_bytes("b") == total_size(items)
+    pair.push(b"z" * 7_000)
+    assert pair.log.lag_bytes("b") == total_size([*items, b"z" * 7_000])
+    pair.change(pair.replicas)  # a commit trims what the primary keeps to 2 records
+    assert pair.log.lag_bytes("b") == total_size([b"z" * 7_000])  # at least: all it keeps
+    pair.sync()
+    assert pair.log.lag_bytes("b") == 0
 
 
 def test_a_late_or_repeated_message_changes_nothing():

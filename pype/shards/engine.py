@@ -313,11 +313,13 @@ class ShardEngine:
                 "role": "backup" if type(replication) is BackupLog else "primary",
                 "epoch": replication.epoch, "position": self.store.position,
                 "committed": replication.committed}
-            if type(replication) is PrimaryLog:  # records each backup lacks
+            if type(replication) is PrimaryLog:  # records and item bytes each backup lacks
+                backups = replication.replicas.backups
                 stats["replication"]["in_sync"] = len(replication.replicas.in_sync)
                 stats["replication"]["lag"] = {
-                    backup: replication.end - replication.held(backup)
-                    for backup in replication.replicas.backups}
+                    backup: replication.end - replication.held(backup) for backup in backups}
+                stats["replication"]["lag_bytes"] = {
+                    backup: replication.lag_bytes(backup) for backup in backups}
         return stats
 
     # -- running requests -------------------------------------------------------------------

@@ -261,7 +261,8 @@ class PrimaryLog:
         self.max_tail = max_tail
         self.committed = min(committed, log.position)  # held by the whole in-sync set
         self._last = log.position           # the position of the last record appended
-        self._tail: deque = deque()         # (position, record) not yet held by every member
+        self._tail: deque = deque()         # (position, record, item bytes through it) not yet held by all
+        self._bytes = 0                     # item bytes of the records appended, in all
         self._next: dict[str, int | None] = {}  # backup -> next position it needs; None: a snapshot
         self._in_flight: dict[str, int] = {}    # backup -> sequence of its unanswered message
         self._sequences = itertools.count(1)
@@ -294,7 +295,8 @@ class PrimaryLog:
         if position != self._last + 1:
             raise ValueError(f"record at position {position} after position {self._last}")
         self._last = position
-        self._tail.append((position, record))
+        self._bytes += getattr(record, "nbytes", 0)
+        self._tail.append((position, record, self._bytes))
         self._commit_alone()
 
     def hold(self, position: int, release: Callable[[], None], fail: Callable[[], None]) -> None:
@@ -323,7 +325,7 @@ class PrimaryLog:
             elif first > self.end:
                 return None
             else:
-                records = [record for _, record in itertools.islice(
+                records = [record for _, record, _ in itertools.islice(
                     self._tail, first - oldest, None)]
                 message = Batch(self.epoch, sequence, first, records, self.committed)
         self._in_flight[backup] = sequence
@@ -377,6 +379,20 @@ class PrimaryLog:
     def held(self, backup: str) -> int:
         """The last position `backup` holds, as far as this primary knows."""
         return self._held.get(backup, 0)
+
+    def lag_bytes(self, backup: str) -> int:
+        """The item bytes of the records `backup` lacks, as far as this primary knows (the
+        bytes of the records still kept, if it lacks older ones too: a snapshot's worth)."""
+        if not self._tail:
+            return 0
+        oldest = self._tail[0][0]
+        held = self.held(backup)
+        if held < oldest:  # it lacks the whole tail
+            _, record, through = self._tail[0]
+            return self._bytes - through + getattr(record, "nbytes", 0)
+        if held - oldest >= len(self._tail):
+            return 0
+        return self._bytes - self._tail[held - oldest][2]
 
     def behind(self) -> list[str]:
         """In-sync backups that do not hold every committed record (they restarted with
