@@ -311,11 +311,11 @@ class CurveConnection(Connection):
                 return None
 
     def pump(self) -> None:
-        if self._monitor.getsockopt(EVENTS) & POLLIN:
-            self._check_monitor()
-        while self.socket.getsockopt(EVENTS) & POLLIN:
+        while self.socket.getsockopt(EVENTS) & POLLIN:  # what came before a break first
             got_id, status, value = protocol.loads(receive_frames(self.socket))
             self._keep(got_id, (status, value))
+        if self._monitor.getsockopt(EVENTS) & POLLIN:
+            self._check_monitor()
 
     def _check_monitor(self) -> None:
         while True:
@@ -522,6 +522,14 @@ class Pipeline:
         connection = self._connections.get(index)
         if connection is None:
             return
+        poller = zmq.Poller()  # replies still unread in the socket, before its end
+        for target in connection.poll_targets:
+            poller.register(target, zmq.POLLIN)
+        try:
+            if poller.poll(0):
+                connection.pump()
+        except (Disconnected, OSError, zmq.ZMQError):
+            pass  # what came before the break was kept
         for ticket, entry in list(in_flight.items()):
             if connection.has_reply(entry[0]):
                 status, value = connection.receive(entry[0], 0)
@@ -549,7 +557,9 @@ class Pipeline:
         return error
 
     def _fail_all(self, index: int, error: Exception) -> None:
-        """Fail every request in flight to shard `index` with `error`; drop the connection."""
+        """Fail every request in flight to shard `index` with `error` (those answered
+        before keep their answers); drop the connection."""
+        self._keep_answers(index, self._in_flight.get(index, {}))
         self._drop(index)
         for ticket in list(self._in_flight.get(index, {})):
             del self._in_flight[index][ticket]
