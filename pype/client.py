@@ -552,7 +552,8 @@ class Server:
         its "node_id", and "lost" (the router's record) says which queues went with it.
         Replicated shards (replicas > 1): "replicas" lists per shard its leader epoch,
         min_insync, whether it is under-replicated (not every replica in sync), and each
-        replica's node, role (primary or backup), whether it is in sync, and its lag (the
+        replica's node, role (primary or backup), whether it is in sync, whether it is
+        "gone" with its node (until a node is free for a new one), and its lag (the
         records it lacks, as its primary knows, and "lag_bytes", the bytes of the items
         in them; None while unknown); "failovers" lists the
         promotions (shard, when, from, to, epoch); "under_replicated" counts such shards.

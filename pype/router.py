@@ -21,7 +21,12 @@ import uuid
 import ray
 
 from pype.config import Config
-from pype.errors import NotPrimaryError, ShardUnavailableError, StaleEpochError
+from pype.errors import (
+    ConfigError,
+    NotPrimaryError,
+    ShardUnavailableError,
+    StaleEpochError,
+)
 from pype.hashing import shard_for
 from pype.keeper import RouterRecord
 from pype.metrics import RouterMetrics
@@ -244,6 +249,10 @@ class Router:
         5. The receiving shards serve what they held (Arrived). Shards a shrink removed
            stay SHRINK_GRACE seconds, answering Moved, then stop.
 
+        First, a shard lost with its node (replicas: 1) starts again, empty, and a replica
+        lost with its node that found no free node then gets one now, if a node joined:
+        calling resize with the same count is how an operator restores replication.
+
         Jump hash moves only the queues whose shard changes: growing from S to S + 1
         moves about 1/(S + 1) of them, all to the new shard. A shard killed during a
         move comes back from its journal (persistence) in the middle of it; calling
@@ -258,6 +267,7 @@ class Router:
 
     def _resize(self, shards: int) -> dict:
         self._replace_lost()
+        self._replace_gone_replicas(shards)
         old = self._topology
         config, seed = old.config, old.config.hash_seed
         started = time.monotonic()
@@ -700,6 +710,21 @@ class Router:
         if self._lead(index):
             self._publish()
 
+    def _replace_gone_replicas(self, shards: int) -> None:
+        """Replace each replica of the first `shards` shards gone with its node that found
+        no free eligible node then (resize() calls it: a node may have joined since). One
+        that cannot be replaced is logged; the resize goes on."""
+        for index, shard in enumerate(self._all[:shards]):
+            if shard.replica_set is None:
+                continue
+            for replica in list(shard.replicas):
+                if replica.id in self._gone and replica.id not in shard.replica_set.in_sync:
+                    try:
+                        self._replace_replica(index, replica)
+                    except (ConfigError, ValueError, ray.exceptions.RayError):
+                        logger.exception("pype: shard %d: replica %s, gone with its node, "
+                                         "could not be replaced", index, replica.id[:8])
+
     def _replace_replica(self, index: int, gone: _Replica) -> None:
         with self._replicas_lock:
             shard = self._shard_holding(index, gone.id)
@@ -723,6 +748,19 @@ class Router:
     def _shard_holding(self, index: int, replica_id: str) -> _Shard | None:
         shard = self._all[index] if index < len(self._all) else None
         return shard if shard is not None and shard.replica(replica_id) is not None else None
+
+    def shard_gone(self, index: int) -> Topology:
+        """A client found unreplicated shard `index` gone for good: check it, record it
+        lost if so (as _watch would, a moment later), and return the topology, so that
+        the client's next `.remote()` calls to it raise ShardUnavailableError too."""
+        topology = self._topology
+        if (self._config.replicas == 1 and index < len(self._all)
+                and index not in topology.lost):
+            replica = self._all[index].primary
+            gone = self._gone_for_good(replica.actor)
+            if gone is not None:
+                self._mark_lost(index, replica.id, gone)
+        return self._topology
 
     def unavailable(self, index: int) -> None:
         """Raise what every `.remote()` call to lost shard `index` raises (the client sends
@@ -766,8 +804,9 @@ class Router:
                 "failovers": list(self._failovers)}
 
     def _replica_stats(self) -> list[dict]:
-        """Per replicated shard: its leader epoch and each replica's node, role and
-        whether it is in sync, as the router recorded them."""
+        """Per replicated shard: its leader epoch and each replica's node, role, whether
+        it is in sync, and whether it is gone with its node (not yet replaced: no free
+        eligible node), as the router recorded them."""
         with self._replicas_lock:
             return [{"shard": index, "epoch": shard.replica_set.epoch,
                      "min_insync": shard.replica_set.min_insync,
@@ -775,7 +814,8 @@ class Router:
                      "replicas": [{"replica": replica.id, "node": replica.node,
                                    "role": "primary" if replica.id == shard.replica_set.primary
                                    else "backup",
-                                   "in_sync": replica.id in shard.replica_set.in_sync}
+                                   "in_sync": replica.id in shard.replica_set.in_sync,
+                                   "gone": replica.id in self._gone}
                                   for replica in shard.replicas]}
                     for index, shard in enumerate(self._all) if shard.replica_set is not None]
 

@@ -255,6 +255,9 @@ class Routes:
                     # which result() follows.
                     node = self.topology.nodes[index]
                     if not (self.fetch_topology() and index < len(self.shards)):
+                        self.adopt(ray.get(self.router.shard_gone.remote(index)))  # recorded
+                        if index in self.topology.lost:
+                            raise ShardUnavailableError(self.topology.lost_shard(index)) from None
                         raise ShardUnavailableError(
                             f"shard {index} on node {node} is gone for good: {error}") from None
                     if index in self.topology.lost:

@@ -4,8 +4,9 @@ nothing acknowledged is lost; clients fail over by themselves.
 Run by tests/test_failover.py in its own process (a process joins one Ray cluster, and
 the test session already runs one). A head node and 3 worker nodes (ray.cluster_utils),
 Ray's failure detection shortened; 2 shards of 2 replicas (min_insync 1), journals with
-fsync "always" on each node's own disk; the router is killed too. Prints one "ok: ..." line per check; stops the
-cluster, which stops what it started.
+fsync "always" on each node's own disk; the router is killed too, a primary stopped, and
+the server resized while a shard is under-replicated. Prints one "ok: ..." line per
+check; stops the cluster, which stops what it started.
 """
 
 import os
@@ -37,11 +38,21 @@ def primary_node(ray, server, index: int) -> str:
     return next(r["node"] for r in record["replicas"] if r["role"] == "primary")
 
 
+def replica_pid(ray, server, index: int, role: str) -> int:
+    """The pid of a replica of shard `index` in `role` ("primary" or "backup")."""
+    for actor in ray.get(server.routes.router.actors.remote()):
+        stats = ray.get(actor.stats.remote(), timeout=REQUEST_TIMEOUT)
+        if stats["shard"] == index and stats["replication"]["role"] == role:
+            return stats["pid"]
+    raise AssertionError(f"shard {index} has no {role}")
+
+
 def main() -> None:
     cluster = LocalCluster(WORKERS, "pype-failover-")
     ray = cluster.ray
     try:
         import pype
+        from pype.hashing import shard_for
 
         try:
             pype.Server.remote(shards=1, replicas=4, placement={"resource": "pype"})
@@ -140,8 +151,31 @@ def main() -> None:
         assert first not in [replica["node"] for replica in record["replicas"]], record
         print("ok: a new replica of shard 0 on the remaining node caught up and is in sync")
 
-        # 4. A second node loss: the new primary's node. Nothing acknowledged is lost.
-        second = primary_node(ray, server, 0)
+        # 3b. A resize while shard 0 is under-replicated: its backup stops (SIGSTOP); the
+        # primary takes it out of the in-sync set at its next change (a .remote() push,
+        # which waits for that) and commits alone from then on, the resize's steps too.
+        seed = server.routes.topology.config.hash_seed
+        moving = next(name for name in (f"moving-{n}" for n in range(1000))
+                      if shard_for(name, 2, seed) == 0 and shard_for(name, 3, seed) == 2)
+        server.push(["m1", "m2"], moving, expand=True)
+        stopped = replica_pid(ray, server, 0, "backup")
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            assert ray.get(server.push.remote("m3", moving)) == 1
+            assert replicas_of(ray, server, 0)["under_replicated"]
+            resized = server.resize(3)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert resized["shards"] == 3 and resized["moved_queues"] >= 1, resized
+        assert server.queue_len(queue) == 147 and server.pull(moving, -1) == ["m1", "m2", "m3"]
+        until(lambda: all(all_in_sync(ray, server, index) for index in range(3)),
+              "every replica of the 3 shards in sync", 120)
+        print(f"ok: a resize to 3 shards while shard 0 was under-replicated moved "
+              f"{resized['moved_queues']} queues and lost nothing; its backup caught up after")
+
+        # 4. A second node loss: the node of the primary that holds `queue` (the resize may
+        # have moved it). Nothing acknowledged is lost.
+        second = primary_node(ray, server, server.shard_of(queue))
         cluster.lose(second)
         got = server.pull(queue, -1)
         assert got == list(range(5, 152)), (len(got), got[:10], got[-10:])
@@ -165,6 +199,20 @@ def main() -> None:
                                                    for replica in backups), backups
         print(f"ok: stats() and pype stats show {len(stats['failovers'])} failovers, "
               f"{stats['under_replicated']} shards under-replicated, each replica's role")
+
+        # 5. A node joins; a resize to the same count restores each shard's replicas.
+        def gone_replicas() -> int:
+            return sum(replica["gone"] for record in ray.get(
+                server.routes.router.stats.remote())["replicas"] for replica in record["replicas"])
+        until(lambda: gone_replicas() == 3, "each shard's replica lost with the node recorded", 120)
+        cluster.add_worker()
+        assert gone_replicas() == 3  # not replaced before the resize: no node was free
+        server.resize(3)
+        until(lambda: all(all_in_sync(ray, server, index) for index in range(3)),
+              "every shard with 2 replicas in sync again", 120)
+        assert server.stats()["under_replicated"] == 0
+        print("ok: a node joined and a resize to the same count gave each under-replicated "
+              "shard a new replica, which caught up")
 
         server.shutdown()
     finally:
