@@ -15,8 +15,8 @@ path="native" or "ray" (requests served on each path) and pype_shard_tcp_request
 (native requests that came over TCP, from other nodes).
 Replicated shards (exported by each primary): pype_shard_leader_epoch,
 pype_shard_replicas_in_sync, pype_shard_replication_lag (records a backup lacks, tagged
-replica) and pype_shard_replication_lag_bytes (the item bytes in them). The router exports pype_failovers (a counter) and
-pype_under_replicated_shards.
+replica) and pype_shard_replication_lag_bytes (the item bytes in them). The router
+exports pype_failovers (a counter) and pype_under_replicated_shards.
 """
 
 from __future__ import annotations
