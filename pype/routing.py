@@ -306,12 +306,18 @@ class Routes:
         sought again in the router's topology."""
         wait, pipeline = protocol.wait_of(request), self.pipeline()
         for _ in range(MAX_REDIRECTS):
+            sent = False
             try:
-                return self.result(self.send(request, pipeline, index), request, wait, pipeline)
+                ticket = self.send(request, pipeline, index)
+                sent = True
+                return self.result(ticket, request, wait, pipeline)
             except ShardUnavailableError:  # a shrink may have stopped it: a newer topology?
+                # Sent again only where it cannot run twice: it never left, or it is safe
+                # to resend (a plain pull that ran before its queue moved took items).
                 queue = getattr(request, "queue", None)
-                if queue is None or not self.fetch_topology() or self.shard_of(queue) == index:
-                    raise  # at the same index it may have run: sent again, it could run twice
+                if (queue is None or (sent and not protocol.retriable(request))
+                        or not self.fetch_topology() or self.shard_of(queue) == index):
+                    raise
                 index = self.shard_of(queue)
         raise RedirectLimitError(f"{type(request).__name__}: the topology kept changing")
 

@@ -25,15 +25,19 @@ def open_store(directory, fsync="never", compact_bytes=1 << 20):
 
 
 def picture(store):
-    """Everything a client could observe of the store, leases and producers' numbers included."""
+    """Everything a client could observe of the store, leases, producers' numbers and
+    refusals included."""
     queues = {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
                      [(t.items, t.priority) for t in queue.parked], queue.nbytes,
                      queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
               for name, queue in store._queues.items()}
-    return queues, dict(store._producers)
+    refusals = {(producer, sequence): repr(error) for producer, refused in store._refusals.items()
+                for sequence, error in refused.items()}
+    return queues, dict(store._producers), refusals
 
 
 def random_operations(store, rng, count):
+    sequences = {}
     for _ in range(count):
         name = rng.choice(NAMES)
         roll = rng.random()
@@ -48,9 +52,18 @@ def random_operations(store, rng, count):
                 names = (name,) if rng.random() < 0.8 else tuple(rng.sample(NAMES, 2))
                 kinds = [store.describe(each) for each in names]
                 priority = rng.randint(0, 3) if any(k and k["kind"] == "priority" for k in kinds) else None
-                # a native push's number; sometimes one sent again after a "restart"
-                producer = (rng.randint(1, 3), rng.randint(1, 60)) if rng.random() < 0.5 else None
-                store.push(names, items, priority, producer=producer)
+                # a native push's number: its producer's next, or one sent again after a
+                # "restart"; or none (a blocking or .remote() push)
+                producer = rng.randint(1, 3)
+                sequence = sequences[producer] = sequences.get(producer, 0) + 1
+                if rng.random() < 0.2:
+                    sequence = rng.randint(1, sequence)
+                producer = (producer, sequence) if rng.random() < 0.5 else None
+                try:
+                    store.push(names, items, priority, producer=producer)
+                except (PypeError, ValueError) as error:
+                    store.refuse(producer, error)  # as the shard's engine does
+                    raise
             elif roll < 0.65:
                 store.pull(name, rng.choice([1, 2, -1]))
             elif roll < 0.85:

@@ -7,9 +7,9 @@ primary must wait for exactly that.
 
 import pytest
 
-from pype.errors import NotEnoughReplicasError, NotPrimaryError
+from pype.errors import NotEnoughReplicasError, NotPrimaryError, QueueFullError
 from pype.options import QueueOptions
-from pype.protocol import Pull, Push, Replicate, Stats
+from pype.protocol import Add, Pull, Push, Replicate, Stats
 from pype.shards.engine import ShardEngine
 from pype.shards.replication import ReplicaSet
 from pype.shards.store import QueueStore
@@ -49,6 +49,17 @@ class ReplicatedShard:
             while self.carry(backup):
                 pass
 
+    def promote(self, backup: str):
+        """Fail over to `backup`, as the router does: every other replica follows the new
+        epoch first."""
+        promoted = self.replicas.promoted(backup)
+        for name in set("abc") - {backup}:
+            with self.engines[name].lock:
+                self.engines[name].follow(promoted.epoch)
+        self.primary, self.replicas = backup, promoted
+        with self.engines[backup].lock:
+            self.engines[backup].lead(promoted, backup)
+
     def change(self, replicas):
         self.replicas = replicas
         primary = self.engines[self.primary]
@@ -56,8 +67,8 @@ class ReplicatedShard:
             primary.change_replicas(replicas)
 
 
-def items(engine) -> list:
-    return engine.store.pull("q", -1, remove=False)
+def items(engine, queue="q") -> list:
+    return engine.store.pull(queue, -1, remove=False) if queue in engine.store.names() else []
 
 
 def test_a_push_is_answered_once_every_in_sync_backup_holds_it():
@@ -114,15 +125,9 @@ def test_after_a_failover_the_old_primary_fails_what_it_held_and_catches_up_as_a
     shard.sync("b", "c")
     assert first.result() == 1
     unsure = run(shard.engines["a"], Push(("q",), ["unsure"]))  # reaches no backup
-    promoted = shard.replicas.promoted("b")
-    for name in "ac":  # the router tells them
-        with shard.engines[name].lock:
-            shard.engines[name].follow(promoted.epoch)
+    shard.promote("b")
     with pytest.raises(NotPrimaryError, match="may or may not"):
         unsure.result()
-    shard.primary, shard.replicas = "b", promoted
-    with shard.engines["b"].lock:
-        shard.engines["b"].lead(promoted, "b")
     assert run(shard.engines["b"], Push(("q",), ["after"])).done is False
     shard.sync("c")
     assert items(shard.engines["b"]) == ["acked", "after"]
@@ -143,3 +148,27 @@ def test_a_replication_message_to_a_replica_that_is_no_backup_is_refused():
 def test_an_unreplicated_engine_answers_at_once():
     engine = ShardEngine(QueueStore(QueueOptions()), 0, 0.5)
     assert run(engine, Push(("q",), ["x"])).result() == 1
+
+
+@pytest.mark.parametrize("queues", [("full",), ("full", "roomy")], ids=["whole", "in part"])
+def test_a_refused_push_sent_again_to_the_new_primary_is_refused_again(queues):
+    """A push refused (a full queue), then a later push of the same producer applied,
+    and both replies lost with the primary: the client sends the first again to the
+    new primary, whose exactly-once check must not answer "applied" (silent loss)."""
+    shard = ReplicatedShard()
+    run(shard.engines["a"], Add("full", QueueOptions(maxsize=1)))
+    run(shard.engines["a"], Push(("full",), ["in"]))
+    refused = run(shard.engines["a"], Push(queues, ["lost?"], producer=(7, 1)))
+    applied = run(shard.engines["a"], Push(("other",), ["later"], producer=(7, 2)))
+    shard.sync("b", "c")
+    with pytest.raises(QueueFullError):
+        refused.result()
+    assert applied.result() == 1
+    shard.promote("b")
+    again = run(shard.engines["b"], Push(queues, ["lost?"], producer=(7, 1)))
+    shard.sync("a", "c")
+    with pytest.raises(QueueFullError, match="'full'"):
+        again.result()
+    assert run(shard.engines["b"], Push(("other",), ["later"], producer=(7, 2))).result() == 1
+    assert items(shard.engines["b"], "roomy") == (["lost?"] if "roomy" in queues else [])
+    assert items(shard.engines["b"], "other") == ["later"]

@@ -545,14 +545,20 @@ class ShardEngine:
     # -- handlers: (caller id, request, may_wait) -> answer or PARKED -------------------------
 
     def _push(self, caller_id, request: Push, may_wait: bool):
-        self._check_lost(caller_id, request.queues)
-        self._refuse_heads(request.on_behalf or caller_id, request.queues,
-                           create=not request.must_exist, push=True)
-        if request.must_exist:
-            self.store.require(request.queues)
+        refusal = self.store.refusal(request.producer)
+        if refusal is not None:  # sent again after its reply was lost: the same answer
+            raise refusal
         try:
+            self._check_lost(caller_id, request.queues)
+            self._refuse_heads(request.on_behalf or caller_id, request.queues,
+                               create=not request.must_exist, push=True)
+            if request.must_exist:
+                self.store.require(request.queues)
             result = self.store.push(request.queues, request.items, request.priority, request.block,
                                      request.timeout, request.producer)
+        except Exception as error:
+            self.store.refuse(request.producer, error)
+            raise
         finally:
             for name in request.queues:
                 self.changed(name)

@@ -65,6 +65,16 @@ class Push(NamedTuple):
     producer: tuple[int, int] | None
 
 
+class Refuse(NamedTuple):
+    """The push numbered `producer` (producer id, sequence number) was refused with
+    `error`, wholly or in part (the queues that took part of it have their Push record
+    first). Replay remembers the refusal, so that the push, sent again after its reply
+    was lost, gets the same answer: never "applied" because a later push passed."""
+
+    producer: tuple[int, int]
+    error: Exception
+
+
 class Insert(NamedTuple):
     """The items of a blocking push went into `queue`, past flow control: at once, or
     later, when a pull made room for them while they waited in line."""
@@ -160,7 +170,7 @@ class Lead(NamedTuple):
     replica: str
 
 
-RECORD_TYPES = (Add, Remove, Pin, Push, Insert, Admit, Take, Lease, Settle, Expect, Import,
-                Arrived, Export, Release, Lead)
-Record = (Add | Remove | Pin | Push | Insert | Admit | Take | Lease | Settle | Expect | Import
-          | Arrived | Export | Release | Lead)
+RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Insert, Admit, Take, Lease, Settle, Expect,
+                Import, Arrived, Export, Release, Lead)
+Record = (Add | Remove | Pin | Push | Refuse | Insert | Admit | Take | Lease | Settle | Expect
+          | Import | Arrived | Export | Release | Lead)

@@ -15,7 +15,10 @@ Queue methods as the call that logged the record, which are deterministic.
 Exactly-once pushes: a native push carries (producer id, sequence number), and a
 client that lost the reply to a shard restart sends it again. The store keeps
 the last sequence number of each producer, in the same journal record as the
-push, and answers a number it has seen without applying it again.
+push, and answers a number it has seen without applying it again. A refused push
+(a full queue, or a redirect) is remembered with its error (a Refuse record): sent
+again, it gets the same error, not "applied" because a later push of its producer
+passed. Each producer's last MAX_REFUSALS refusals are kept, and forgotten with it.
 
 Limits: a push of an item larger than max_item_bytes is a ValueError; a push that
 would take the bytes the shard holds (see item_size) past memory_budget is a
@@ -52,6 +55,7 @@ from pype.shards.replication import EpochHistory
 
 COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
 MAX_PRODUCERS = 100_000  # producers whose last sequence number is kept (the least recent go)
+MAX_REFUSALS = 1_000  # per producer, refused pushes whose error is kept for a resend
 
 logger = logging.getLogger("pype")
 
@@ -95,6 +99,7 @@ class QueueStore:
         self._next_lease_id = time.time_ns()
         self._nbytes = 0                            # held by all queues
         self._producers: OrderedDict[int, int] = OrderedDict()  # producer id -> last sequence
+        self._refusals: dict[int, OrderedDict[int, Exception]] = {}  # producer -> sequence -> error
         self._retired: Counter = Counter()          # counters of removed queues
         # Resharding (pype.router's resize): the topology that decides which names are
         # this shard's once it gave queues away, (shards, hash seed, epoch); and while
@@ -142,6 +147,7 @@ class QueueStore:
         self._retired = state["retired"]
         self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
         self._producers = state.get("producers", OrderedDict())
+        self._refusals = state.get("refusals", {})
         self.owner, self._mine = state.get("owner"), {}
         self.expecting = state.get("expecting")
         self.position = state.get("position", 0)
@@ -203,6 +209,10 @@ class QueueStore:
         self._note_producer(record.producer)
         return record.items
 
+    def _replay_refuse(self, record: records.Refuse) -> list:
+        self._note_refusal(record.producer, record.error)
+        return []
+
     def _replay_insert(self, record: records.Insert) -> list:
         self._queues[record.queue].insert(record.items, record.priority, record.nbytes)
         return record.items
@@ -253,7 +263,7 @@ class QueueStore:
 
     _REPLAY: ClassVar[dict[type, Callable[[QueueStore, Any], list]]] = {
         records.Add: _replay_add, records.Remove: _replay_remove, records.Pin: _replay_pin,
-        records.Push: _replay_push, records.Insert: _replay_insert, records.Admit: _replay_admit,
+        records.Push: _replay_push, records.Refuse: _replay_refuse, records.Insert: _replay_insert, records.Admit: _replay_admit,
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
         records.Expect: _replay_expect, records.Import: _replay_import,
         records.Arrived: _replay_arrived, records.Export: _replay_export,
@@ -279,6 +289,7 @@ class QueueStore:
     def _state(self) -> dict:
         return {"queues": self._queues, "retired": self._retired,
                 "next_lease_id": self._next_lease_id, "producers": self._producers,
+                "refusals": self._refusals,
                 "owner": self.owner, "expecting": self.expecting,
                 "position": self.position, "history": list(self.history.starts)}
 
@@ -540,6 +551,30 @@ class QueueStore:
         """Was the push numbered `producer` (producer id, sequence) applied already?"""
         return producer is not None and producer[1] <= self._producers.get(producer[0], -1)
 
+    def refusal(self, producer: tuple[int, int] | None) -> Exception | None:
+        """The error the push numbered `producer` was refused with, or None: a push sent
+        again gets the answer it got the first time."""
+        if producer is None or producer[0] not in self._refusals:
+            return None
+        return self._refusals[producer[0]].get(producer[1])
+
+    def refuse(self, producer: tuple[int, int] | None, error: Exception) -> None:
+        """Remember that the push numbered `producer` (None: not numbered) was refused with
+        `error`, wholly or in part, and journal it: a change like any other, which
+        reaches a backup before the refusal reaches its caller."""
+        if producer is not None:
+            self._note_refusal(producer, error)
+            self._log(records.Refuse(producer, error))
+
+    def _note_refusal(self, producer: tuple[int, int], error: Exception) -> None:
+        producer_id, sequence = producer
+        refused = self._refusals.setdefault(producer_id, OrderedDict())
+        refused[sequence] = error
+        if len(refused) > MAX_REFUSALS:
+            refused.popitem(last=False)
+        if producer_id not in self._producers:  # none applied yet: 0, below every number
+            self._note_producer((producer_id, 0))
+
     def _note_producer(self, producer: tuple[int, int] | None) -> None:
         if producer is None:
             return
@@ -547,7 +582,8 @@ class QueueStore:
         self._producers[producer_id] = sequence
         self._producers.move_to_end(producer_id)
         if len(self._producers) > MAX_PRODUCERS:
-            self._producers.popitem(last=False)
+            forgotten, _ = self._producers.popitem(last=False)
+            self._refusals.pop(forgotten, None)
 
     def _check_limits(self, items: list, copies: int) -> int:
         """Return the bytes of `items`; raise if one is too large or the budget is spent."""
