@@ -45,8 +45,10 @@ LARGE_BUFFER = 64 * 1024  # bytes; smaller buffers ride inside the pickle (ZeroM
 class Push(NamedTuple):
     """Push `items` to each of `queues` (see Server.push).
 
-    producer: (producer id, sequence number) of a native push, which the client may
-    send again after a shard restart; the shard applies each sequence number once.
+    producer: (producer id, sequence number, floor) of a native push, which the client
+    may send again after a shard restart; the shard applies each sequence number once
+    and answers it again as it did the first time. floor: the lowest number of the
+    producer's still unanswered (pype.shards.producers).
     must_exist: raise QueueNotFoundError for a missing queue instead of creating it.
     key: the partition key of a `.remote()` push to a partitioned queue, whose head's
     shard runs it (pype.partitions); native pushes resolve it in the client.
@@ -59,7 +61,7 @@ class Push(NamedTuple):
     priority: float | None = None
     block: bool = False
     timeout: float | None = None
-    producer: tuple[int, int] | None = None
+    producer: tuple[int, int, int] | None = None
     must_exist: bool = False
     key: Any = None
     on_behalf: str | None = None

@@ -372,17 +372,21 @@ class Pipeline:
         self._answered: dict[int, tuple] = {}  # ticket -> its reply, kept through a reconnect
 
     def send(self, index: int, caller: tuple, request: tuple) -> tuple[int, int]:
+        in_flight = self._in_flight.setdefault(index, {})
         if protocol.takes_a_sequence(request):
             sequence = self._sequences.get(index, 0) + 1
             self._sequences[index] = sequence
-            request = protocol.with_field(request, "producer", (self._producer, sequence))
+            request = protocol.with_field(request, "producer",
+                                          (self._producer, sequence, _floor(in_flight, sequence)))
         ticket = next(self._tickets)
         entry = [0, caller, request]
-        self._in_flight.setdefault(index, {})[ticket] = entry
+        in_flight[ticket] = entry
         try:
             entry[0] = self._connection(index).send(caller, request)
         except Disconnected:  # found broken before sending: this one is safe to send anew
             self._reconnect(index, unsent=ticket)
+            if ticket in self._failures:  # the shard did not come back: it was never sent
+                raise self._failures.pop(ticket) from None
         except BaseException:  # not sent (an item that cannot be pickled): not in flight
             del self._in_flight[index][ticket]
             raise
@@ -568,6 +572,16 @@ class Pipeline:
     def close(self) -> None:
         for index in list(self._connections):
             self._drop(index)
+
+
+def _floor(in_flight: dict, sequence: int) -> int:
+    """The lowest sequence number among the numbered pushes `in_flight` (in the order
+    sent, so the first one's), or `sequence` if there are none: the shard may forget
+    the answers below it (pype.shards.producers), which will not be sent again."""
+    for _, _, request in in_flight.values():
+        if type(request) is protocol.Push and request.producer is not None:
+            return request.producer[1]
+    return sequence
 
 
 def unreachable(index: int, seconds: float, why: str) -> ShardUnavailableError:

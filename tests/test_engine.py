@@ -7,9 +7,20 @@ the shard actor hand them in; time passes only when the test moves the clock.
 import pytest
 
 from pype import protocol
-from pype.errors import QueueTimeoutError
+from pype.errors import QueueFullError, QueueTimeoutError
+from pype.hashing import shard_for
 from pype.options import QueueOptions
-from pype.protocol import Add, CanPull, CanPush, Pull, Push, Stats
+from pype.protocol import (
+    Add,
+    Arrived,
+    CanPull,
+    CanPush,
+    Expect,
+    Export,
+    Pull,
+    Push,
+    Stats,
+)
 from pype.shards.engine import ShardEngine
 from pype.shards.store import QueueStore
 
@@ -155,3 +166,39 @@ def test_the_io_loop_is_told_of_each_new_deadline(engine):
 def test_a_request_that_may_not_wait_is_answered_at_once(engine):
     assert run(engine, Pull("q", 1, True, 10.0), may_wait=False).result() == []
     assert run(engine, CanPush("q", 10.0), may_wait=False).result() is True
+
+
+def named(shards: int, seed: int, index: int, avoid: str = "") -> str:
+    """A queue name that a topology of `shards` shards (hash `seed`) gives shard `index`."""
+    return next(name for name in (f"q{n}" for n in range(1000))
+                if shard_for(name, shards, seed) == index and name != avoid)
+
+
+def test_a_refused_push_sent_again_is_refused_again_on_a_shard_that_was_resized(engine):
+    """After a resize the engine looks for moved queues before running a push: a push
+    sent again must still get its first answer there, not "applied"."""
+    full, other = named(2, 5, 0), named(2, 5, 0, avoid=named(2, 5, 0))
+    run(engine, Export(shards=2, seed=5, epoch=1)).result()
+    run(engine, Add(full, QueueOptions(maxsize=1))).result()
+    run(engine, Push((full,), ["in"])).result()
+    with pytest.raises(QueueFullError):
+        run(engine, Push((full,), ["lost?"], producer=(7, 1, 1))).result()
+    assert run(engine, Push((other,), ["later"], producer=(7, 2, 1))).result() == 1
+    with pytest.raises(QueueFullError):  # its reply was lost: sent again
+        run(engine, Push((full,), ["lost?"], producer=(7, 1, 1))).result()
+
+
+def test_a_push_held_for_a_queue_on_its_way_is_applied_after_a_later_push_of_its_producer():
+    """Shard 1 of a resize from 2 shards: pushes to a queue coming from shard 0 wait
+    until it arrived; a later push of the same producer to a queue shard 1 had already
+    runs first. The held one must still be applied when it runs, not taken for sent
+    again because a higher number passed."""
+    engine = ShardEngine(QueueStore(QueueOptions()), 1, poll_wait=0.5)
+    coming, staying = named(2, 5, 0), named(2, 5, 1)
+    run(engine, Expect(shards=2, seed=5)).result()
+    held = run(engine, Push((coming,), ["first"], producer=(7, 1, 1)))
+    assert not held.done
+    assert run(engine, Push((staying,), ["second"], producer=(7, 2, 1))).result() == 1
+    run(engine, Arrived()).result()
+    assert held.result() == 1
+    assert run(engine, Pull(coming, -1)).result() == ["first"]

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pype.errors import PypeError
+from pype.errors import PypeError, QueueFullError
 from pype.options import QueueOptions
 from pype.shards.journal import Journal, safe_dir_name
 from pype.shards.store import QueueStore
@@ -31,9 +31,10 @@ def picture(store):
                      [(t.items, t.priority) for t in queue.parked], queue.nbytes,
                      queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
               for name, queue in store._queues.items()}
-    refusals = {(producer, sequence): repr(error) for producer, refused in store._refusals.items()
-                for sequence, error in refused.items()}
-    return queues, dict(store._producers), refusals
+    answers = {(producer, sequence, seen.floor): repr(answer)
+               for producer, seen in store._producers._seen.items()
+               for sequence, answer in seen.answers.items()}
+    return queues, answers
 
 
 def random_operations(store, rng, count):
@@ -58,7 +59,8 @@ def random_operations(store, rng, count):
                 sequence = sequences[producer] = sequences.get(producer, 0) + 1
                 if rng.random() < 0.2:
                     sequence = rng.randint(1, sequence)
-                producer = (producer, sequence) if rng.random() < 0.5 else None
+                floor = max(1, sequence - rng.randint(0, 3))  # the lowest still unanswered
+                producer = (producer, sequence, floor) if rng.random() < 0.5 else None
                 try:
                     store.push(names, items, priority, producer=producer)
                 except (PypeError, ValueError) as error:
@@ -140,3 +142,20 @@ def test_server_names_become_safe_distinct_directory_names():
     for directory in dirs:
         assert "/" not in directory and not directory.startswith(".") and len(directory) <= 53
     assert os.path.basename(dirs[1]) == dirs[1]
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["log", "snapshot"])
+def test_a_refusal_is_answered_again_after_a_restart(tmp_path, compact):
+    store = open_store(tmp_path)
+    store.add("full", QueueOptions(maxsize=1))
+    store.push(("full",), ["in"])
+    with pytest.raises(QueueFullError) as refusal:
+        store.push(("full",), ["lost?"], producer=(7, 1, 1))
+    store.refuse((7, 1, 1), refusal.value)  # as the shard's engine does
+    store.push(("other",), ["later"], producer=(7, 2, 1))
+    if compact:
+        store._compact()
+    restored = open_store(tmp_path)
+    with pytest.raises(QueueFullError, match="'full'"):
+        restored.answer_again((7, 1, 1), 1)
+    assert restored.answer_again((7, 2, 1), 1) == 1

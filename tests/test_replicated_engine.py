@@ -158,17 +158,19 @@ def test_a_refused_push_sent_again_to_the_new_primary_is_refused_again(queues):
     shard = ReplicatedShard()
     run(shard.engines["a"], Add("full", QueueOptions(maxsize=1)))
     run(shard.engines["a"], Push(("full",), ["in"]))
-    refused = run(shard.engines["a"], Push(queues, ["lost?"], producer=(7, 1)))
-    applied = run(shard.engines["a"], Push(("other",), ["later"], producer=(7, 2)))
+    # (producer id, number, floor): #1 is still unanswered when #2 is sent
+    refused = run(shard.engines["a"], Push(queues, ["lost?"], producer=(7, 1, 1)))
+    applied = run(shard.engines["a"], Push(("other",), ["later"], producer=(7, 2, 1)))
+    assert not refused.done  # the refusal is a change: it waits for the backups too
     shard.sync("b", "c")
     with pytest.raises(QueueFullError):
         refused.result()
     assert applied.result() == 1
     shard.promote("b")
-    again = run(shard.engines["b"], Push(queues, ["lost?"], producer=(7, 1)))
+    again = run(shard.engines["b"], Push(queues, ["lost?"], producer=(7, 1, 1)))
     shard.sync("a", "c")
     with pytest.raises(QueueFullError, match="'full'"):
         again.result()
-    assert run(shard.engines["b"], Push(("other",), ["later"], producer=(7, 2))).result() == 1
+    assert run(shard.engines["b"], Push(("other",), ["later"], producer=(7, 2, 1))).result() == 1
     assert items(shard.engines["b"], "roomy") == (["lost?"] if "roomy" in queues else [])
     assert items(shard.engines["b"], "other") == ["later"]

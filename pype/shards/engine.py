@@ -53,6 +53,7 @@ from pype import protocol
 from pype.errors import (
     NotEnoughReplicasError,
     NotPrimaryError,
+    PypeError,
     QueueNotFoundError,
     ShardLostError,
 )
@@ -454,13 +455,15 @@ class ShardEngine:
         """Answer a request for a queue that moved away with Moved, and hold one for a
         queue that may be on its way here until it arrived; True if it was handled so."""
         names = _queue_names(request)
-        if type(request) is Push and self.store.applied_before(request.producer):
-            reply(protocol.RESULT, len(request.items) * len(names))  # sent again after a restart
-            return True
+        if type(request) is Push and self.store.answered(request.producer):
+            return False  # a push sent again: _push gives its first answer, wherever it went
         for name in names:
             epoch = self.store.belongs_elsewhere(name, self.index)
             if epoch is not None:
-                reply(protocol.ERROR, Moved(name, epoch, names))
+                moved = Moved(name, epoch, names)
+                if type(request) is Push:
+                    self.store.refuse(request.producer, moved)
+                reply(protocol.ERROR, moved)
                 return True
         if any(self.store.on_its_way(name, self.index) for name in names):
             self._held.append((request, caller_id, may_wait, reply))
@@ -545,9 +548,9 @@ class ShardEngine:
     # -- handlers: (caller id, request, may_wait) -> answer or PARKED -------------------------
 
     def _push(self, caller_id, request: Push, may_wait: bool):
-        refusal = self.store.refusal(request.producer)
-        if refusal is not None:  # sent again after its reply was lost: the same answer
-            raise refusal
+        again = self.store.answer_again(request.producer, len(request.items) * len(request.queues))
+        if again is not None:  # sent again after its reply was lost: the same answer
+            return again
         try:
             self._check_lost(caller_id, request.queues)
             self._refuse_heads(request.on_behalf or caller_id, request.queues,
@@ -556,7 +559,7 @@ class ShardEngine:
                 self.store.require(request.queues)
             result = self.store.push(request.queues, request.items, request.priority, request.block,
                                      request.timeout, request.producer)
-        except Exception as error:
+        except (PypeError, ValueError) as error:  # an answer, not a failure of the shard's own
             self.store.refuse(request.producer, error)
             raise
         finally:

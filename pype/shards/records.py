@@ -53,8 +53,9 @@ class Push(NamedTuple):
     that took it: entered[i] says if the items went into queues[i] at once (True) or
     wait in its line, acknowledged (False: a full queue with overflow "block").
 
-    producer: the push's (producer id, sequence number), or None; replay remembers it
-    as that producer's last, so that the push is applied once however often it is sent.
+    producer: the push's (producer id, sequence number, floor), or None; replay
+    remembers that it was applied, so that it is applied once however often it is sent
+    (pype.shards.producers; logs of before 2026-12-04 hold (id, sequence)).
     """
 
     queues: tuple[str, ...]
@@ -62,16 +63,16 @@ class Push(NamedTuple):
     items: list
     priority: Any
     nbytes: int
-    producer: tuple[int, int] | None
+    producer: tuple[int, int, int] | None
 
 
 class Refuse(NamedTuple):
-    """The push numbered `producer` (producer id, sequence number) was refused with
-    `error`, wholly or in part (the queues that took part of it have their Push record
-    first). Replay remembers the refusal, so that the push, sent again after its reply
-    was lost, gets the same answer: never "applied" because a later push passed."""
+    """The push numbered `producer` (producer id, sequence number, floor) was refused
+    with `error`, wholly or in part (the queues that took part of it have their Push
+    record first). Replay remembers the refusal, so that the push, sent again after its
+    reply was lost, gets the same answer (pype.shards.producers)."""
 
-    producer: tuple[int, int]
+    producer: tuple[int, int, int]
     error: Exception
 
 

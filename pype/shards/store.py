@@ -12,13 +12,11 @@ pype.shards.records (Add, Push, Lease, Settle, ...). restore() replays them onto
 a snapshot, with one method per record type (_REPLAY); replay calls the same
 Queue methods as the call that logged the record, which are deterministic.
 
-Exactly-once pushes: a native push carries (producer id, sequence number), and a
-client that lost the reply to a shard restart sends it again. The store keeps
-the last sequence number of each producer, in the same journal record as the
-push, and answers a number it has seen without applying it again. A refused push
-(a full queue, or a redirect) is remembered with its error (a Refuse record): sent
-again, it gets the same error, not "applied" because a later push of its producer
-passed. Each producer's last MAX_REFUSALS refusals are kept, and forgotten with it.
+Exactly-once pushes: a native push carries its producer's numbers, and a client
+that lost the reply to a shard restart or failover sends it again. The store keeps
+each number's answer (pype.shards.producers), applied in the push's own journal
+record or refused in a Refuse record, and answers a number it has seen with its
+first answer, without applying it again.
 
 Limits: a push of an item larger than max_item_bytes is a ValueError; a push that
 would take the bytes the shard holds (see item_size) past memory_budget is a
@@ -50,12 +48,13 @@ from pype.options import QueueOptions
 from pype.protocol import Moved
 from pype.shards import records
 from pype.shards.journal import FORMAT, Journal
+from pype.shards.producers import APPLIED, Producers
 from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
 from pype.shards.replication import EpochHistory
 
 COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
-MAX_PRODUCERS = 100_000  # producers whose last sequence number is kept (the least recent go)
-MAX_REFUSALS = 1_000  # per producer, refused pushes whose error is kept for a resend
+MAX_PINS = 100_000  # producers whose partition a partitioned queue keeps (the least recent go)
+MAX_OWNED = 100_000  # queue names whose owner belongs_elsewhere remembers
 
 logger = logging.getLogger("pype")
 
@@ -98,8 +97,7 @@ class QueueStore:
         # Lease ids grow with time, so that ids from before a restart are never reissued.
         self._next_lease_id = time.time_ns()
         self._nbytes = 0                            # held by all queues
-        self._producers: OrderedDict[int, int] = OrderedDict()  # producer id -> last sequence
-        self._refusals: dict[int, OrderedDict[int, Exception]] = {}  # producer -> sequence -> error
+        self._producers = Producers()               # each numbered push's answer
         self._retired: Counter = Counter()          # counters of removed queues
         # Resharding (pype.router's resize): the topology that decides which names are
         # this shard's once it gave queues away, (shards, hash seed, epoch); and while
@@ -146,8 +144,7 @@ class QueueStore:
         self._queues = state["queues"]
         self._retired = state["retired"]
         self._next_lease_id = max(self._next_lease_id, state["next_lease_id"])
-        self._producers = state.get("producers", OrderedDict())
-        self._refusals = state.get("refusals", {})
+        self._producers = Producers.load(state.get("producers"))
         self.owner, self._mine = state.get("owner"), {}
         self.expecting = state.get("expecting")
         self.position = state.get("position", 0)
@@ -206,11 +203,11 @@ class QueueStore:
             else:
                 queue.parked.append(ParkedPush(record.items, record.priority, None, record.nbytes,
                                                acknowledged=True))
-        self._note_producer(record.producer)
+        self._producers.note(record.producer, APPLIED)
         return record.items
 
     def _replay_refuse(self, record: records.Refuse) -> list:
-        self._note_refusal(record.producer, record.error)
+        self._producers.note(record.producer, record.error)
         return []
 
     def _replay_insert(self, record: records.Insert) -> list:
@@ -289,7 +286,6 @@ class QueueStore:
     def _state(self) -> dict:
         return {"queues": self._queues, "retired": self._retired,
                 "next_lease_id": self._next_lease_id, "producers": self._producers,
-                "refusals": self._refusals,
                 "owner": self.owner, "expecting": self.expecting,
                 "position": self.position, "history": list(self.history.starts)}
 
@@ -371,7 +367,7 @@ class QueueStore:
         pins = head.__dict__.setdefault("pins", OrderedDict())
         pins[producer] = pin
         head.next_pin = max(head.__dict__.get("next_pin", 0), pin + 1)
-        if len(pins) > MAX_PRODUCERS:
+        if len(pins) > MAX_PINS:
             pins.popitem(last=False)
 
     def require(self, names: tuple[str, ...]) -> None:
@@ -430,7 +426,7 @@ class QueueStore:
             return None
         mine = self._mine.get(name)
         if mine is None:
-            if len(self._mine) > MAX_PRODUCERS:
+            if len(self._mine) > MAX_OWNED:
                 self._mine.clear()
             shards, seed, _ = self.owner
             mine = self._mine[name] = shard_for(name, shards, seed) == index
@@ -517,11 +513,12 @@ class QueueStore:
         refuses them raises QueueFullError, naming it and how many queues took them.
         With block=True, items that do not fit wait in the queue's line until
         `timeout` and a PendingPush is returned (see push_outcome). A push whose
-        producer sequence number was seen before is answered, not applied again.
+        producer number was seen before gets its first answer (answer_again).
         Returns the number of items accepted (items x queues).
         """
-        if self.applied_before(producer):
-            return len(items) * len(names)  # a retry of a push that was applied
+        again = self.answer_again(producer, len(items) * len(names))
+        if again is not None:
+            return again
         nbytes = self._check_limits(items, len(names))
         queues = [self._queue_for_push(name, len(items), nbytes, priority) for name in names]
         if block:
@@ -538,7 +535,7 @@ class QueueStore:
             self._nbytes += queue.nbytes - before
         took = [(name, now) for name, now in zip(names, entered, strict=True) if now is not None]
         if took:
-            self._note_producer(producer)
+            self._producers.note(producer, APPLIED)
             self._log(records.Push(tuple(name for name, _ in took), [now for _, now in took],
                                    items, priority, nbytes, producer))
         if full:
@@ -547,43 +544,28 @@ class QueueStore:
             raise QueueFullError(f"queue {'; queue '.join(full)}{rest}")
         return len(items) * len(names)
 
-    def applied_before(self, producer: tuple[int, int] | None) -> bool:
-        """Was the push numbered `producer` (producer id, sequence) applied already?"""
-        return producer is not None and producer[1] <= self._producers.get(producer[0], -1)
+    def answered(self, producer: tuple | None) -> bool:
+        """Was the push numbered `producer` answered before (applied or refused)?"""
+        return self._producers.first_answer(producer) is not None
 
-    def refusal(self, producer: tuple[int, int] | None) -> Exception | None:
-        """The error the push numbered `producer` was refused with, or None: a push sent
-        again gets the answer it got the first time."""
-        if producer is None or producer[0] not in self._refusals:
+    def answer_again(self, producer: tuple | None, count: int) -> int | None:
+        """The answer the push numbered `producer` got when it first came, if it came
+        before: `count` (the items it put in) if it was applied; its refusal is raised
+        again. None: it is new (or not numbered)."""
+        first = self._producers.first_answer(producer)
+        if first is None:
             return None
-        return self._refusals[producer[0]].get(producer[1])
+        if first is APPLIED:
+            return count
+        raise first
 
-    def refuse(self, producer: tuple[int, int] | None, error: Exception) -> None:
-        """Remember that the push numbered `producer` (None: not numbered) was refused with
-        `error`, wholly or in part, and journal it: a change like any other, which
-        reaches a backup before the refusal reaches its caller."""
+    def refuse(self, producer: tuple | None, error: Exception) -> None:
+        """Keep `error` as the answer of the push numbered `producer` (None: not
+        numbered), refused wholly or in part, and journal it: a change like any other,
+        which reaches the backups before the refusal reaches its caller."""
         if producer is not None:
-            self._note_refusal(producer, error)
+            self._producers.note(producer, error)
             self._log(records.Refuse(producer, error))
-
-    def _note_refusal(self, producer: tuple[int, int], error: Exception) -> None:
-        producer_id, sequence = producer
-        refused = self._refusals.setdefault(producer_id, OrderedDict())
-        refused[sequence] = error
-        if len(refused) > MAX_REFUSALS:
-            refused.popitem(last=False)
-        if producer_id not in self._producers:  # none applied yet: 0, below every number
-            self._note_producer((producer_id, 0))
-
-    def _note_producer(self, producer: tuple[int, int] | None) -> None:
-        if producer is None:
-            return
-        producer_id, sequence = producer
-        self._producers[producer_id] = sequence
-        self._producers.move_to_end(producer_id)
-        if len(self._producers) > MAX_PRODUCERS:
-            forgotten, _ = self._producers.popitem(last=False)
-            self._refusals.pop(forgotten, None)
 
     def _check_limits(self, items: list, copies: int) -> int:
         """Return the bytes of `items`; raise if one is too large or the budget is spent."""
