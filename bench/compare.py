@@ -37,6 +37,12 @@ def worktree(revision: str, into: Path) -> Path:
     return into
 
 
+def short(revision: str) -> str:
+    """`revision` as the commit it names now (HEAD moves on; a hash does not)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", revision],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 def cleanup(path: Path) -> None:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
                    check=False, capture_output=True)
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for version, tree in trees.items():
             if tree != ROOT:
                 cleanup(tree)
-    report = {"before": args.before, "after": args.after or "working tree",
+    report = {"before": short(args.before), "after": short(args.after) if args.after else "working tree",
               "date": time.strftime("%Y-%m-%d"),
               "machine": f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
               "micro_runs": args.micro, "bench_runs": args.rounds, "rows": summary(samples),
