@@ -38,12 +38,12 @@ def primary_node(ray, server, index: int) -> str:
     return next(r["node"] for r in record["replicas"] if r["role"] == "primary")
 
 
-def replica_pid(ray, server, index: int, role: str) -> int:
-    """The pid of a replica of shard `index` in `role` ("primary" or "backup")."""
+def replica(ray, server, index: int, role: str) -> tuple:
+    """(actor, pid) of a replica of shard `index` in `role` ("primary" or "backup")."""
     for actor in ray.get(server.routes.router.actors.remote()):
         stats = ray.get(actor.stats.remote(), timeout=REQUEST_TIMEOUT)
         if stats["shard"] == index and stats["replication"]["role"] == role:
-            return stats["pid"]
+            return actor, stats["pid"]
     raise AssertionError(f"shard {index} has no {role}")
 
 
@@ -53,6 +53,7 @@ def main() -> None:
     try:
         import pype
         from pype.hashing import shard_for
+        from pype.protocol import Pull
 
         try:
             pype.Server.remote(shards=1, replicas=4, placement={"resource": "pype"})
@@ -77,6 +78,16 @@ def main() -> None:
         leased = server.pull(queue, 5, ack=True)
         assert [item for _, item, _ in leased] == [0, 1, 2, 3, 4], leased
         print("ok: 150 items acknowledged on both paths, 5 of them leased")
+
+        # 0. A .remote() call that reaches a backup (its caller's topology is from before a
+        # failover) runs on the primary; one naming a partitioned queue's head goes on to
+        # its partitions, as on the primary.
+        server.add("parted", partitions=2)
+        server.push(["p1", "p2"], "parted", expand=True)
+        backup, _ = replica(ray, server, server.shard_of("parted"), "backup")
+        got = ray.get(backup.wait_pull.remote(Pull("parted", -1), ("a-stale-caller", 0)))
+        assert sorted(got) == ["p1", "p2"], got
+        print("ok: a .remote() pull that reached a backup ran on the primary's partitions")
 
         # 1. A primary's process is SIGKILLed (its node lives): a backup takes over, and
         # Ray restarts the old one, which rejoins as a backup.
@@ -158,7 +169,7 @@ def main() -> None:
         moving = next(name for name in (f"moving-{n}" for n in range(1000))
                       if shard_for(name, 2, seed) == 0 and shard_for(name, 3, seed) == 2)
         server.push(["m1", "m2"], moving, expand=True)
-        stopped = replica_pid(ray, server, 0, "backup")
+        _, stopped = replica(ray, server, 0, "backup")
         os.kill(stopped, signal.SIGSTOP)
         try:
             assert ray.get(server.push.remote("m3", moving)) == 1

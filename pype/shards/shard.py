@@ -335,13 +335,17 @@ class Shard:
     def _run_on_primary(self, request: tuple, caller_id: str) -> object:
         """Run natively on the shard's primary a `.remote()` request that reached this
         backup: its caller routes by a topology from before a failover (it learns the
-        new one within a second, pype.routing.TOPOLOGY_CHECK)."""
+        new one within a second, pype.routing.TOPOLOGY_CHECK). The primary's redirects
+        are followed as the primary's own would be (a partitioned queue's head)."""
         routes = self._routes_to_others()
         if type(request) is Push:
             return routes.push_to(request.queues, request.items, request.block, request.timeout,
                                   request.priority, request.key,
                                   on_behalf=request.on_behalf or caller_id)
-        return routes.native(self._index, request)
+        try:
+            return routes.native(self._index, request)
+        except Redirect as redirect:
+            return routes.forward(request, caller_id, redirect)
 
     def _submit_waiting(self, request: tuple, caller: tuple[str, int]) -> object:
         caller_id, after = caller
