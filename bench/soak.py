@@ -1,5 +1,13 @@
 """`pype bench soak --minutes N`: at-least-once delivery while shards and consumers die.
 
+`pype bench soak --nodes N`: the same on a local multi-node cluster (a head node and N
+workers, bench.cluster), with 2 replicas of each shard and each node's journals on its
+own disk: whole worker nodes die (raylet and processes SIGKILLed, directory deleted)
+and fresh ones join, while shard processes are SIGKILLed too. Producers and consumers
+run on the head node and are not killed; a consumer whose ack was cut off sends it
+again until it is answered (acking an acked id succeeds), so every ack has a sure
+outcome and the verdict needs no journal (a dead node's is gone).
+
 Producers push numbered items, (producer, queue, sequence), in batches and note
 which pushes were acknowledged (their reference resolved) and which are unsure
 (the shard died with the push in flight: Ray cannot say whether it ran).
@@ -40,10 +48,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.table import Table
 
 import pype
+from bench.cluster import LocalCluster
 from pype.options import QueueOptions
 from pype.partitions import split_name
 from pype.shards import records
@@ -56,6 +66,11 @@ DRAIN_PATIENCE = 30.0  # seconds the drain may go without progress
 HOT, HOT_PARTITIONS = "soak-hot", 4  # a partitioned queue among the plain ones
 QUEUES = (*(f"soak-{letter}" for letter in "abcdefgh"), HOT)
 RESIZE_EVERY = 4.0  # seconds between resizes (--resize)
+REPLICAS = 2  # of each shard, with --nodes
+# What Ray raises for a .remote() call whose shard died with it in flight (its node too:
+# a replica pinned to a lost node is unschedulable); it may or may not have run.
+RAY_CUT_OFF = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+NODE_LOSS_EVERY = 15.0  # seconds between node losses (--nodes), each once the last was made good
 
 
 @ray.remote(num_cpus=0)
@@ -124,17 +139,39 @@ class Producer:
                 else:
                     ray.get(server.push.remote(items, queue, expand=True))
                 acknowledged.extend(items)
-            except pype.ShardLostError:  # not applied: the queue lost its items (no persistence)
-                sequence[queue] -= batch  # send these numbers again
-            except (ray.exceptions.RayActorError, pype.ShardUnavailableError):
-                unsure.extend(items)
+            except (pype.ShardLostError, pype.NotEnoughReplicasError):  # not applied: the queue
+                sequence[queue] -= batch  # lost its items, or too few replicas are in sync
+            except (*RAY_CUT_OFF, pype.ShardUnavailableError, pype.NotPrimaryError):
+                unsure.extend(items)  # NotPrimaryError: its primary was replaced before it committed
                 time.sleep(0.2)  # the shard is restarting
         return acknowledged, unsure
 
 
+CUT_OFF = (*RAY_CUT_OFF, pype.ShardLostError, pype.ShardRestartedError,
+           pype.ShardUnavailableError, pype.NotEnoughReplicasError, pype.NotPrimaryError)
+
+
+def settle(ack, queue: str, leases: list[int], attempts: int) -> dict:
+    """Ack `leases`; each one's outcome: "acked", "not held" (it went back to the queue),
+    or "unsure" (every one of `attempts` was cut off by a shard's death)."""
+    for attempt in range(attempts):
+        try:
+            ack(queue, leases)
+            return dict.fromkeys(leases, "acked")
+        except pype.LeaseNotHeldError as error:
+            late = set(error.lease_ids)
+            return {lease: "not held" if lease in late else "acked" for lease in leases}
+        except CUT_OFF:
+            if attempt + 1 < attempts:
+                time.sleep(0.2)
+    return dict.fromkeys(leases, "unsure")
+
+
 @ray.remote(num_cpus=0)
 class Consumer:
-    def run(self, server, ledger, name, seed, native):
+    def run(self, server, ledger, name, seed, native, resend_acks=False):
+        """Pull, tell the ledger, ack. resend_acks: send an ack cut off by a shard's
+        death again until it is answered, so that its outcome is sure."""
         rng = random.Random(seed)
         pull = server.pull if native else lambda *a, **k: ray.get(server.pull.remote(*a, **k))
         ack = server.ack if native else lambda *a, **k: ray.get(server.ack.remote(*a, **k))
@@ -146,7 +183,7 @@ class Consumer:
                 leased = pull(queue, 50, block=True, timeout=0.2, ack=True)
             except pype.ShardLostError:
                 continue
-            except (ray.exceptions.RayActorError, pype.ShardUnavailableError):
+            except CUT_OFF:
                 time.sleep(0.2)
                 continue
             if not leased:
@@ -156,15 +193,7 @@ class Consumer:
                 time.sleep(VISIBILITY_TIMEOUT + 0.5)  # too slow: the lease expires
             items = {lease: item for lease, item, _ in leased}
             ray.get(ledger.acking.remote(name, queue, items))  # before the ack, never after
-            try:
-                ack(queue, list(items))
-                outcome = dict.fromkeys(items, "acked")
-            except pype.LeaseNotHeldError as error:  # those went back to the queue
-                late = set(error.lease_ids)
-                outcome = {lease: "not held" if lease in late else "acked" for lease in items}
-            except (ray.exceptions.RayActorError, pype.ShardLostError, pype.ShardRestartedError,
-                    pype.ShardUnavailableError):
-                outcome = dict.fromkeys(items, "unsure")
+            outcome = settle(ack, queue, list(items), 300 if resend_acks else 1)
             ray.get(ledger.settled.remote(name, queue, outcome))
 
 
@@ -188,7 +217,7 @@ def with_retries(call, attempts=100):
     for _ in range(attempts):
         try:
             return call()
-        except (ray.exceptions.RayActorError, ShardsUnreachable):
+        except (*RAY_CUT_OFF, ShardsUnreachable):
             time.sleep(0.2)
     return call()
 
@@ -227,40 +256,116 @@ class Resizer:
         return self.counts
 
 
-def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int, rate: int,
-         native: bool, console: Console, resize: bool = False) -> dict:
+def start_server(shards: int, fsync: str, cluster: LocalCluster | None):
+    """The soak's server and the directory of its journals (None: on each node's disk,
+    or no persistence)."""
+    persistence = None if fsync == "off" else {"fsync": fsync}
+    if cluster is not None:
+        if persistence:
+            persistence["dir"] = "${PYPE_DATA}/pype"
+        return pype.Server.remote(
+            shards=shards, replicas=REPLICAS, placement={"resource": "pype"},
+            shard={"max_restarts": -1}, transport={"request_timeout": 10},
+            persistence=persistence, queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT}), None
     journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
-    server = pype.Server.remote(
-        shards=shards, shard={"max_restarts": -1},
-        # a log that is never compacted holds every item's whole history, for the trace
-        persistence={"dir": journal_dir if fsync != "off" else None,
-                     "fsync": fsync if fsync != "off" else "always", "compact_mb": 1 << 20},
-        queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT})
+    if persistence:  # a log that is never compacted holds every item's whole history
+        persistence.update({"dir": journal_dir, "compact_mb": 1 << 20})
+    return pype.Server.remote(
+        shards=shards, shard={"max_restarts": -1}, persistence=persistence,
+        queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT}), persistence and journal_dir
+
+
+def replica_pids(server) -> list[int]:
+    """The pids of every replica of every shard that answers now."""
+    pids = []
+    for actor in ray.get(server.routes.router.actors.remote()):
+        try:
+            pids.append(ray.get(actor.stats.remote(), timeout=10)["pid"])
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # its node is gone, or it is restarting
+    return pids
+
+
+class NodeLosses:
+    """Loses a worker node that holds replicas every `every` seconds, once every shard
+    is whole again (two replicas survive one loss at a time, not a second one before
+    the first was made good); a fresh node joins just before, so that the router has a
+    node to put the new replica on."""
+
+    def __init__(self, cluster: LocalCluster, server, every: float):
+        self.cluster, self.server, self.every = cluster, server, every
+        self.next_at = time.monotonic() + every
+        self.lost: list[str] = []
+
+    def _record(self) -> list[dict]:
+        return ray.get(self.server.routes.router.stats.remote())["replicas"]
+
+    def due(self) -> bool:
+        if time.monotonic() < self.next_at:
+            return False
+        return all(len(shard["replicas"]) == REPLICAS and not shard["under_replicated"]
+                   and not any(replica["gone"] for replica in shard["replicas"])
+                   for shard in self._record())
+
+    def lose_one(self, rng: random.Random) -> str:
+        for node in self.lost:  # Ray has long noticed: tidy up
+            self.cluster.forget(node)
+        self.lost.clear()
+        self.cluster.add_worker()
+        holding = sorted({replica["node"] for shard in self._record() for replica in shard["replicas"]})
+        victim = rng.choice(holding)
+        self.cluster.lose(victim)
+        self.lost.append(victim)
+        self.next_at = time.monotonic() + self.every
+        return victim
+
+
+def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int, rate: int,
+         path: str, console: Console, resize: bool = False,
+         cluster: LocalCluster | None = None) -> dict:
+    """One soak; path "native", "remote" or "both" (even-numbered producers and
+    consumers native, the others .remote()). With a `cluster`, shards are replicated
+    and its worker nodes die (NodeLosses)."""
+    def native(number: int) -> bool:
+        return path == "native" or (path == "both" and number % 2 == 0)
+
+    server, journal_dir = start_server(shards, fsync, cluster)
     server.add(HOT, partitions=HOT_PARTITIONS)
-    ledger = Ledger.remote()
+    # With a cluster, the clients live on the head node, whose loss is the cluster's loss.
+    on_head = {} if cluster is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
+    ledger = Ledger.options(**on_head).remote()
     seconds = minutes * 60
-    running = [Producer.remote().run.remote(server, p, seconds, rate / producers, native)
-               for p in range(producers)]
-    crew = {c: Consumer.remote() for c in range(consumers)}
-    runs = {c: consumer.run.remote(server, ledger, f"consumer {c}", c, native)
+    running = [Producer.options(**on_head).remote().run.remote(
+        server, p, seconds, rate / producers, native(p)) for p in range(producers)]
+    crew = {c: Consumer.options(**on_head).remote() for c in range(consumers)}
+    runs = {c: consumer.run.remote(server, ledger, f"consumer {c}", c, native(c), cluster is not None)
             for c, consumer in crew.items()}
     faults = Counter()
     rng = random.Random(0)
     resizer = Resizer(server, shards, shards + 2, RESIZE_EVERY, console) if resize else None
+    losses = NodeLosses(cluster, server, NODE_LOSS_EVERY) if cluster is not None else None
     ends = time.monotonic() + seconds
     while time.monotonic() < ends:
         time.sleep(rng.uniform(1.0, 3.0))
-        if rng.random() < 0.5:
-            pid = rng.choice(with_retries(lambda: shard_pids(server)))
-            os.kill(pid, signal.SIGKILL)
-            faults["shard processes killed"] += 1
+        if losses is not None and losses.due():
+            console.print(f"  node {losses.lose_one(rng)[:12]} lost")
+            faults["nodes lost (a fresh one joined)"] += 1
+        elif losses is not None or rng.random() < 0.5:
+            pids = with_retries(lambda: replica_pids(server) if losses else shard_pids(server))
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                faults["shard processes killed"] += 1
+            except (ProcessLookupError, IndexError):
+                pass  # gone with its node meanwhile
         else:
             victim = rng.choice(list(crew))
             ray.kill(crew[victim])
             faults["consumers killed"] += 1
             crew[victim] = Consumer.remote()
             name = f"consumer {victim}, incarnation {faults['consumers killed']}"
-            runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30), native)
+            runs[victim] = crew[victim].run.remote(server, ledger, name, rng.randrange(1 << 30),
+                                                   native(victim))
         console.print(f"  {time.strftime('%H:%M:%S')}  faults so far: {dict(faults)}")
     if resizer is not None:
         faults.update(resizer.stop())
@@ -289,9 +394,11 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     for consumer in crew.values():
         ray.kill(consumer)
     server.shutdown()
-    journal = trace_journals(Path(journal_dir)) if fsync != "off" else None
+    journal = trace_journals(Path(journal_dir)) if journal_dir else None
     result = judge(outcomes, deliveries, acks, journal, faults, stats, minutes, fsync)
-    return {"path": "native" if native else ".remote()", **result}
+    paths = {"native": "native", "remote": ".remote()", "both": "native and .remote()"}
+    nodes = {} if cluster is None else {"nodes": f"{len(cluster.data)} workers, {REPLICAS} replicas"}
+    return {"path": paths[path], **nodes, **result}
 
 
 def left_in_queues(stats: dict) -> int:
@@ -438,28 +545,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, default=3)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--rate", type=int, default=500, help="items/s pushed, all producers together")
-    parser.add_argument("--path", choices=("native", "remote"), default="native",
+    parser.add_argument("--path", choices=("native", "remote", "both"), default="native",
                         help="how producers and consumers call: natively (clients resend across "
-                             "restarts) or with .remote() (default native)")
+                             "restarts), with .remote(), or half each (default native)")
     parser.add_argument("--resize", action="store_true",
                         help=f"also grow and shrink the server (shards to shards + 2 and back) "
                              f"every {RESIZE_EVERY:g} s")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help=f"run on a local cluster of this many worker nodes, {REPLICAS} replicas "
+                             f"of each shard, and lose a node every {NODE_LOSS_EVERY:g} s or so "
+                             f"(default 0: one node, no replicas)")
+    parser.add_argument("--runs", type=int, default=1, help="soaks in a row, each on a fresh "
+                                                             "cluster (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where soak.json goes")
     args = parser.parse_args(argv)
     console = Console()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
-        result = soak(args.minutes, args.fsync, args.producers, args.consumers, args.shards,
-                      args.rate, args.path == "native", console, args.resize)
-    finally:
-        ray.shutdown()
+    results = []
+    for run in range(args.runs):
+        console.print(f"soak {run + 1} of {args.runs}")
+        cluster = LocalCluster(args.nodes, "pype-soak-") if args.nodes else None
+        if cluster is None:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING")
+        try:
+            results.append(soak(args.minutes, args.fsync, args.producers, args.consumers,
+                                args.shards, args.rate, args.path, console, args.resize, cluster))
+        finally:
+            if cluster is None:
+                ray.shutdown()
+            else:
+                cluster.stop()
+        show(results[-1], args, console)
     args.out.mkdir(parents=True, exist_ok=True)
-    resized = "-resize" if args.resize else ""
-    (args.out / f"soak-{args.fsync}-{args.path}{resized}.json").write_text(
+    named = "".join(("-resize" * args.resize, f"-nodes{args.nodes}" * bool(args.nodes)))
+    result = results[0] if args.runs == 1 else {"runs": results}
+    (args.out / f"soak-{args.fsync}-{args.path}{named}.json").write_text(
         json.dumps(result, indent=2, default=str))
-    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}, {args.path}"
-                        f"{', resizing' * args.resize}")
+    passed = sum(result["passed"] for result in results)
+    console.print(f"{passed} of {args.runs} soaks passed")
+    return 0 if passed == args.runs else 1
+
+
+def show(result: dict, args, console: Console) -> None:
+    table = Table(title=f"soak: {args.minutes:g} min, fsync {args.fsync}, {result['path']}"
+                        f"{', resizing' * args.resize}, {result.get('nodes', 'one node')}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():
@@ -468,4 +598,3 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     for explained in result["lost items"][:10]:
         console.print(explained)
-    return 0 if result["passed"] else 1
