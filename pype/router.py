@@ -44,6 +44,7 @@ logger = logging.getLogger("pype")
 RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwhile
 SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
 WATCH_INTERVAL = 0.5  # seconds between the router's looks at a new topology's shards
+ELECTIONS = 3  # tries at electing a new shard's primary while its replicas' nodes die
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,25 +186,67 @@ class Router:
         return _Shard([self._start_replica(index, slot, options, fresh)
                        for slot, options in enumerate(placement)])
 
-    def _wait_until_started(self, indices: range) -> None:
+    def _wait_until_started(self, indices: range, fresh: bool = False) -> None:
         """Wait until every replica of the shards at `indices` answers, however long Ray
         takes to start their processes (a loaded machine, a resource not yet free), so
         that a slow start is charged to starting the server and not to a first call's
-        transport.request_timeout. Warns each request_timeout while some are starting; a
-        replica that fails to start raises Ray's error."""
-        waiting = {replica.actor.data_address.remote(): f"{index}/{replica.slot}"
+        transport.request_timeout. Warns each request_timeout while some are starting.
+
+        fresh=True: new shards, which hold nothing yet; a replica whose node died before
+        it started is started again on another eligible node. Any other replica that
+        fails to start raises Ray's error."""
+        waiting = {replica.actor.data_address.remote(): (index, replica)
                    for index in indices for replica in self._all[index].replicas}
         every = self._config.transport.request_timeout
         started = time.monotonic()
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=every)
-            ray.get(ready)
             for ref in ready:
-                del waiting[ref]
+                index, replica = waiting.pop(ref)
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError):
+                    if not fresh or replica.node in eligible_nodes(self._config.placement):
+                        raise
+                    new = self._start_elsewhere(index, replica)
+                    waiting[new.actor.data_address.remote()] = (index, new)
             if waiting:
                 logger.warning("pype router: shard replicas %s still starting after %.0f s (a "
                                "missing resource keeps them pending: see Ray's warnings)",
-                               sorted(waiting.values()), time.monotonic() - started)
+                               sorted(f"{index}/{replica.slot}" for index, replica
+                                      in waiting.values()), time.monotonic() - started)
+
+    def _elect_new(self, index: int) -> None:
+        """Elect the primary of new shard `index` once its replicas answer. One whose node
+        dies before the election is started again elsewhere (_wait_until_started), and
+        the election runs again."""
+        for attempt in range(ELECTIONS):
+            self._wait_until_started(range(index, index + 1), fresh=True)
+            try:
+                self._elect(index)
+                return
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError,
+                    ray.exceptions.GetTimeoutError):
+                if attempt + 1 == ELECTIONS:
+                    raise
+
+    def _start_elsewhere(self, index: int, dead: _Replica) -> _Replica:
+        """Start again, on an eligible node that holds none of the shard's replicas, a
+        replica of a new shard whose node died before it started (it held nothing)."""
+        with self._replicas_lock:
+            shard = self._all[index]
+            taken = {replica.node for replica in shard.replicas}
+            free = [node for node in eligible_nodes(self._config.placement) if node not in taken]
+            if not free:
+                raise ConfigError(f"shard {index}: node {dead.node} died while a replica "
+                                  f"started there, and no other eligible node is free for it")
+            new = self._start_replica(index, dead.slot, pinned_to(free[0]), fresh=True)
+            shard.replicas[shard.replicas.index(dead)] = new
+        self._save()
+        logger.warning("pype router: shard %d: node %s died while replica %s started there; "
+                       "replica %s starts on node %s instead", index, dead.node, dead.id[:8],
+                       new.id[:8], new.node)
+        return new
 
     def _start_replica(self, index: int, slot: int, placement: dict, fresh: bool) -> _Replica:
         config = self._config
@@ -277,11 +320,11 @@ class Router:
             added = range(len(self._all), shards)
             self._all += [self._start_shard(index, placements[index], fresh=True) for index in added]
             self._save()
-            self._wait_until_started(added)
+            self._wait_until_started(added, fresh=True)
         if config.replicas > 1:  # also those of a resize cut short before it elected them
             for index, shard in enumerate(self._all):
                 if shard.replica_set is None:
-                    self._elect(index)
+                    self._elect_new(index)
         receivers = self._all[:shards]
         # Every alive shard may hold queues: one a shrink removed, if that shrink was cut short.
         givers = list(self._all)
@@ -617,8 +660,8 @@ class Router:
         else could lead, and leading again in a new epoch would fail what it holds."""
         with self._replicas_lock:
             shard = self._shard_holding(index, replica.id)
-            if shard is None:
-                return
+            if shard is None or shard.replica_set is None:
+                return  # not elected yet: the resize starting it starts it elsewhere
             replicas = shard.replica_set
             backup = replicas.primary != replica.id
         if backup and self._answers(replica):

@@ -4,9 +4,10 @@ nothing acknowledged is lost; clients fail over by themselves.
 Run by tests/test_failover.py in its own process (a process joins one Ray cluster, and
 the test session already runs one). A head node and 3 worker nodes (ray.cluster_utils),
 Ray's failure detection shortened; 2 shards of 2 replicas (min_insync 1), journals with
-fsync "always" on each node's own disk; the router is killed too, a primary stopped, and
-the server resized while a shard is under-replicated. Prints one "ok: ..." line per
-check; stops the cluster, which stops what it started.
+fsync "always" on each node's own disk; the router is killed too, a primary stopped, the
+server resized while a shard is under-replicated and as a node dies, and a `.remote()`
+call sent to a backup. Prints one "ok: ..." line per check; stops the cluster, which
+stops what it started.
 """
 
 import os
@@ -53,6 +54,7 @@ def main() -> None:
     try:
         import pype
         from pype.hashing import shard_for
+        from pype.placement import eligible_nodes
         from pype.protocol import Pull
 
         try:
@@ -224,6 +226,27 @@ def main() -> None:
         assert server.stats()["under_replicated"] == 0
         print("ok: a node joined and a resize to the same count gave each under-replicated "
               "shard a new replica, which caught up")
+
+        # 6. A node dies while a resize starts a new shard's replica on it (Ray takes 1.5 s
+        # here to notice; the resize placed the replica at once): the replica starts on
+        # another node and the resize finishes.
+        cluster.add_worker()
+        server.push(list(range(200, 220)), queue, expand=True)
+        nodes = eligible_nodes(server.routes.topology.config.placement)
+        victim = nodes[3 % len(nodes)]  # where shard 3's first replica goes (shard_options)
+        resizing = server.routes.router.resize.remote(4)
+        cluster.lose(victim)
+        resized = ray.get(resizing)
+        server.routes.refresh(resized["epoch"])
+        assert resized["shards"] == 4, resized
+        until(lambda: all(all_in_sync(ray, server, index) for index in range(4)),
+              "every replica of the 4 shards in sync", 120)
+        assert all(victim not in [r["node"] for r in replicas_of(ray, server, index)["replicas"]]
+                   for index in range(4))
+        assert server.pull(queue, -1) == list(range(200, 220))
+        print("ok: a node lost as a resize placed a new shard on it: the resize to 4 shards "
+              "finished, the new shard's replica started elsewhere, nothing was lost")
+        cluster.forget(victim)
 
         server.shutdown()
     finally:
