@@ -396,6 +396,8 @@ def soak(minutes: float, fsync: str, producers: int, consumers: int, shards: int
     server.shutdown()
     journal = trace_journals(Path(journal_dir)) if journal_dir else None
     result = judge(outcomes, deliveries, acks, journal, faults, stats, minutes, fsync)
+    result["unsure pushes of native producers (items)"] = sum(
+        len(unsure) for number, (_, unsure) in enumerate(outcomes) if native(number))
     paths = {"native": "native", "remote": ".remote()", "both": "native and .remote()"}
     nodes = {} if cluster is None else {"nodes": f"{len(cluster.data)} workers, {REPLICAS} replicas"}
     return {"path": paths[path], **nodes, **result}
