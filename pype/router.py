@@ -510,8 +510,6 @@ class Router:
         and kept every record they acknowledged (not `restarted`). False if none did."""
         shard = self._all[index]
         timeout = self._config.transport.request_timeout
-        persistence = self._config.persistence
-        trust_restarted = bool(persistence.dir) and persistence.fsync == "always"
         while True:
             with self._replicas_lock:
                 before = shard.replica_set
@@ -533,7 +531,7 @@ class Router:
                 return self._lead(index)  # the record, again: same epoch, nothing changes
             if again:
                 answers = [(replica, position) for replica, position in answers
-                           if trust_restarted or not position.restarted]
+                           if not position.restarted]
             if not answers:
                 logger.error("pype: shard %d: no replica of its in-sync set answered with "
                              "every record it acknowledged: none can lead without losing "
@@ -736,13 +734,19 @@ class Router:
     def _lead_again(self, index: int, replica: _Replica) -> None:
         """The primary of shard `index`, the one replica in sync, came back (Ray restarted
         its process, which starts as a backup). It leads again, in a new epoch, if its
-        journal kept every record it acknowledged (fsync "always"); else nothing may
+        journal kept every record it acknowledged (fsync "always", or any mode if its
+        operating system did not restart: Position.restarted is False); else nothing may
         lead without losing acknowledged records, and the shard stays unavailable."""
-        persistence = self._config.persistence
-        if persistence.dir is None or persistence.fsync != "always":
+        try:
+            position = ray.get(replica.actor.position.remote(),
+                               timeout=self._config.transport.request_timeout)
+        except ray.exceptions.RayError:
+            return  # died again: its next start brings it here again
+        if position.restarted:
             logger.error("pype: shard %d: its primary restarted without every record it "
-                         "acknowledged (persistence.fsync is not always) and no backup is in "
-                         "sync: no replica can lead without losing acknowledged items", index)
+                         "acknowledged (no persistence, or its OS restarted and fsync is not "
+                         "always) and no backup is in sync: no replica can lead without "
+                         "losing acknowledged items", index)
             return
         with self._replicas_lock:
             shard = self._shard_holding(index, replica.id)

@@ -140,6 +140,30 @@ def main() -> None:
         print(f"ok: shard 1's primary ({pid}) was stopped (SIGSTOP); the router took it for "
               f"dead and promoted the backup; resumed, it followed and caught up")
 
+        # 1d. fsync "never": the primary, the one replica in sync (its backup stopped), is
+        # SIGKILLed. Its OS did not restart, so its journal holds every record it wrote:
+        # Ray restarts it, it leads again, and every acknowledged item is there.
+        never = pype.Server.remote(
+            name="never", shards=1, replicas=2, placement={"resource": "pype"},
+            transport={"request_timeout": REQUEST_TIMEOUT},
+            persistence={"dir": "${PYPE_DATA}/pype", "fsync": "never"})
+        never.push(["n1", "n2"], "nq", expand=True)
+        _, backup_pid = replica(ray, never, 0, "backup")
+        _, primary_pid = replica(ray, never, 0, "primary")
+        os.kill(backup_pid, signal.SIGSTOP)
+        try:
+            assert ray.get(never.push.remote("n3", "nq")) == 1  # committed without the backup
+            assert replicas_of(ray, never, 0)["under_replicated"]
+            os.kill(primary_pid, signal.SIGKILL)
+            assert never.push("n4", "nq") == 1  # resent to the restarted primary
+            assert never.pull("nq", -1) == ["n1", "n2", "n3", "n4"]
+        finally:
+            os.kill(backup_pid, signal.SIGCONT)
+        until(lambda: all_in_sync(ray, never, 0), "the resumed backup of 'never' in sync", 120)
+        never.shutdown()
+        print("ok: fsync never: the only in-sync replica's process was killed; restarted on "
+              "the same boot of its OS, it led again with every acknowledged item")
+
         # 2. The primary's node dies, its disk with it.
         first = primary_node(ray, server, 0)
         killed_at = time.monotonic()

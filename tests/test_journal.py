@@ -9,6 +9,7 @@ import pytest
 
 from pype.errors import PypeError, QueueFullError
 from pype.options import QueueOptions
+from pype.shards import journal
 from pype.shards.journal import Journal, safe_dir_name
 from pype.shards.store import QueueStore
 
@@ -120,7 +121,7 @@ def test_journal_files_are_private_and_never_named_after_queues(tmp_path):
         store.push((name,), [name] * 5)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     files = list(directory.iterdir())
-    assert {path.name.split("-")[0] for path in files} == {"wal", "snapshot"}
+    assert {path.name.split("-")[0] for path in files} == {"wal", "snapshot", "boot"}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -159,3 +160,22 @@ def test_a_refusal_is_answered_again_after_a_restart(tmp_path, compact):
     with pytest.raises(QueueFullError, match="'full'"):
         restored.answer_again((7, 1, 1), 1)
     assert restored.answer_again((7, 2, 1), 1) == 1
+
+
+@pytest.mark.parametrize("fsync", ["never", "batch"])
+def test_a_journal_opened_again_on_the_same_boot_kept_every_write(tmp_path, fsync):
+    """A shard process killed and started again finds every record it wrote in the OS's
+    cache, whatever the fsync mode; after the OS restarted, only "always" says so."""
+    if journal._boot_id() is None:
+        pytest.skip("this operating system does not say which boot this is")
+    store = open_store(tmp_path, fsync)
+    store.push(("q",), [1])
+    store.close()
+    for mode, boot, kept in ((fsync, None, True), (fsync, "an earlier boot", False),
+                             ("always", "an earlier boot", True)):
+        if boot is not None:
+            (tmp_path / "boot-id").write_text(boot)
+        reopened = Journal(tmp_path, mode)
+        assert reopened.kept_every_write is kept, (mode, boot)
+        reopened.close()
+    assert Journal(tmp_path / "new", fsync).kept_every_write  # nothing written before

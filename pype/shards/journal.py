@@ -4,6 +4,7 @@ Layout of one shard's directory (Pype creates it with mode 0700, files 0600):
 
     snapshot-<g>.pkl   the whole state when log generation g began (none for g = 0)
     wal-<g>.log        every change since then, one framed record each
+    boot-id            the boot of the operating system that last opened it (Linux)
 
 A frame is a 4-byte length, a 4-byte CRC32 and a pickle. Appending writes the
 record to the operating system before the call that caused it returns, so a
@@ -11,7 +12,9 @@ killed shard process loses nothing it acknowledged; `fsync` decides what
 survives the loss of the machine: "always" syncs every record before the call
 returns, "batch" syncs at most FSYNC_INTERVAL later, "never" leaves it to the
 operating system. A record cut short by a crash is dropped, with a warning, when
-the log is read back.
+the log is read back. A process that opens the journal again after its own crash
+finds every record it wrote, whatever the mode, as long as the operating system
+did not restart meanwhile: Journal.kept_every_write says so, from boot-id.
 
 Compaction writes the state as snapshot g+1 (to a temporary file, synced, then
 renamed), starts wal-(g+1).log and deletes generation g. Reading takes the
@@ -50,7 +53,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ FSYNC_INTERVAL = 0.05  # seconds between syncs in "batch" mode
 FORMAT = 2  # the format this code writes; it reads 1 to FORMAT (see the module docstring)
 _FRAME = struct.Struct("<II")  # length, crc32 of the pickled record
 _FILE_MODE = 0o600
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux: new at each boot
 _DIR_MODE = 0o700
 
 # Each record type's code in the log. The codes are the format: never change one
@@ -93,6 +97,14 @@ def safe_dir_name(label: str) -> str:
     """A file-system-safe, collision-free directory name for a user-given label."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", label)[:40]
     return f"{slug}-{xxhash.xxh64_hexdigest(label.encode())[:12]}"
+
+
+def _boot_id() -> str | None:
+    """This boot of the operating system, or None where it cannot tell (not Linux)."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return None
 
 
 def make_private_dir(path: Path) -> Path:
@@ -135,8 +147,26 @@ class Journal:
         self._dirty = False
         self._lock = threading.Lock()  # the writer and the "batch" syncer share the fd
         self._stop = threading.Event()
+        self.kept_every_write = self._note_boot()
         if fsync == "batch":
             threading.Thread(target=self._sync_periodically, name="pype-fsync", daemon=True).start()
+
+    def _note_boot(self) -> bool:
+        """Does the directory hold every record written to it before? Yes with fsync
+        "always" (each was synced), in a new directory, or if the operating system has
+        not restarted since the last writer opened it (what that writer wrote is in the
+        OS's cache at least, even if it was killed). Records this boot for the next."""
+        boot = _boot_id()
+        path = self.directory / "boot-id"
+        last = path.read_text() if path.exists() else None
+        fresh = not any(self.directory.glob("wal-*.log"))
+        if boot is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+            try:
+                os.write(fd, boot.encode())
+            finally:
+                os.close(fd)
+        return self.fsync == "always" or fresh or (boot is not None and last == boot)
 
     # -- reading back ---------------------------------------------------------------
 
@@ -157,12 +187,13 @@ class Journal:
 
     # -- writing --------------------------------------------------------------------
 
-    def append(self, record: Record) -> None:
-        """Write one record; with fsync "always", also sync it before returning."""
-        frame = _frame((_CODES[type(record)],) + record)  # a plain tuple: (code, *fields)
+    def extend(self, batch: Iterable[Record]) -> None:
+        """Write records in one write; with fsync "always", sync them once before
+        returning (a backup writes each message of its primary so: group commit)."""
+        frames = b"".join(_frame((_CODES[type(record)],) + record) for record in batch)
         with self._lock:
-            os.write(self._fd, frame)
-            self.log_bytes += len(frame)
+            os.write(self._fd, frames)
+            self.log_bytes += len(frames)
             if self.fsync == "always":
                 os.fsync(self._fd)
             else:

@@ -213,8 +213,9 @@ class Position(NamedTuple):
     """A backup's answer to message `sequence`: it holds every record up to `end`, the
     last one written in leader epoch `last_epoch`, and follows leader epoch `epoch`.
     To the router also: whether it `leads` epoch `epoch`, and whether it `restarted`
-    (its process started again, and the router has neither recorded it out of the
-    in-sync set since nor made it lead: its log may lack records it acknowledged)."""
+    without every record it acknowledged (its process started again without a journal
+    that kept every write, and the router has neither recorded it out of the in-sync
+    set since nor made it lead)."""
 
     epoch: int
     sequence: int

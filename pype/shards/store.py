@@ -159,7 +159,7 @@ class QueueStore:
         last one, and journal them (pype.shards.replication)."""
         for record in batch:
             self._apply(record)
-            self._write(record)
+        self._write(*batch)
         self._nbytes = sum(queue.nbytes for queue in self._queues.values())
 
     def snapshot(self) -> bytes:
@@ -275,11 +275,11 @@ class QueueStore:
         if self.replicate is not None:
             self.replicate(self.position, record)
 
-    def _write(self, record: records.Record) -> None:
-        """Journal one record; compact when the log has grown large."""
+    def _write(self, *batch: records.Record) -> None:
+        """Journal records, synced together; compact when the log has grown large."""
         if self._journal is None:
             return
-        self._journal.append(record)
+        self._journal.extend(batch)
         if self._journal.log_bytes >= self._compact_bytes:
             self._compact()
 
