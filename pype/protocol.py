@@ -37,6 +37,9 @@ from pype.errors import PypeError
 from pype.options import QueueOptions
 
 RESULT, ERROR = 0, 1
+# Numbered pushes a client may have unanswered to one shard: the shard keeps that many
+# answers per producer (pype.shards.producers), so that one sent again gets its own.
+MAX_UNANSWERED_PUSHES = 10_000
 LARGE_BUFFER = 64 * 1024  # bytes; smaller buffers ride inside the pickle (ZeroMQ copies them anyway)
 
 

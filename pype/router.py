@@ -192,8 +192,9 @@ class Router:
         that a slow start is charged to starting the server and not to a first call's
         transport.request_timeout. Warns each request_timeout while some are starting.
 
-        fresh=True: new shards, which hold nothing yet; a replica whose node died before
-        it started is started again on another eligible node. Any other replica that
+        fresh=True: new shards, which hold nothing yet; a replica that Ray cannot start
+        (its node died, or it died and Ray gave up on it) starts again, on an eligible
+        node that holds none of the shard's other replicas. Otherwise a replica that
         fails to start raises Ray's error."""
         waiting = {replica.actor.data_address.remote(): (index, replica)
                    for index in indices for replica in self._all[index].replicas}
@@ -206,9 +207,9 @@ class Router:
                 try:
                     ray.get(ref)
                 except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError):
-                    if not fresh or replica.node in eligible_nodes(self._config.placement):
+                    if not fresh:
                         raise
-                    new = self._start_elsewhere(index, replica)
+                    new = self._start_again(index, replica)
                     waiting[new.actor.data_address.remote()] = (index, new)
             if waiting:
                 logger.warning("pype router: shard replicas %s still starting after %.0f s (a "
@@ -217,35 +218,34 @@ class Router:
                                       in waiting.values()), time.monotonic() - started)
 
     def _elect_new(self, index: int) -> None:
-        """Elect the primary of new shard `index` once its replicas answer. One whose node
-        dies before the election is started again elsewhere (_wait_until_started), and
-        the election runs again."""
+        """Elect the primary of new shard `index` once its replicas answer. One that dies
+        before the election (its node, say) starts again (_wait_until_started), and the
+        election runs again."""
         for attempt in range(ELECTIONS):
             self._wait_until_started(range(index, index + 1), fresh=True)
             try:
-                self._elect(index)
+                self._elect(index)  # elected: a primary that dies now fails over (_watch)
                 return
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError,
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
                     ray.exceptions.GetTimeoutError):
                 if attempt + 1 == ELECTIONS:
                     raise
 
-    def _start_elsewhere(self, index: int, dead: _Replica) -> _Replica:
-        """Start again, on an eligible node that holds none of the shard's replicas, a
-        replica of a new shard whose node died before it started (it held nothing)."""
+    def _start_again(self, index: int, dead: _Replica) -> _Replica:
+        """Start again, on an eligible node that holds none of the shard's other
+        replicas, a replica of a new shard that Ray could not start (it held nothing)."""
         with self._replicas_lock:
             shard = self._all[index]
-            taken = {replica.node for replica in shard.replicas}
+            taken = {replica.node for replica in shard.replicas if replica is not dead}
             free = [node for node in eligible_nodes(self._config.placement) if node not in taken]
             if not free:
-                raise ConfigError(f"shard {index}: node {dead.node} died while a replica "
-                                  f"started there, and no other eligible node is free for it")
+                raise ConfigError(f"shard {index}: replica {dead.id[:8]} could not start on "
+                                  f"node {dead.node}, and no other eligible node is free for it")
             new = self._start_replica(index, dead.slot, pinned_to(free[0]), fresh=True)
             shard.replicas[shard.replicas.index(dead)] = new
         self._save()
-        logger.warning("pype router: shard %d: node %s died while replica %s started there; "
-                       "replica %s starts on node %s instead", index, dead.node, dead.id[:8],
-                       new.id[:8], new.node)
+        logger.warning("pype router: shard %d: replica %s could not start on node %s; replica "
+                       "%s starts on node %s", index, dead.id[:8], dead.node, new.id[:8], new.node)
         return new
 
     def _start_replica(self, index: int, slot: int, placement: dict, fresh: bool) -> _Replica:
@@ -405,6 +405,8 @@ class Router:
             watched = set(watching.values())
             lost = self._topology.lost
             for index, shard in enumerate(list(self._all)):
+                if self._config.replicas > 1 and shard.replica_set is None:
+                    continue  # a new shard, not elected: the resize starting it watches it
                 for replica in shard.replicas:
                     if (index not in lost and (index, replica) not in watched
                             and replica.id not in self._gone):
@@ -609,6 +611,8 @@ class Router:
             if shard is None:
                 return False
             before = shard.replica_set
+            if before is None:
+                return True  # of a new shard not elected yet: it holds nothing
             if before.primary != replica:
                 shard.replica_set = before.restarted(replica)
             changed = shard.replica_set

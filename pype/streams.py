@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
-from pype.protocol import Moved, Pull, Push
+from pype.protocol import MAX_UNANSWERED_PUSHES, Moved, Pull, Push
 from pype.routing import Routes
 from pype.transport import Pipeline
 
@@ -214,8 +214,9 @@ class Producer:
                  linger: float = 0.005, block: bool = False, window: int = 8):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        if not 1 <= window <= MAX_UNANSWERED_PUSHES:
+            raise ValueError(f"window must be between 1 and {MAX_UNANSWERED_PUSHES:,} (the "
+                             f"answers a shard keeps per producer), got {window}")
         self._queue = queue
         self._batch_size = batch_size
         self._linger = linger

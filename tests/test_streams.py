@@ -80,3 +80,5 @@ def test_consume_rejects_bad_arguments(server):
         server.consume("q", batch_size=0)
     with pytest.raises(ValueError):
         server.producer("q", batch_size=0)
+    with pytest.raises(ValueError, match="window must be between 1 and 10,000"):
+        server.producer("q", window=10_001)  # more than a shard keeps answers for

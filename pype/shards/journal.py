@@ -72,6 +72,7 @@ FORMAT = 2  # the format this code writes; it reads 1 to FORMAT (see the module 
 _FRAME = struct.Struct("<II")  # length, crc32 of the pickled record
 _FILE_MODE = 0o600
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux: new at each boot
+EXIT_JOURNAL_FAILED = 74  # the exit status of a shard whose journal could not be written (EX_IOERR)
 _DIR_MODE = 0o700
 
 # Each record type's code in the log. The codes are the format: never change one
@@ -97,6 +98,13 @@ def safe_dir_name(label: str) -> str:
     """A file-system-safe, collision-free directory name for a user-given label."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", label)[:40]
     return f"{slug}-{xxhash.xxh64_hexdigest(label.encode())[:12]}"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _boot_id() -> str | None:
@@ -152,21 +160,21 @@ class Journal:
             threading.Thread(target=self._sync_periodically, name="pype-fsync", daemon=True).start()
 
     def _note_boot(self) -> bool:
-        """Does the directory hold every record written to it before? Yes with fsync
-        "always" (each was synced), in a new directory, or if the operating system has
-        not restarted since the last writer opened it (what that writer wrote is in the
-        OS's cache at least, even if it was killed). Records this boot for the next."""
+        """Does the directory hold every record that the process before this one wrote?
+        Yes if that process left its boot-id here (the directory is the one it wrote
+        to, not a new or emptied one) and fsync is "always" (each record was synced) or
+        the operating system has not restarted since (what it wrote is in the OS's
+        cache at least, even if it was killed; a local filesystem, whose write errors
+        the writer saw). Records this boot for the next process."""
         boot = _boot_id()
         path = self.directory / "boot-id"
         last = path.read_text() if path.exists() else None
-        fresh = not any(self.directory.glob("wal-*.log"))
-        if boot is not None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-            try:
-                os.write(fd, boot.encode())
-            finally:
-                os.close(fd)
-        return self.fsync == "always" or fresh or (boot is not None and last == boot)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            _write_all(fd, (boot or "unknown").encode())
+        finally:
+            os.close(fd)
+        return last is not None and (self.fsync == "always" or (boot is not None and last == boot))
 
     # -- reading back ---------------------------------------------------------------
 
@@ -192,11 +200,19 @@ class Journal:
         returning (a backup writes each message of its primary so: group commit)."""
         frames = b"".join(_frame((_CODES[type(record)],) + record) for record in batch)
         with self._lock:
-            os.write(self._fd, frames)
+            try:
+                _write_all(self._fd, frames)
+                if self.fsync == "always":
+                    os.fsync(self._fd)
+            except OSError as error:
+                # The store changed its memory before this write: going on would serve
+                # and acknowledge what the journal does not hold. Stop the process; its
+                # restart replays the journal (Kafka halts on a log directory's failure).
+                logger.critical("pype journal %s: a write failed (%s): the shard stops",
+                                self.directory, error)
+                os._exit(EXIT_JOURNAL_FAILED)
             self.log_bytes += len(frames)
-            if self.fsync == "always":
-                os.fsync(self._fd)
-            else:
+            if self.fsync != "always":
                 self._dirty = True
 
     def compact(self, state: dict) -> None:

@@ -12,9 +12,9 @@ nor applied after pushes numbered after it.
 Answers below a producer's floor are dropped. A number below the floor is answered
 APPLIED: journals written before the floor existed carry (id, sequence) alone, taken
 as their own floor, which is the older rule "every number up to the highest seen was
-applied". At most MAX_ANSWERS answers are kept per producer (a client would need more
-numbered pushes than that in flight to one shard to outrun them) and MAX_PRODUCERS
-producers, the least recently seen dropped first.
+applied". At most MAX_ANSWERS answers are kept per producer (a client has no more
+numbered pushes than that in flight to one shard: a Producer's window is capped so)
+and MAX_PRODUCERS producers, the least recently seen dropped first.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import copy
 from collections import OrderedDict
 from typing import Any
 
+from pype.protocol import MAX_UNANSWERED_PUSHES
+
 APPLIED = True
-MAX_ANSWERS = 10_000      # per producer: numbers at or above its floor
+MAX_ANSWERS = MAX_UNANSWERED_PUSHES  # per producer: numbers at or above its floor
 MAX_PRODUCERS = 100_000   # producers whose answers are kept (the least recently seen go)
 
 Answer = bool | Exception  # APPLIED, or the error a push was refused with
