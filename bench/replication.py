@@ -15,8 +15,9 @@ alternating round by round, medians:
 Failover: the node of a shard's primary dies (its raylet and every process it started
 SIGKILLed, its directory deleted) while the driver pushes; the time from the kill to the
 first acknowledged push, and from the router's record of the promotion to it, over
-`losses` losses, with replicas 3 (min_insync 2) and replicas 2. A fresh node joins after
-each loss, and the bench waits until the shard is whole again.
+`losses` losses, with replicas 3 (min_insync 2) and replicas 2. A fresh node joins before
+each loss (the router puts the lost replica's successor on a node free at the loss), and
+the bench waits until the shard is whole again.
 
 Results: <out>/replication.json and replication.md.
 """
@@ -80,7 +81,8 @@ def failovers(cluster: LocalCluster, replicas: int, min_insync: int, losses: int
     from_kill, from_record = [], []
     try:
         for _ in range(losses):
-            record = _replicas(ray, server)
+            cluster.add_worker()  # a free node for the new replica (none is moved to a node
+            record = _replicas(ray, server)  # that joins later, before a resize)
             primary = next(r["node"] for r in record["replicas"] if r["role"] == "primary")
             killed = time.time()
             cluster.lose(primary)
@@ -90,7 +92,6 @@ def failovers(cluster: LocalCluster, replicas: int, min_insync: int, losses: int
             from_kill.append(acknowledged - killed)
             from_record.append(acknowledged - promoted)
             cluster.forget(primary)
-            cluster.add_worker()
             _until_whole(ray, server, replicas)
         assert server.queue_len("bench-failover") == losses
     finally:

@@ -45,6 +45,7 @@ RESIZE = "resize"  # the router's thread for resize(): topology() answers meanwh
 SHRINK_GRACE = 10.0  # seconds a shard that a shrink removed forwards stale clients
 WATCH_INTERVAL = 0.5  # seconds between the router's looks at a new topology's shards
 ELECTIONS = 3  # tries at electing a new shard's primary while its replicas' nodes die
+REFILL_INTERVAL = 5.0  # seconds between looks for a free node for replicas lost with theirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +295,7 @@ class Router:
 
         First, a shard lost with its node (replicas: 1) starts again, empty, and a replica
         lost with its node that found no free node then gets one now, if a node joined:
-        calling resize with the same count is how an operator restores replication.
+        the router also looks for one every REFILL_INTERVAL seconds by itself.
 
         Jump hash moves only the queues whose shard changes: growing from S to S + 1
         moves about 1/(S + 1) of them, all to the new shard. A shard killed during a
@@ -399,9 +400,14 @@ class Router:
         while the shards live, and a restarted replica gets a new call."""
         watching: dict = {}  # the call's ref -> (index, _Replica)
         pings: dict = {}  # shard index -> (primary's id, ping's ref, when sent)
+        refill_at = 0.0
         while True:
             if self._config.replicas > 1:
                 self._ping_primaries(pings)
+                if time.monotonic() >= refill_at:
+                    refill_at = time.monotonic() + REFILL_INTERVAL
+                    threading.Thread(target=self._refill, name="pype-router-refill",
+                                     daemon=True).start()
             watched = set(watching.values())
             lost = self._topology.lost
             for index, shard in enumerate(list(self._all)):
@@ -761,12 +767,32 @@ class Router:
         if self._lead(index):
             self._publish()
 
-    def _replace_gone_replicas(self, shards: int) -> None:
+    def _refill(self) -> None:
+        """Replace the replicas gone with their node that found no free eligible node
+        then, once one is free (a node joined), as resize() does; a resize running now
+        does it itself. Quiet while no node is free (the loss was logged)."""
+        if not any(replica.id in self._gone for shard in self._all for replica in shard.replicas):
+            return
+        if not self._changing.acquire(blocking=False):
+            return
+        try:
+            nodes = set(eligible_nodes(self._config.placement))
+            self._replace_gone_replicas(len(self._all), only_where_free=nodes)
+        except (ConfigError, ray.exceptions.RayError):
+            logger.exception("pype router: replacing replicas lost with their node failed")
+        finally:
+            self._changing.release()
+
+    def _replace_gone_replicas(self, shards: int, only_where_free: set | None = None) -> None:
         """Replace each replica of the first `shards` shards gone with its node that found
         no free eligible node then (resize() calls it: a node may have joined since). One
-        that cannot be replaced is logged; the resize goes on."""
+        that cannot be replaced is logged; the resize goes on. only_where_free: the
+        eligible nodes; shards with none free of their replicas are left alone, unlogged."""
         for index, shard in enumerate(self._all[:shards]):
             if shard.replica_set is None:
+                continue
+            if only_where_free is not None and not only_where_free - {
+                    replica.node for replica in shard.replicas}:
                 continue
             for replica in list(shard.replicas):
                 if replica.id in self._gone and replica.id not in shard.replica_set.in_sync:

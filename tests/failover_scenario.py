@@ -237,19 +237,17 @@ def main() -> None:
         print(f"ok: stats() and pype stats show {len(stats['failovers'])} failovers, "
               f"{stats['under_replicated']} shards under-replicated, each replica's role")
 
-        # 5. A node joins; a resize to the same count restores each shard's replicas.
+        # 5. A node joins: the router puts each shard's missing replica on it by itself.
         def gone_replicas() -> int:
             return sum(replica["gone"] for record in ray.get(
                 server.routes.router.stats.remote())["replicas"] for replica in record["replicas"])
         until(lambda: gone_replicas() == 3, "each shard's replica lost with the node recorded", 120)
         cluster.add_worker()
-        assert gone_replicas() == 3  # not replaced before the resize: no node was free
-        server.resize(3)
         until(lambda: all(all_in_sync(ray, server, index) for index in range(3)),
               "every shard with 2 replicas in sync again", 120)
         assert server.stats()["under_replicated"] == 0
-        print("ok: a node joined and a resize to the same count gave each under-replicated "
-              "shard a new replica, which caught up")
+        print("ok: a node joined and the router gave each under-replicated shard a new "
+              "replica on it, which caught up")
 
         # 6. A node dies while a resize starts a new shard's replica on it (Ray takes 1.5 s
         # here to notice; the resize placed the replica at once): the replica starts on
