@@ -34,6 +34,18 @@ def all_in_sync(ray, server, index: int) -> bool:
     return all(replica["in_sync"] for replica in record["replicas"]) and len(record["replicas"]) == 2
 
 
+def describe_replicas(ray, server) -> None:
+    """Print the router's record and what each replica says of itself (a failed wait)."""
+    print("router:", ray.get(server.routes.router.stats.remote())["replicas"])
+    for actor in ray.get(server.routes.router.actors.remote()):
+        try:
+            stats = ray.get(actor.stats.remote(), timeout=REQUEST_TIMEOUT)
+            print("replica:", {key: stats.get(key) for key in
+                               ("shard", "pid", "node_id", "restarted", "replication")})
+        except Exception as error:  # noqa: BLE001 - a dead or stuck one says so
+            print("replica: no answer:", repr(error)[:300])
+
+
 def primary_node(ray, server, index: int) -> str:
     record = replicas_of(ray, server, index)
     return next(r["node"] for r in record["replicas"] if r["role"] == "primary")
@@ -243,8 +255,12 @@ def main() -> None:
                 server.routes.router.stats.remote())["replicas"] for replica in record["replicas"])
         until(lambda: gone_replicas() == 3, "each shard's replica lost with the node recorded", 120)
         cluster.add_worker()
-        until(lambda: all(all_in_sync(ray, server, index) for index in range(3)),
-              "every shard with 2 replicas in sync again", 120)
+        try:
+            until(lambda: all(all_in_sync(ray, server, index) for index in range(3)),
+                  "every shard with 2 replicas in sync again", 120)
+        except AssertionError:
+            describe_replicas(ray, server)  # what the next one to look at needs
+            raise
         assert server.stats()["under_replicated"] == 0
         print("ok: a node joined and the router gave each under-replicated shard a new "
               "replica on it, which caught up")
