@@ -63,11 +63,16 @@ class TracedStore(QueueStore):
 class Pair:
     """A primary and its backups, wired by hand: the test says when messages travel."""
 
-    def __init__(self, members=("a", "b"), min_insync=1, max_tail=100_000):
+    def __init__(self, members=("a", "b"), min_insync=1, max_tail=100_000, journal=None):
+        """journal: the primary's (with fsync "always" it syncs apart, as a shard's does)."""
         self.replicas = ReplicaSet.start(members, min_insync)
         self.stores = {member: QueueStore(QueueOptions()) for member in members}
+        if journal is not None:
+            self.stores[members[0]] = QueueStore(QueueOptions(), journal=journal)
+            self.stores[members[0]].restore()
         self.primary = self.stores[members[0]]
-        self.log = PrimaryLog(self.replicas, members[0], self.primary, max_tail=max_tail)
+        self.log = PrimaryLog(self.replicas, members[0], self.primary, max_tail=max_tail,
+                              synced_apart=self.primary.syncs_each_write)
         self.primary.replicate = self.log.append
         self.primary.lead(1, members[0])
         self.backups = {member: BackupLog(self.stores[member]) for member in members[1:]}
@@ -106,6 +111,40 @@ def test_a_reply_is_held_until_every_in_sync_backup_holds_its_record():
     pair.exchange()
     assert pair.acked == ["x"]
     assert contents(pair.stores["b"]) == ["x"]
+
+
+def synced(pair):
+    """The primary's journal syncs what it wrote; run the released replies."""
+    through = pair.primary.position
+    pair.primary.sync()
+    for release in pair.log.synced(through):
+        release()
+
+
+def test_a_primary_whose_journal_syncs_apart_holds_a_reply_until_its_own_sync(tmp_path):
+    pair = Pair(journal=Journal(tmp_path / "a", fsync="always"))
+    pair.push("x")
+    pair.sync()
+    assert pair.stores["b"].length("q") == 1
+    assert pair.acked == [] and pair.log.unsynced  # the backup holds x; a's disk may not
+    synced(pair)
+    assert pair.acked == ["x"] and not pair.log.unsynced
+    pair.push("y")
+    synced(pair)
+    assert pair.acked == ["x"]  # a's disk holds y; the backup does not yet
+    pair.sync()
+    assert pair.acked == ["x", "y"]
+    assert [r.items for r in Journal(tmp_path / "a").load().records
+            if type(r) is records.Push] == [["x"], ["y"]]
+
+
+def test_alone_in_sync_a_primary_whose_journal_syncs_apart_waits_for_its_sync(tmp_path):
+    pair = Pair(journal=Journal(tmp_path / "a", fsync="always"))
+    pair.change(pair.replicas.shrunk(1, 0, "b"))
+    pair.push("x")
+    assert pair.acked == []
+    synced(pair)
+    assert pair.acked == ["x"]
 
 
 def test_with_the_backup_out_of_the_in_sync_set_the_primary_commits_alone():

@@ -36,7 +36,9 @@ logged before the answer is committed: each reply waits in the PrimaryLog
 requests with NotEnoughReplicasError before running them. A backup answers only
 Replicate requests, from its primary, and every other with NotPrimaryError. Whoever
 carries the messages (the shard's replication sender) asks the engine what to send
-(message_for) and hands it each answer (answered), under the engine's lock.
+(message_for) and hands it each answer (answered), under the engine's lock; with
+fsync "always" it also syncs the primary's journal beside the backups' and says how
+far (synced).
 """
 
 from __future__ import annotations
@@ -381,7 +383,8 @@ class ShardEngine:
         if type(self.replication) is PrimaryLog:  # it led an earlier epoch: what it held fails
             self._fail_waiting()
         committed = self.replication.committed if type(self.replication) is BackupLog else 0
-        self.replication = PrimaryLog(replicas, me, self.store, committed)
+        self.replication = PrimaryLog(replicas, me, self.store, committed,
+                                      synced_apart=self.store.syncs_each_write)
         # Callers numbered their `.remote()` calls to the old primary, which this one never
         # saw run: like a restarted shard, it holds nobody's requests for them.
         self._restarted = True
@@ -438,6 +441,12 @@ class ShardEngine:
     def answered(self, backup: str, answer: Position) -> None:
         """Backup `backup` answered: send the replies this commits."""
         for release in self.replication.acknowledged(backup, answer):
+            release()
+
+    def synced(self, position: int) -> None:
+        """The primary's journal synced every record through `position` (see
+        QueueStore._log): send the replies this commits."""
+        for release in self.replication.synced(position):
             release()
 
     def change_replicas(self, replicas: ReplicaSet) -> None:

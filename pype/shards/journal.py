@@ -10,7 +10,8 @@ A frame is a 4-byte length, a 4-byte CRC32 and a pickle. Appending writes the
 record to the operating system before the call that caused it returns, so a
 killed shard process loses nothing it acknowledged; `fsync` decides what
 survives the loss of the machine: "always" syncs every record before the call
-returns, "batch" syncs at most FSYNC_INTERVAL later, "never" leaves it to the
+returns (a replicated primary's reply waits for a sync that runs beside its
+backups': Journal.sync), "batch" syncs at most FSYNC_INTERVAL later, "never" leaves it to the
 operating system. A record cut short by a crash is dropped, with a warning, when
 the log is read back. A process that opens the journal again after its own crash
 finds every record it wrote, whatever the mode, as long as the operating system
@@ -56,7 +57,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import xxhash
 
@@ -105,6 +106,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _stop_the_shard(directory: Path, error: OSError) -> NoReturn:
+    """A journal write or sync failed. The store changed its memory before it: going on
+    would serve and acknowledge what the journal does not hold. Stop the process; its
+    restart replays the journal (Kafka halts on a log directory's failure)."""
+    logger.critical("pype journal %s: a write failed (%s): the shard stops", directory, error)
+    os._exit(EXIT_JOURNAL_FAILED)
 
 
 def _boot_id() -> str | None:
@@ -195,25 +204,37 @@ class Journal:
 
     # -- writing --------------------------------------------------------------------
 
-    def extend(self, batch: Iterable[Record]) -> None:
+    def extend(self, batch: Iterable[Record], sync: bool = True) -> None:
         """Write records in one write; with fsync "always", sync them once before
-        returning (a backup writes each message of its primary so: group commit)."""
+        returning (a backup writes each message of its primary so: group commit).
+        sync=False leaves the sync to a later sync(): a replicated primary's records
+        are synced on a thread of their own while its backups sync theirs."""
         frames = b"".join(_frame((_CODES[type(record)],) + record) for record in batch)
         with self._lock:
             try:
                 _write_all(self._fd, frames)
-                if self.fsync == "always":
+                if sync and self.fsync == "always":
                     os.fsync(self._fd)
             except OSError as error:
-                # The store changed its memory before this write: going on would serve
-                # and acknowledge what the journal does not hold. Stop the process; its
-                # restart replays the journal (Kafka halts on a log directory's failure).
-                logger.critical("pype journal %s: a write failed (%s): the shard stops",
-                                self.directory, error)
-                os._exit(EXIT_JOURNAL_FAILED)
+                _stop_the_shard(self.directory, error)
             self.log_bytes += len(frames)
-            if self.fsync != "always":
+            if not sync or self.fsync != "always":
                 self._dirty = True
+
+    def sync(self) -> None:
+        """Sync every record written before this call. Writers go on meanwhile: it
+        syncs a duplicate of the log's descriptor (after a compaction, the records of
+        the old log are in the synced snapshot)."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            fd = os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            _stop_the_shard(self.directory, error)
+        finally:
+            os.close(fd)
 
     def compact(self, state: dict) -> None:
         """Make `state` (the store's dict, to which the snapshot adds "format": FORMAT)
@@ -262,9 +283,9 @@ class Journal:
     def _sync_periodically(self) -> None:
         while not self._stop.wait(FSYNC_INTERVAL):
             with self._lock:
-                if self._dirty and self._fd >= 0:
-                    os.fsync(self._fd)
-                    self._dirty = False
+                dirty, self._dirty = self._dirty, False
+            if dirty:
+                self.sync()
 
     def _sync_directory(self) -> None:
         """Make file creations and renames in the directory durable."""

@@ -249,11 +249,13 @@ class PrimaryLog:
     empty Batch, a probe: only its answer says which of its records agree with this log.
 
     A record is committed once every member of the in-sync set (and every backup that
-    is joining it) holds it, and only while they are min_insync or more.
+    is joining it) holds it, and only while they are min_insync or more. The primary
+    is one of them: with synced_apart, its own log holds a record once synced(its
+    position) says so (its journal syncs beside the backups'), else once appended.
     """
 
     def __init__(self, replicas: ReplicaSet, me: str, log: Log, committed: int = 0,
-                 max_tail: int = 100_000):
+                 max_tail: int = 100_000, synced_apart: bool = False):
         if replicas.primary != me:
             raise StaleEpochError(f"replica {me} is not the primary of epoch {replicas.epoch}")
         self.replicas = replicas
@@ -272,6 +274,7 @@ class PrimaryLog:
         # backup -> version of the set the router was asked to add it to (None: not yet)
         self._joining: dict[str, int | None] = {}
         self._sent_end: dict[str, int] = {}  # backup -> the log's end when its last message left
+        self._synced: int | None = log.position if synced_apart else None  # None: as appended
         self._commit()
 
     @property
@@ -299,6 +302,19 @@ class PrimaryLog:
         self._bytes += getattr(record, "nbytes", 0)
         self._tail.append((position, record, self._bytes))
         self._commit_alone()
+
+    @property
+    def unsynced(self) -> bool:
+        """Has the log records that the primary's own journal has not synced yet?"""
+        return self._synced is not None and self._synced < self.end
+
+    def synced(self, position: int) -> list[Callable[[], None]]:
+        """The primary's own journal synced every record through `position`: return the
+        callbacks of the held replies this releases."""
+        if self._synced is None or position <= self._synced:
+            return []
+        self._synced = min(position, self.end)
+        return self._commit()
 
     def hold(self, position: int, release: Callable[[], None], fail: Callable[[], None]) -> None:
         """Call release() once `position` is committed: now, or later, as one of the
@@ -458,15 +474,20 @@ class PrimaryLog:
             return None  # it holds records of that epoch that this log does not
         return answer.end
 
+    @property
+    def _own_end(self) -> int:
+        """The last position the primary's own log holds (synced, where that waits)."""
+        return self.end if self._synced is None else self._synced
+
     def _commit_alone(self) -> None:
         if len(self.replicas.in_sync) == 1 and not self._joining and self.can_commit:
-            self.committed = self.end
+            self.committed = max(self.committed, self._own_end)
 
     def _commit(self) -> list[Callable[[], None]]:
         if self.can_commit:
             members = self.replicas.in_sync | set(self._joining)
             held = [self._held.get(member, 0) for member in members if member != self.me]
-            self.committed = max(self.committed, min([self.end, *held]))
+            self.committed = max(self.committed, min([self._own_end, *held]))
         everyone = min([self.committed] + [self._held.get(member, 0)
                                           for member in self.replicas.backups])
         while self._tail and (self._tail[0][0] <= everyone or len(self._tail) > self.max_tail):

@@ -12,6 +12,10 @@ a backup that does not answer within its lag timeout, or that came back with les
 than it held, is asked out; one that caught up is asked back in. Commits wait for a
 backup from the moment it starts to join (PrimaryLog.joining), so that under steady
 load it still catches up.
+
+With fsync "always" one more thread syncs the primary's own journal, which the
+engine writes without syncing (QueueStore._log), while the backups sync theirs: a
+reply waits for the slower of the two syncs, not for their sum.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class Replicator:
         self._threads = [threading.Thread(target=self._serve, args=(backup, actor), daemon=True,
                                           name=f"pype-replicate-{engine.index}-{backup[:8]}")
                          for backup, actor in backups.items()]
+        if engine.store.syncs_each_write:
+            self._threads.append(threading.Thread(target=self._sync_own_journal, daemon=True,
+                                                  name=f"pype-sync-{engine.index}"))
         for thread in self._threads:
             thread.start()
 
@@ -104,6 +111,22 @@ class Replicator:
                 continue
             if not self._answered(backup, answer):
                 return
+
+    def _sync_own_journal(self) -> None:
+        """Sync the records the engine wrote since the last sync; tell it how far."""
+        engine, log = self._engine, self._log
+        while True:
+            with engine.lock:
+                while self._current() and not log.unsynced:
+                    engine.new_records.wait(IDLE_WAKE)
+                if not self._current():
+                    return
+                through = log.end
+            engine.store.sync()
+            with engine.lock:
+                if not self._current():
+                    return
+                engine.synced(through)
 
     def _connect(self, actor) -> Connection | None:
         """A connection to the backup's current incarnation; None once stopped."""

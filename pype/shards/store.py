@@ -271,17 +271,31 @@ class QueueStore:
         if type(record) is records.Lead:  # raises, changing nothing, for an epoch not newer
             self.history.begin(record.epoch, self.position + 1)
         self.position += 1
-        self._write(record)
+        # A replicated primary syncs its journal on the side, while its backups sync
+        # theirs (Replicator); the reply waits for both (PrimaryLog.synced).
+        self._write(record, sync=self.replicate is None)
         if self.replicate is not None:
             self.replicate(self.position, record)
 
-    def _write(self, *batch: records.Record) -> None:
-        """Journal records, synced together; compact when the log has grown large."""
+    def _write(self, *batch: records.Record, sync: bool = True) -> None:
+        """Journal records, synced together unless sync=False (then sync() does it);
+        compact when the log has grown large."""
         if self._journal is None:
             return
-        self._journal.extend(batch)
+        self._journal.extend(batch, sync=sync)
         if self._journal.log_bytes >= self._compact_bytes:
             self._compact()
+
+    @property
+    def syncs_each_write(self) -> bool:
+        """Does the journal sync each record before it is acknowledged (fsync "always")?"""
+        return self._journal is not None and self._journal.fsync == "always"
+
+    def sync(self) -> None:
+        """Sync the journal's records written so far (those _log wrote unsynced). Call
+        it without the engine's lock: writers go on meanwhile."""
+        if self._journal is not None:
+            self._journal.sync()
 
     def _state(self) -> dict:
         return {"queues": self._queues, "retired": self._retired,
