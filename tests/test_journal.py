@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import stat
+import threading
 
 import pytest
 
@@ -180,3 +181,58 @@ def test_a_journal_opened_again_on_the_same_boot_kept_every_write(tmp_path, fsyn
         reopened.close()
     (tmp_path / "boot-id").unlink()  # a directory emptied, or not the one it wrote to
     assert not Journal(tmp_path, "always").kept_every_write
+
+
+def _spy_on_fsync(monkeypatch) -> list:
+    """The inode of each file os.fsync syncs from now on (it still syncs)."""
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def _log_inode(directory) -> int:
+    return max(directory.glob("wal-*.log")).stat().st_ino
+
+
+def test_records_written_unsynced_are_synced_by_sync_also_after_a_compaction(tmp_path, monkeypatch):
+    store = open_store(tmp_path, fsync="always")
+    synced = _spy_on_fsync(monkeypatch)
+    store.replicate = lambda position, record: None  # a replicated primary's store: sync apart
+    store.add("q", QueueOptions())
+    store.push(("q",), ["x"])
+    assert _log_inode(tmp_path) not in synced  # written, not synced
+    store.sync()
+    assert _log_inode(tmp_path) in synced
+    store._compact()
+    store.push(("q",), ["y"])
+    synced.clear()
+    store.sync()
+    assert synced == [_log_inode(tmp_path)]  # the new generation's log
+    assert store.pull("q", -1, remove=False) == open_store(tmp_path).pull("q", -1, remove=False)
+
+
+def test_with_fsync_batch_the_syncer_syncs_what_was_written(tmp_path, monkeypatch):
+    store = open_store(tmp_path, fsync="batch")
+    store.add("q", QueueOptions())
+    real_fsync, pushed_synced, on_writers_path = os.fsync, threading.Event(), []
+    log = max(tmp_path.glob("wal-*.log"))
+    pushed_size = None  # the log's size once the push is written
+
+    def fsync(fd):
+        if threading.current_thread() is threading.main_thread():
+            on_writers_path.append(fd)
+        status = os.fstat(fd)
+        real_fsync(fd)
+        if pushed_size is not None and status.st_ino == log.stat().st_ino and status.st_size >= pushed_size:
+            pushed_synced.set()
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.push(("q",), ["x"])
+    pushed_size = log.stat().st_size
+    assert pushed_synced.wait(timeout=120)  # the syncer's, every FSYNC_INTERVAL
+    assert on_writers_path == []

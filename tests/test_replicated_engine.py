@@ -5,15 +5,20 @@ replication sender will), so it decides when a backup gets what: replies of the
 primary must wait for exactly that.
 """
 
+import os
+import threading
+
 import pytest
 
 from pype.errors import NotEnoughReplicasError, NotPrimaryError, QueueFullError
 from pype.options import QueueOptions
 from pype.protocol import Add, Pull, Push, Replicate, Stats
 from pype.shards.engine import ShardEngine
+from pype.shards.journal import Journal
 from pype.shards.replication import ReplicaSet
+from pype.shards.replicator import Replicator
 from pype.shards.store import QueueStore
-from tests.test_engine import Clock, run
+from tests.test_engine import Answer, Clock, run
 
 
 class ReplicatedShard:
@@ -174,3 +179,50 @@ def test_a_refused_push_sent_again_to_the_new_primary_is_refused_again(queues):
     assert run(shard.engines["b"], Push(("other",), ["later"], producer=(7, 2, 1))).result() == 1
     assert items(shard.engines["b"], "roomy") == (["lost?"] if "roomy" in queues else [])
     assert items(shard.engines["b"], "other") == ["later"]
+
+
+class _Awaited(Answer):
+    """An Answer that also sets an event, for a reply sent from another thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.event = threading.Event()
+
+    def __call__(self, status, value):
+        super().__call__(status, value)
+        self.event.set()
+
+
+def test_with_fsync_always_a_primary_answers_once_its_own_sync_thread_synced(tmp_path, monkeypatch):
+    """The primary writes the record unsynced; its Replicator's sync thread syncs the log
+    (held here until the test lets it go), and only then does the reply go out."""
+    store = QueueStore(QueueOptions(), journal=Journal(tmp_path / "a", fsync="always"))
+    store.restore()
+    engine = ShardEngine(store, 0, 0.5)
+    replicas = ReplicaSet.start(["a", "b"], 1)
+    replicas = replicas.shrunk(replicas.epoch, replicas.version, "b")  # "a" commits alone
+    with engine.lock:
+        engine.lead(replicas, "a")
+    real_fsync, go_on, synced = os.fsync, threading.Event(), []
+
+    def fsync(fd):
+        if threading.current_thread() is not threading.main_thread():
+            assert go_on.wait(timeout=60)
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    replicator = Replicator(engine, engine.replication, {}, keys=None, node_id="n",
+                            request_timeout=10, ask_router=None)
+    try:
+        pushed = _Awaited()
+        with engine.lock:
+            engine.dispatch(Push(("q",), ["x"]), "c", 0, True, pushed)
+        assert not pushed.done and synced == []  # written, not synced, not answered
+        go_on.set()
+        assert pushed.event.wait(timeout=60)
+        assert pushed.result() == 1
+        log = max((tmp_path / "a").glob("wal-*.log"))
+        assert log.stat().st_ino in synced
+    finally:
+        replicator.stop()

@@ -169,9 +169,10 @@ class Journal:
             threading.Thread(target=self._sync_periodically, name="pype-fsync", daemon=True).start()
 
     def _note_boot(self) -> bool:
-        """Does the directory hold every record that the process before this one wrote?
-        Yes if that process left its boot-id here (the directory is the one it wrote
-        to, not a new or emptied one) and fsync is "always" (each record was synced) or
+        """Does the directory hold every record that the process before this one
+        acknowledged? Yes if that process left its boot-id here (the directory is the
+        one it wrote to, not a new or emptied one) and fsync is "always" (each record
+        was synced before anything that depends on it was acknowledged) or
         the operating system has not restarted since (what it wrote is in the OS's
         cache at least, even if it was killed; a local filesystem, whose write errors
         the writer saw). Records this boot for the next process."""
@@ -228,7 +229,10 @@ class Journal:
         with self._lock:
             if self._fd < 0:
                 return
-            fd = os.dup(self._fd)
+            try:
+                fd = os.dup(self._fd)
+            except OSError as error:  # out of descriptors: no sync, so no acknowledgement
+                _stop_the_shard(self.directory, error)
         try:
             os.fsync(fd)
         except OSError as error:
@@ -242,19 +246,24 @@ class Journal:
         generation = self.generation + 1
         final = self._snapshot_path(generation)
         temporary = final.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        snapshot = pickle.dumps({**state, "format": FORMAT}, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            os.write(fd, pickle.dumps({**state, "format": FORMAT}, protocol=pickle.HIGHEST_PROTOCOL))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, final)
-        self._sync_directory()
-        with self._lock:
-            os.close(self._fd)
-            old = self.generation
-            self.generation = generation
-            self._open_log(self._log_path(generation), truncate_to=0)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+            try:
+                _write_all(fd, snapshot)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, final)
+            self._sync_directory()
+            with self._lock:
+                os.close(self._fd)
+                self._fd = -1
+                old = self.generation
+                self.generation = generation
+                self._open_log(self._log_path(generation), truncate_to=0)
+        except OSError as error:  # the old log holds every record; a restart replays it
+            _stop_the_shard(self.directory, error)
         self._log_path(old).unlink(missing_ok=True)
         self._snapshot_path(old).unlink(missing_ok=True)
         logger.info("pype journal %s: compacted into snapshot %d", self.directory, generation)

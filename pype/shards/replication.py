@@ -274,7 +274,10 @@ class PrimaryLog:
         # backup -> version of the set the router was asked to add it to (None: not yet)
         self._joining: dict[str, int | None] = {}
         self._sent_end: dict[str, int] = {}  # backup -> the log's end when its last message left
-        self._synced: int | None = log.position if synced_apart else None  # None: as appended
+        # What the primary's own journal has synced, where that is apart from writing
+        # (None: each record as appended). Not the log's end: it may hold records that
+        # only the backups synced (a primary of an earlier epoch).
+        self._synced: int | None = self.committed if synced_apart else None
         self._commit()
 
     @property

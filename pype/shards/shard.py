@@ -198,8 +198,9 @@ class Shard:
             with self._engine.lock:
                 self._engine.follow(0)
             if self._restarted:  # out of the in-sync set before it answers anything
-                # Its log may lack records it acknowledged unless its journal kept every
-                # write (fsync "always", or the same boot of the OS: only its process died).
+                # Its log may lack records it acknowledged unless its journal kept them
+                # (fsync "always": each synced before it was acknowledged; or the same
+                # boot of the OS: only its process died).
                 self._restarted_since_led = not ray.get(
                     router.replica_restarted.remote(index=index, replica=replica)) and not (
                     journal is not None and journal.kept_every_write)
