@@ -259,20 +259,21 @@ class Resizer:
 def start_server(shards: int, fsync: str, cluster: LocalCluster | None):
     """The soak's server and the directory of its journals (None: on each node's disk,
     or no persistence)."""
-    persistence = None if fsync == "off" else {"fsync": fsync}
+    persistence = {"dir": None} if fsync == "off" else {"fsync": fsync}
     if cluster is not None:
-        if persistence:
+        if fsync != "off":
             persistence["dir"] = "${PYPE_DATA}/pype"
         return pype.Server.remote(
             shards=shards, replicas=REPLICAS, placement={"resource": "pype"},
             shard={"max_restarts": -1}, transport={"request_timeout": 10},
             persistence=persistence, queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT}), None
-    journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
-    if persistence:  # a log that is never compacted holds every item's whole history
+    journal_dir = None
+    if fsync != "off":  # a log that is never compacted holds every item's whole history
+        journal_dir = tempfile.mkdtemp(prefix="pype-soak-")
         persistence.update({"dir": journal_dir, "compact_mb": 1 << 20})
     return pype.Server.remote(
         shards=shards, shard={"max_restarts": -1}, persistence=persistence,
-        queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT}), persistence and journal_dir
+        queue_defaults={"visibility_timeout": VISIBILITY_TIMEOUT}), journal_dir
 
 
 def replica_pids(server) -> list[int]:
