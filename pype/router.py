@@ -578,16 +578,17 @@ class Router:
             time.sleep(1.0)
         self._publish()
 
-    def _lead(self, index: int) -> bool:
-        """Tell shard `index`'s primary to lead its replica set; False if it did not answer
-        (it died too: its own death starts the next failover)."""
+    def _lead(self, index: int, lost: frozenset = frozenset()) -> bool:
+        """Tell shard `index`'s primary to lead its replica set (`lost`: the queues whose
+        items died with every in-sync replica); False if it did not answer (it died too:
+        its own death starts the next failover)."""
         shard = self._all[index]
         with self._replicas_lock:
             replicas = shard.replica_set
             primary = shard.primary
             backups = {r.id: r.actor for r in shard.replicas if r.id != replicas.primary}
         try:
-            ray.get(primary.actor.lead.remote(replicas, backups),
+            ray.get(primary.actor.lead.remote(replicas, backups, lost=lost),
                     timeout=self._config.transport.request_timeout)
             return True
         except ray.exceptions.RayError as error:
@@ -745,26 +746,35 @@ class Router:
         """The primary of shard `index`, the one replica in sync, came back (Ray restarted
         its process, which starts as a backup). It leads again, in a new epoch, if its
         journal kept every record it acknowledged (fsync "always", or any mode if its
-        operating system did not restart: Position.restarted is False); else nothing may
-        lead without losing acknowledged records, and the shard stays unavailable."""
+        operating system did not restart: Position.restarted is False). Else, with
+        persistence, nothing may lead without losing acknowledged records (its journal
+        may come back with them): the shard stays unavailable. Without persistence they
+        died with every in-sync replica's process: it leads again empty, and each
+        caller's first call to a queue it held raises ShardLostError, as when a shard of
+        one replica restarts."""
+        with self._replicas_lock:
+            shard = self._shard_holding(index, replica.id)
+            if shard is None or shard.replica_set.primary != replica.id:
+                return
+            before = shard.replica_set
         try:
             position = ray.get(replica.actor.position.remote(),
                                timeout=self._config.transport.request_timeout)
         except ray.exceptions.RayError:
             return  # died again: its next start brings it here again
-        if position.restarted:
+        if position.restarted and self._config.persistence.dir is not None:
             logger.error("pype: shard %d: its primary restarted without every record it "
-                         "acknowledged (no persistence, or its OS restarted and fsync is not "
-                         "always) and no backup is in sync: no replica can lead without "
-                         "losing acknowledged items", index)
+                         "acknowledged (its OS restarted and fsync is not always) and no "
+                         "backup is in sync: no replica can lead without losing acknowledged "
+                         "items", index)
             return
         with self._replicas_lock:
-            shard = self._shard_holding(index, replica.id)
-            if shard is None or shard.replica_set.primary != replica.id:
-                return
-            shard.replica_set = shard.replica_set.promoted(replica.id)
+            if self._shard_holding(index, replica.id) is not shard or shard.replica_set is not before:
+                return  # another report of this death (Ray's, the watcher's) led it first
+            shard.replica_set = before.promoted(replica.id)
+        lost = frozenset(self.shard_restarted(index)) if position.restarted else frozenset()
         self._save()
-        if self._lead(index):
+        if self._lead(index, lost):
             self._publish()
 
     def _refill(self) -> None:

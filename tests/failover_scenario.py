@@ -60,6 +60,36 @@ def replica(ray, server, index: int, role: str) -> tuple:
     raise AssertionError(f"shard {index} has no {role}")
 
 
+def only_in_sync_replica_killed(pype, ray, name: str, persistence: dict) -> None:
+    """Step 1d on a server of its own, named `name`, with `persistence`."""
+    server = pype.Server.remote(
+        name=name, shards=1, replicas=2, placement={"resource": "pype"},
+        transport={"request_timeout": REQUEST_TIMEOUT}, persistence=persistence)
+    server.push(["n1", "n2"], "nq", expand=True)
+    _, backup_pid = replica(ray, server, 0, "backup")
+    _, primary_pid = replica(ray, server, 0, "primary")
+    os.kill(backup_pid, signal.SIGSTOP)
+    try:
+        assert ray.get(server.push.remote("n3", "nq")) == 1  # committed without the backup
+        assert replicas_of(ray, server, 0)["under_replicated"]
+        os.kill(primary_pid, signal.SIGKILL)
+        if persistence["dir"] is None:
+            try:
+                server.push("n4", "nq")
+                raise AssertionError("a push to a queue whose items died was applied silently")
+            except pype.ShardLostError:
+                pass  # told once; not applied
+            assert server.push("n4", "nq") == 1
+            assert server.pull("nq", -1) == ["n4"]
+        else:
+            assert server.push("n4", "nq") == 1  # resent to the restarted primary
+            assert server.pull("nq", -1) == ["n1", "n2", "n3", "n4"]
+    finally:
+        os.kill(backup_pid, signal.SIGCONT)
+    until(lambda: all_in_sync(ray, server, 0), f"the resumed backup of {name!r} in sync", 120)
+    server.shutdown()
+
+
 def main() -> None:
     cluster = LocalCluster(WORKERS, "pype-failover-")
     ray = cluster.ray
@@ -76,10 +106,11 @@ def main() -> None:
             assert "4 distinct nodes" in str(error), error
         print("ok: more replicas than eligible nodes is a ConfigError, and starts nothing")
 
-        server = pype.Server.remote(
+        server = pype.Server.remote(  # leases outlive the steps up to step 2's failover
             shards=2, replicas=2, placement={"resource": "pype"},
             transport={"request_timeout": REQUEST_TIMEOUT},
-            persistence={"dir": "${PYPE_DATA}/pype", "fsync": "always"})
+            persistence={"dir": "${PYPE_DATA}/pype", "fsync": "always"},
+            queue_defaults={"visibility_timeout": 3600})
         queue = queues_by_shard(server, 2)[0]
         for index in (0, 1):
             record = replicas_of(ray, server, index)
@@ -152,29 +183,17 @@ def main() -> None:
         print(f"ok: shard 1's primary ({pid}) was stopped (SIGSTOP); the router took it for "
               f"dead and promoted the backup; resumed, it followed and caught up")
 
-        # 1d. fsync "never": the primary, the one replica in sync (its backup stopped), is
-        # SIGKILLed. Its OS did not restart, so its journal holds every record it wrote:
-        # Ray restarts it, it leads again, and every acknowledged item is there.
-        never = pype.Server.remote(
-            name="never", shards=1, replicas=2, placement={"resource": "pype"},
-            transport={"request_timeout": REQUEST_TIMEOUT},
-            persistence={"dir": "${PYPE_DATA}/pype", "fsync": "never"})
-        never.push(["n1", "n2"], "nq", expand=True)
-        _, backup_pid = replica(ray, never, 0, "backup")
-        _, primary_pid = replica(ray, never, 0, "primary")
-        os.kill(backup_pid, signal.SIGSTOP)
-        try:
-            assert ray.get(never.push.remote("n3", "nq")) == 1  # committed without the backup
-            assert replicas_of(ray, never, 0)["under_replicated"]
-            os.kill(primary_pid, signal.SIGKILL)
-            assert never.push("n4", "nq") == 1  # resent to the restarted primary
-            assert never.pull("nq", -1) == ["n1", "n2", "n3", "n4"]
-        finally:
-            os.kill(backup_pid, signal.SIGCONT)
-        until(lambda: all_in_sync(ray, never, 0), "the resumed backup of 'never' in sync", 120)
-        never.shutdown()
+        # 1d. The primary, the one replica in sync (its backup stopped), is SIGKILLed.
+        # fsync "never": its OS did not restart, so its journal holds every record it
+        # wrote: Ray restarts it, it leads again, and every acknowledged item is there.
+        # No persistence: the items died with it; it leads again empty, and the first
+        # call to a queue it held raises ShardLostError, as with one replica.
+        only_in_sync_replica_killed(pype, ray, "never", {"dir": "${PYPE_DATA}/pype", "fsync": "never"})
         print("ok: fsync never: the only in-sync replica's process was killed; restarted on "
               "the same boot of its OS, it led again with every acknowledged item")
+        only_in_sync_replica_killed(pype, ray, "memory", {"dir": None})
+        print("ok: no persistence: the only in-sync replica's process was killed; it led "
+              "again empty, and the first call to its queue raised ShardLostError")
 
         # 2. The primary's node dies, its disk with it.
         first = primary_node(ray, server, 0)

@@ -14,4 +14,4 @@ def test_replicated_shards_fail_over_and_lose_nothing_acknowledged():
     code, output = run_cluster_scenario(Path(__file__).parent / "failover_scenario.py", timeout=600)
     assert code == 0, output[-8000:]
     checks = [line for line in output.splitlines() if line.startswith("ok: ")]
-    assert len(checks) == 18, output[-8000:]
+    assert len(checks) == 19, output[-8000:]

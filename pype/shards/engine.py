@@ -377,9 +377,10 @@ class ShardEngine:
 
     # -- replication roles (lock held) --------------------------------------------------
 
-    def lead(self, replicas: ReplicaSet, me: str) -> None:
+    def lead(self, replicas: ReplicaSet, me: str, lost: frozenset = frozenset()) -> None:
         """Serve the shard as its primary in `replicas`' epoch (a promoted backup keeps
-        what it knew to be committed)."""
+        what it knew to be committed). `lost`: queues whose items died with every
+        replica in sync (no persistence), as a restart without persistence loses them."""
         if type(self.replication) is PrimaryLog:  # it led an earlier epoch: what it held fails
             self._fail_waiting()
         committed = self.replication.committed if type(self.replication) is BackupLog else 0
@@ -389,6 +390,7 @@ class ShardEngine:
         # saw run: like a restarted shard, it holds nobody's requests for them.
         self._restarted = True
         self._applied.clear()
+        self._lost.update((name, set()) for name in lost if name not in self._lost)
         self.store.replicate = self._logged
         self.store.lead(replicas.epoch, me)
 

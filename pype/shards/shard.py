@@ -252,10 +252,12 @@ class Shard:
                             leads=True)
 
     @ray.method(concurrency_group=CONTROL)
-    def lead(self, replicas: ReplicaSet, backups: dict) -> None:
+    def lead(self, replicas: ReplicaSet, backups: dict, lost: frozenset = frozenset()) -> None:
         """Serve the shard as the primary of `replicas` (its epoch, its in-sync set),
         replicating to `backups` (replica id -> shard actor). Called again with the same
-        epoch when the backups change (one lost with its node was replaced)."""
+        epoch when the backups change (one lost with its node was replaced). `lost`: the
+        queues whose items died with every in-sync replica (no persistence): each
+        caller's first call to one raises ShardLostError."""
         with self._engine.lock:
             replication = self._engine.replication
             if (type(replication) is PrimaryLog and replication.epoch == replicas.epoch
@@ -270,7 +272,7 @@ class Shard:
                 for backup in replicas.backups:  # what the old senders had in flight is void
                     replication.lost(backup)
             else:
-                self._engine.lead(replicas, self._replica)
+                self._engine.lead(replicas, self._replica, lost)
             log = self._engine.replication
             self._restarted_since_led = False
         index, router = self._index, self._router
