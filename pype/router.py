@@ -102,6 +102,9 @@ class Router:
         self._leaving_lock = threading.Lock()
         self._topology_requests = 0
         self._names: dict[int, frozenset] = {}  # shard -> its queue names, as last reported
+        # Shards whose primary died with no backup in sync: none leads until it comes back
+        # (_lead_again); meanwhile nothing else may tell it to lead (_replace_replica).
+        self._leaderless: set[int] = set()
         self._node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         self._generation, record = ray.get(keeper.load.remote())
         restored = record is not None and record.topology.epoch >= 0
@@ -711,7 +714,9 @@ class Router:
                     logger.error("pype: shard %d lost its primary and no other replica is in "
                                  "sync: it serves again only if the primary comes back", index)
                     promote = False
+                    self._leaderless.add(index)
                 else:
+                    self._leaderless.discard(index)
                     shard.replica_set = replicas.promoted(candidates[0])
                     self._failovers.append({"shard": index, "at": time.time(),
                                             "from": replica.id, "to": candidates[0],
@@ -749,32 +754,39 @@ class Router:
         operating system did not restart: Position.restarted is False). Else, with
         persistence, nothing may lead without losing acknowledged records (its journal
         may come back with them): the shard stays unavailable. Without persistence they
-        died with every in-sync replica's process: it leads again empty, and each
-        caller's first call to a queue it held raises ShardLostError, as when a shard of
-        one replica restarts."""
+        died with every in-sync replica's process, if the primary alone could commit
+        (min_insync 1; else a backup that left the in-sync set last holds them, and the
+        shard waits as with persistence): it leads again empty, and each caller's first
+        call to a queue it held raises ShardLostError, as when a shard of one replica
+        restarts."""
         with self._replicas_lock:
             shard = self._shard_holding(index, replica.id)
             if shard is None or shard.replica_set.primary != replica.id:
                 return
-            before = shard.replica_set
+            epoch = shard.replica_set.epoch
+            could_commit = shard.replica_set.can_commit
         try:
             position = ray.get(replica.actor.position.remote(),
                                timeout=self._config.transport.request_timeout)
         except ray.exceptions.RayError:
             return  # died again: its next start brings it here again
-        if position.restarted and self._config.persistence.dir is not None:
+        if position.restarted and (self._config.persistence.dir is not None or not could_commit):
             logger.error("pype: shard %d: its primary restarted without every record it "
-                         "acknowledged (its OS restarted and fsync is not always) and no "
-                         "backup is in sync: no replica can lead without losing acknowledged "
-                         "items", index)
+                         "acknowledged and no backup is in sync: no replica can lead without "
+                         "losing acknowledged items", index)
             return
         with self._replicas_lock:
-            if self._shard_holding(index, replica.id) is not shard or shard.replica_set is not before:
+            if (self._shard_holding(index, replica.id) is not shard
+                    or shard.replica_set.primary != replica.id or shard.replica_set.epoch != epoch):
                 return  # another report of this death (Ray's, the watcher's) led it first
-            shard.replica_set = before.promoted(replica.id)
-        lost = frozenset(self.shard_restarted(index)) if position.restarted else frozenset()
+            shard.replica_set = shard.replica_set.promoted(replica.id)
+        # Told to the callers once it leads; kept until then, should it die again first.
+        lost = self._names.get(index, frozenset()) if position.restarted else frozenset()
         self._save()
         if self._lead(index, lost):
+            self._leaderless.discard(index)
+            if lost:
+                self._record_lost(index, lost)
             self._publish()
 
     def _refill(self) -> None:
@@ -830,7 +842,8 @@ class Router:
         self._save()
         logger.warning("pype: shard %d: a new replica %s on node %s replaces %s, lost with "
                        "node %s", index, new.id[:8], new.node, gone.id[:8], gone.node)
-        self._lead(index)
+        if index not in self._leaderless:  # else its primary learns of it when it leads
+            self._lead(index)
 
     def _shard_holding(self, index: int, replica_id: str) -> _Shard | None:
         shard = self._all[index] if index < len(self._all) else None
@@ -875,11 +888,14 @@ class Router:
     def shard_restarted(self, index: int) -> list[str]:
         """Shard `index` restarted empty: record and return the queues it held."""
         lost = sorted(self._names.pop(index, ()))
-        self._lost.append({"shard": index, "at": time.time(), "queues": lost})
+        self._record_lost(index, lost)
+        return lost
+
+    def _record_lost(self, index: int, queues) -> None:
+        self._lost.append({"shard": index, "at": time.time(), "queues": sorted(queues)})
         self._save()
         logger.warning("pype: shard %d restarted without persistence; queues that lost their "
-                       "items: %s", index, lost or "(none known)")
-        return lost
+                       "items: %s", index, sorted(queues) or "(none known)")
 
     def stats(self) -> dict:
         """Where the router runs, how often it was asked for the topology (it is on no data
