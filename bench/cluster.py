@@ -19,6 +19,28 @@ FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_peri
                           "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
 
+NODE_START_TRIES = 3
+
+
+def _started(start):
+    """start() (a Ray node's start), tried again if Ray gave up on it: Ray gives a node 30 s
+    to register with its control store, which a loaded machine may not meet. What a
+    failed try started (processes of this one) is stopped by pid first."""
+    for attempt in range(1, NODE_START_TRIES + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            return start()
+        except Exception as error:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(error) or attempt == NODE_START_TRIES:
+                raise
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in before:
+                    try:
+                        child.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+
+
 class LocalCluster:
     """A head node and worker nodes on this machine, each worker with the resource "pype"
     and a data directory of its own in $PYPE_DATA; Ray connected to it."""
@@ -26,8 +48,8 @@ class LocalCluster:
     def __init__(self, workers: int, prefix: str = "pype-cluster-"):
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "_system_config": FAST_FAILURE_DETECTION})
+        self.cluster = _started(lambda: Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "_system_config": FAST_FAILURE_DETECTION}))
         import ray  # after Cluster, as Ray's own tests do
 
         self.ray = ray
@@ -42,8 +64,8 @@ class LocalCluster:
         self._added += 1
         directory = os.path.join(self.scratch, f"node-{self._added}")
         os.mkdir(directory)
-        node = self.cluster.add_node(num_cpus=1, resources={"pype": 1},
-                                     env_vars={"PYPE_DATA": directory})
+        node = _started(lambda: self.cluster.add_node(num_cpus=1, resources={"pype": 1},
+                                                      env_vars={"PYPE_DATA": directory}))
         self.cluster.wait_for_nodes()
         self.data[node.node_id] = directory
         return node.node_id
