@@ -3,6 +3,7 @@
 import logging
 
 from pype.client import Server, connect, pull_wait, push_wait
+from pype.dead_letters import DeadLetter
 from pype.errors import (
     ConfigError,
     Empty,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DeadLetter",
     "Empty",
     "EndOfStream",
     "Full",

@@ -34,6 +34,7 @@ import ray
 
 from pype import partitions as partitioning
 from pype.config import load_config
+from pype.dead_letters import DeadLetter
 from pype.errors import (
     QueueExistsError,
     QueueTimeoutError,
@@ -57,6 +58,7 @@ from pype.protocol import (
     Add,
     CanPull,
     CanPush,
+    DeadLetters,
     Describe,
     Length,
     Names,
@@ -303,10 +305,11 @@ class Server:
 
         ack=False (the default) removes the items: at-most-once delivery. ack=True
         leases them instead and returns a list of (lease_id, item, redelivered)
-        triples (redelivered: the item was leased before and came back): ack() the
-        ids when done, nack() to hand the items back; a lease neither acked nor
-        nacked within the queue's visibility_timeout returns its items to the head
-        of the queue for another consumer (at-least-once delivery).
+        triples (redelivered: how often the item was delivered before, leased and not
+        acked; 0, false, the first time): ack() the ids when done, nack() to hand the
+        items back; a lease neither acked nor nacked within the queue's
+        visibility_timeout returns its items to the head of the queue for another
+        consumer (at-least-once delivery), unless its max_deliveries is spent.
         server.pull.remote(...) does the same through Ray.
         """
         return self.routes.run(self._pull_request(queue, batch_size, block, timeout, remove, ack)[1])
@@ -330,13 +333,13 @@ class Server:
                 kind = self._kinds[queue] = options["kind"]
         return kind
 
-    def _settle_request(self, queue: str, lease_ids: Any, requeue: bool) -> tuple[int, Settle]:
+    def _settle_request(self, queue: str, lease_ids: Any, outcome: str) -> tuple[int, Settle]:
         check_name(queue)
         ids = [lease_ids] if isinstance(lease_ids, int) else lease_ids
         if not isinstance(ids, (list, tuple)) or any(
                 isinstance(i, bool) or not isinstance(i, int) for i in ids):
             raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
-        return self.routes.shard_of(queue), Settle(queue, list(ids), requeue)
+        return self.routes.shard_of(queue), Settle(queue, list(ids), outcome)
 
     def _ack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
         """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
@@ -346,23 +349,28 @@ class Server:
         Raises LeaseNotHeldError for ids whose lease expired (their items went back to
         the queue), that were nacked, or never issued; the other ids are acked.
         """
-        return self._settle_native(queue, lease_ids, requeue=False)
+        return self._settle_native(queue, lease_ids, "ack")
 
-    def _settle_native(self, queue: str, lease_ids: Any, requeue: bool) -> int:
-        return self.routes.run(self._settle_request(queue, lease_ids, requeue)[1])
+    def _settle_native(self, queue: str, lease_ids: Any, outcome: str) -> int:
+        return self.routes.run(self._settle_request(queue, lease_ids, outcome)[1])
 
     def _ack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        return self.routes.call(*self._settle_request(queue, lease_ids, requeue=False))
+        return self.routes.call(*self._settle_request(queue, lease_ids, "ack"))
 
     ack = _Operation(_ack_native, _ack_remote)
 
-    def _nack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
+    def _nack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
+                     requeue: bool = True) -> int:
         """Hand leased items back: they return to the head of `queue` at once, in their
-        original order, for the next pull. Returns and raises like ack()."""
-        return self._settle_native(queue, lease_ids, requeue=True)
+        original order, for the next pull, unless the queue's max_deliveries is spent.
+        requeue=False gives them up at once: they go to the queue's dead_letter queue
+        (or are dropped and counted without one). Returns and raises like ack()."""
+        return self._settle_native(queue, lease_ids, "nack" if requeue else "reject")
 
-    def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> ray.ObjectRef:
-        return self.routes.call(*self._settle_request(queue, lease_ids, requeue=True))
+    def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
+                     requeue: bool = True) -> ray.ObjectRef:
+        return self.routes.call(*self._settle_request(queue, lease_ids,
+                                                      "nack" if requeue else "reject"))
 
     nack = _Operation(_nack_native, _nack_remote)
 
@@ -410,7 +418,9 @@ class Server:
                      batch_lock: int | None = None, overflow: str | None = None,
                      batch_size: int | None = None, batch_timeout: float | None = None,
                      max_bytes: int | None = None, visibility_timeout: float | None = None,
-                     exist_ok: bool = False, partitions: int | None = None) -> tuple[int, Add]:
+                     exist_ok: bool = False, partitions: int | None = None,
+                     max_deliveries: int | None = None,
+                     dead_letter: str | None = None) -> tuple[int, Add]:
         check_name(queue)
         defaults = self.routes.topology.config.queue_defaults
         kind = kind or defaults.kind
@@ -421,9 +431,11 @@ class Server:
         given = {"kind": kind, "overflow": overflow, "batch_size": batch_size,
                  "batch_timeout": batch_timeout, "max_bytes": max_bytes,
                  "visibility_timeout": visibility_timeout, "partitions": partitions,
-                 "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock)}
+                 "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock),
+                 "max_deliveries": max_deliveries, "dead_letter": dead_letter}
         options = dataclasses.replace(defaults,
                                       **{key: value for key, value in given.items() if value is not None})
+        options.check_dead_letter(queue)
         self._kinds.pop(queue, None)
         return self.routes.shard_of(queue), Add(queue, options, bool(exist_ok))
 
@@ -432,7 +444,8 @@ class Server:
                     batch_lock: int | None = None, overflow: str | None = None,
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
-                    exist_ok: bool = False, partitions: int | None = None) -> bool:
+                    exist_ok: bool = False, partitions: int | None = None,
+                    max_deliveries: int | None = None, dead_letter: str | None = None) -> bool:
         """Create `queue`; True if created, False if it existed (with exist_ok).
 
         Options left None come from the config's queue_defaults. Flow control:
@@ -442,6 +455,10 @@ class Server:
         fit waits in line instead of failing). max_bytes bounds the bytes of its
         items. batch_size and batch_timeout belong to kind="batch".
         visibility_timeout: seconds a pull with ack=True leases items.
+        max_deliveries=K: an item leased K times and never acked (nacked, or its lease
+        expired) is given up instead of returned; dead_letter names the queue that
+        given-up items go to (see dead_letters()), on any shard; without one they are
+        dropped and counted (stats: dead_dropped).
         partitions=K (K > 1) spreads the queue over K partitions on the shards (see
         pype.partitions and the README); maxsize and max_bytes then bound each
         partition. Raises QueueExistsError if it existed (unless exist_ok, which
@@ -450,7 +467,8 @@ class Server:
         """
         index, request = self._add_request(
             queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
-            batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions)
+            batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions, max_deliveries,
+            dead_letter)
         wanted = request.options.partitions
         existing = self.routes.native(index, Describe(queue)) if wanted > 1 else None
         if existing is not None and existing.get("partitions", 1) != wanted:
@@ -473,9 +491,11 @@ class Server:
                     batch_lock: int | None = None, overflow: str | None = None,
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
-                    exist_ok: bool = False, partitions: int | None = None) -> ray.ObjectRef:
+                    exist_ok: bool = False, partitions: int | None = None,
+                    max_deliveries: int | None = None, dead_letter: str | None = None) -> ray.ObjectRef:
         arguments = (queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
-                     batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions)
+                     batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions,
+                     max_deliveries, dead_letter)
         index, request = self._add_request(*arguments)
         if request.options.partitions > 1:  # several shards: a task makes them natively
             return self._settled(_add_in_task.remote(self, arguments))
@@ -524,6 +544,22 @@ class Server:
 
     print_queue = _Operation(_print_queue_native, _print_queue_remote)
 
+    def _dead_letters_native(self, queue: str, batch_size: int = -1) -> list[DeadLetter]:
+        """The dead letters among the first batch_size items of `queue` (-1: all), in pull
+        order, left in the queue: DeadLetter(item, queue, reason, deliveries) says which
+        queue gave the item up, why ("deliveries": max_deliveries spent; "rejected":
+        nack(requeue=False)) and after how many deliveries. Pulls from the queue return
+        the items themselves."""
+        check_name(queue)
+        return self.routes.run(DeadLetters(queue, check_batch_size(batch_size, allow_none=False)))
+
+    def _dead_letters_remote(self, queue: str, batch_size: int = -1) -> ray.ObjectRef:
+        check_name(queue)
+        request = DeadLetters(queue, check_batch_size(batch_size, allow_none=False))
+        return self.routes.call(self.routes.shard_of(queue), request)
+
+    dead_letters = _Operation(_dead_letters_native, _dead_letters_remote)
+
     def _queues_native(self) -> list[str]:
         """The sorted names of all queues of the server."""
         return sorted(name for names in self._call_each(Names()) for name in names
@@ -539,8 +575,10 @@ class Server:
 
         Counters: queues, depth (items ready to pull), leased (items pulled with ack=True
         and not yet settled), bytes (held, see README: Limits), pushed, pulled, dropped
-        (evicted by drop_oldest), acked, redelivered (leases nacked or expired); per
-        queue also kind, maxsize, max_bytes, waiting_producers and shard; per shard
+        (evicted by drop_oldest), acked, redelivered (leases nacked or expired),
+        dead_lettered and dead_dropped (items given up, sent to the queue's dead_letter
+        queue or dropped without one; see add()); per shard also outbox (dead letters
+        on their way to their queue); per queue also kind, maxsize, max_bytes, waiting_producers and shard; per shard
         also native_requests and ray_requests (requests served on each path; of the
         native ones, tcp_requests came over TCP from other nodes) and waiting_calls
         (requests parked now). "lost" lists shard restarts that lost
@@ -566,7 +604,7 @@ class Server:
                 queues[name] = {"shard": shard["shard"], **counters}
         partitioning.fold_stats(queues)
         totals = {key: sum(shard[key] for shard in answered)
-                  for key in ("queues", "depth", "leased", "bytes", *COUNTERS,
+                  for key in ("queues", "depth", "leased", "bytes", *COUNTERS, "outbox",
                               "native_requests", "tcp_requests", "ray_requests")}
         totals["unreachable"] = len(shards) - len(answered)
         router = ray.get(self.routes.router.stats.remote())

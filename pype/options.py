@@ -81,6 +81,8 @@ class QueueOptions:
     visibility_timeout: float = 30.0    # seconds a leased item (pull with ack) stays leased
     partitions: int = 1                 # sub-queues spread over the shards (pype.partitions)
     partition_seed: int = 0             # in the partitions' names; add() picks one that spreads them
+    max_deliveries: int | None = None   # deliveries of an item, unacknowledged, before it is given up
+    dead_letter: str | None = None      # the queue given-up items go to (pype.dead_letters); None: dropped
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -106,6 +108,19 @@ class QueueOptions:
             raise TypeError("batch_timeout must be a number of seconds")
         if not check_timeout(self.visibility_timeout, "visibility_timeout"):
             raise ValueError("visibility_timeout must be a number of seconds > 0")
+        if self.max_deliveries is not None:
+            if isinstance(self.max_deliveries, bool) or not isinstance(self.max_deliveries, int):
+                raise TypeError(f"max_deliveries must be an int or None, got {self.max_deliveries!r}")
+            if self.max_deliveries < 1:
+                raise ValueError(f"max_deliveries must be >= 1 (None: no limit), got {self.max_deliveries}")
+        if self.dead_letter is not None:
+            check_name(self.dead_letter)
+
+    def check_dead_letter(self, queue: str) -> None:
+        """Raise ValueError if these are the options of a queue named `queue` that sends its
+        dead letters to itself."""
+        if self.dead_letter == queue:
+            raise ValueError(f"queue {queue!r} cannot be its own dead-letter queue")
 
     @property
     def pull_size(self) -> int:

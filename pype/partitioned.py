@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING
 
 from pype.errors import LeaseNotHeldError, QueueNotFoundError
 from pype.partitions import Layout
-from pype.protocol import CanPull, CanPush, Length, Moved, Pull, Remove, Render, Settle
+from pype.protocol import (
+    CanPull,
+    CanPush,
+    DeadLetters,
+    Length,
+    Moved,
+    Pull,
+    Remove,
+    Render,
+    Settle,
+)
 
 if TYPE_CHECKING:
     from pype.routing import Routes
@@ -39,8 +49,12 @@ def run(routes: Routes, layout: Layout, request: tuple) -> object:
         return length(routes, layout)
     if kind is Render:
         return render(routes, layout)
+    if kind is DeadLetters:  # each partition's, one after the other
+        letters = [letter for part in _each(routes, layout, lambda name: request._replace(queue=name))
+                   for letter in part]
+        return letters if request.batch_size == -1 else letters[:request.batch_size]
     if kind is Settle:
-        return settle(routes, layout, request.lease_ids, request.requeue)
+        return settle(routes, layout, request.lease_ids, request.outcome)
     if kind is Remove:
         return remove(routes, layout)
     raise TypeError(f"a {kind.__name__} cannot be run on a partitioned queue")
@@ -191,14 +205,14 @@ def length(routes: Routes, layout: Layout) -> int:
     return sum(_each(routes, layout, lambda name: Length(name, must_exist=True)))
 
 
-def settle(routes: Routes, layout: Layout, lease_ids: list[int], requeue: bool) -> int:
-    """Ack or nack leases that pull() returned, in each partition that holds them."""
+def settle(routes: Routes, layout: Layout, lease_ids: list[int], outcome: str) -> int:
+    """End leases that pull() returned (protocol.Settle), in each partition that holds them."""
     by_partition: dict[int, list[int]] = {}
     for lease_id in lease_ids:
         partition, lease = layout.split_lease_id(lease_id)
         by_partition.setdefault(partition, []).append(lease)
     pipeline = routes.pipeline()
-    requests = {j: Settle(layout.name(j), leases, requeue) for j, leases in by_partition.items()}
+    requests = {j: Settle(layout.name(j), leases, outcome) for j, leases in by_partition.items()}
     tickets = {j: _send(routes, pipeline, layout, j, request) for j, request in requests.items()}
     settled, missing = 0, []
     for j, ticket in tickets.items():
@@ -208,7 +222,7 @@ def settle(routes: Routes, layout: Layout, lease_ids: list[int], requeue: bool) 
             missing += [layout.lease_id(lease, j) for lease in error.lease_ids]
             settled += len(by_partition[j]) - len(error.lease_ids)
     if missing:
-        raise LeaseNotHeldError.of(layout.queue, missing, len(lease_ids), requeue)
+        raise LeaseNotHeldError.of(layout.queue, missing, len(lease_ids), outcome != "ack")
     return settled
 
 

@@ -90,11 +90,12 @@ class Pull(NamedTuple):
 
 
 class Settle(NamedTuple):
-    """Ack (requeue=False) or nack (requeue=True) leased items of `queue`."""
+    """End leases of `queue`: outcome "ack" (done), "nack" (return the items) or "reject"
+    (give them up: a nack with requeue=False; pype.dead_letters)."""
 
     queue: str
     lease_ids: list[int]
-    requeue: bool
+    outcome: str
 
 
 class AwaitPush(NamedTuple):
@@ -156,6 +157,14 @@ class Render(NamedTuple):
 
     queue: str
     show: bool = True
+
+
+class DeadLetters(NamedTuple):
+    """The dead letters (pype.dead_letters.DeadLetter) among the first batch_size items of
+    `queue` (-1: all), in pull order, left in the queue."""
+
+    queue: str
+    batch_size: int = -1
 
 
 class Names(NamedTuple):
@@ -236,7 +245,7 @@ def takes_a_sequence(request: tuple) -> bool:
     """Does `request` get its sender's producer id and next sequence number? A push that
     does not wait does: the shard applies each sequence number once, so the push may be
     sent again after a restart. (A blocking push may wait in line; it is not resent.)"""
-    return type(request) is Push and not request.block
+    return type(request) is Push and not request.block and request.producer is None
 
 
 def retriable(request: tuple) -> bool:
@@ -282,7 +291,8 @@ def with_field(request: tuple, field: str, value: Any) -> tuple:
 # -- wire format ---------------------------------------------------------------------------
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
-                 Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate)
+                 Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate,
+                 DeadLetters)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fields)}
               for kind in REQUEST_TYPES}

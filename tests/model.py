@@ -13,7 +13,9 @@ class Model:
 
     Leased entries wait in `leases`; one that comes back is remembered in `returned`
     with the number of the pull that first took it: it goes to the head of the queue,
-    returned ones in the order they were first pulled.
+    returned ones in the order they were first pulled. `deliveries` counts the leases
+    of each entry that ended without an ack; at max_deliveries, or on a reject, the
+    entry is given up: settle() returns it as (item, reason, deliveries).
     """
 
     def __init__(self, options: QueueOptions):
@@ -27,6 +29,7 @@ class Model:
         self.returned = {}  # arrival of an entry -> pull number
         self.pulls = 0
         self.first_pulls = {}  # arrival of an entry -> number of the pull that first took it
+        self.deliveries = {}  # arrival of an entry -> its leases that ended without an ack
 
     def order(self):
         if self.options.kind == "priority":
@@ -69,25 +72,33 @@ class Model:
         leased = []
         for lease_id, entry in enumerate(taken, first_id):
             self.pulls += 1
-            leased.append((lease_id, entry[2], entry[1] in self.first_pulls))
+            leased.append((lease_id, entry[2], self.deliveries.get(entry[1], 0)))
             self.first_pulls.setdefault(entry[1], self.pulls)  # its place in the original order
             self.leases[lease_id] = (entry, self.first_pulls[entry[1]])
         return leased
 
-    def settle(self, ids, requeue):
-        missing = []
+    def settle(self, ids, outcome):
+        """outcome: "ack", "nack" or "reject"; returns (ids not held, entries given up)."""
+        missing, given_up = [], []
         for lease_id in ids:
             if lease_id not in self.leases:
-                if requeue or lease_id not in self.acked_ids:  # a second ack is harmless
+                if outcome != "ack" or lease_id not in self.acked_ids:  # a second ack is harmless
                     missing.append(lease_id)
                 continue
             entry, pull = self.leases.pop(lease_id)
-            if not requeue:
+            if outcome == "ack":
                 self.acked_ids.add(lease_id)
-            if requeue:
+                continue
+            deliveries = self.deliveries[entry[1]] = self.deliveries.get(entry[1], 0) + 1
+            limit = self.options.max_deliveries
+            if outcome == "reject":
+                given_up.append((entry[2], "rejected", deliveries))
+            elif limit and deliveries >= limit:
+                given_up.append((entry[2], "deliveries", deliveries))
+            else:
                 self.entries.append(entry)
                 self.returned[entry[1]] = pull
-        return missing
+        return missing, given_up
 
     def admit(self, now):
         while self.parked:

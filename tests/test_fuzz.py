@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     rule,
     run_state_machine_as_test,
@@ -40,6 +41,8 @@ class ApiMachine(RuleBasedStateMachine):
         self.server = server
         self.prefix = uuid.uuid4().hex[:8]
         self.models: dict[str, Model] = {}
+        self.dead = self.queue("dead")  # the queues' dead-letter queue (add's max_deliveries)
+        self.given_up = []  # DeadLetters the models gave up, in the order they were given up
 
     def queue(self, name):
         return f"{self.prefix}-{name}"
@@ -67,28 +70,56 @@ class ApiMachine(RuleBasedStateMachine):
         expected = [] if model is None else model.take(batch_size or model.options.pull_size)
         assert self.call("pull", native)(self.queue(name), batch_size) == expected
 
-    @rule(name=names, batch_size=st.sampled_from([1, 3, -1]), requeue=st.booleans(),
-          native=st.booleans())
-    def lease_and_settle(self, name, batch_size, requeue, native):
+    @rule(name=names, batch_size=st.sampled_from([1, 3, -1]),
+          outcome=st.sampled_from(["ack", "nack", "reject"]), native=st.booleans())
+    def lease_and_settle(self, name, batch_size, outcome, native):
         model = self.models.get(name) or Model(QueueOptions())
         leased = self.call("pull", native)(self.queue(name), batch_size, ack=True)
         modelled = model.lease(batch_size, first_id=0)
-        assert [pair[1:] for pair in leased] == [pair[1:] for pair in modelled]  # items, redelivered
-        settle = self.call("nack" if requeue else "ack", native)
-        assert settle(self.queue(name), [lease for lease, _, _ in leased]) == len(leased)
-        assert model.settle([lease for lease, _, _ in modelled], requeue) == []
+        assert [pair[1:] for pair in leased] == [pair[1:] for pair in modelled]  # items, deliveries
+        ids = [lease for lease, _, _ in leased]
+        if outcome == "ack":
+            assert self.call("ack", native)(self.queue(name), ids) == len(leased)
+        else:
+            nack = self.call("nack", native)
+            assert nack(self.queue(name), ids, requeue=outcome == "nack") == len(leased)
+        missing, given_up = model.settle([lease for lease, _, _ in modelled], outcome)
+        assert missing == []
+        if model.options.dead_letter:
+            self.given_up += [pype.DeadLetter(item, self.queue(name), reason, deliveries)
+                              for item, reason, deliveries in given_up]
+        if given_up and model.options.dead_letter:  # the shard's sender pushes them over
+            arrived = self.server.pull(self.dead, len(self.given_up), block=True, timeout=60,
+                                       remove=False)
+            assert len(arrived) == len(self.given_up)
+        assert self.server.dead_letters(self.dead) == self.given_up
 
-    @rule(name=names, kind=st.sampled_from(["fifo", "lifo", "priority", "batch", "bogus", 7]))
-    def add(self, name, kind):
+    @rule(name=names, item=items, outcome=st.sampled_from(["nack", "reject"]),
+          native=st.booleans())
+    def deliver_until_given_up(self, name, item, outcome, native):
+        """Push an item and fail its deliveries: a queue with max_deliveries gives it up."""
+        self.push(name, item, False, native)
+        for _ in range(3):
+            self.lease_and_settle(name, -1, outcome, native)
+
+    @initialize(kind=st.sampled_from(["fifo", "lifo", "priority", "batch"]),
+                max_deliveries=st.sampled_from([None, 1, 2]))
+    def add_a_queue_with_dead_letters(self, kind, max_deliveries):
+        self.add("a", kind, max_deliveries)
+
+    @rule(name=names, kind=st.sampled_from(["fifo", "lifo", "priority", "batch", "bogus", 7]),
+          max_deliveries=st.sampled_from([None, 1, 2]))
+    def add(self, name, kind, max_deliveries):
+        options = {"max_deliveries": max_deliveries, "dead_letter": self.dead}
         if kind not in ("fifo", "lifo", "priority", "batch"):
             with pytest.raises(DOCUMENTED):
                 self.server.add.remote(self.queue(name), kind=kind)
         elif name in self.models:
             with pytest.raises(pype.QueueExistsError):
-                ray.get(self.server.add.remote(self.queue(name), kind=kind))
+                ray.get(self.server.add.remote(self.queue(name), kind=kind, **options))
         else:
-            assert ray.get(self.server.add.remote(self.queue(name), kind=kind))
-            self.models[name] = Model(QueueOptions(kind=kind))
+            assert ray.get(self.server.add.remote(self.queue(name), kind=kind, **options))
+            self.models[name] = Model(QueueOptions(kind=kind, **options))
 
     @rule(name=names)
     def remove(self, name):

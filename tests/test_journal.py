@@ -16,12 +16,18 @@ from pype.shards.store import QueueStore
 
 OPTIONS = [QueueOptions(kind="fifo"), QueueOptions(kind="lifo", maxsize=5, overflow="block"),
            QueueOptions(kind="priority", maxsize=6), QueueOptions(kind="batch", max_bytes=2000),
-           QueueOptions(kind="fifo", maxsize=4, overflow="drop_oldest")]
+           QueueOptions(kind="fifo", maxsize=4, overflow="drop_oldest"),
+           QueueOptions(kind="fifo", max_deliveries=2, dead_letter="a"),
+           QueueOptions(kind="lifo", max_deliveries=1)]
 NAMES = ["a", "../etc/passwd", "ünï cödé", "x" * 255, "b/c"]
 
 
+# Queues a push makes give up on an item after 3 deliveries, and send it to queue "a" (but "a").
+DEFAULTS = QueueOptions(max_deliveries=3, dead_letter="a")
+
+
 def open_store(directory, fsync="never", compact_bytes=1 << 20):
-    store = QueueStore(QueueOptions(), journal=Journal(directory, fsync), compact_bytes=compact_bytes)
+    store = QueueStore(DEFAULTS, journal=Journal(directory, fsync), compact_bytes=compact_bytes)
     store.restore()
     return store
 
@@ -31,12 +37,13 @@ def picture(store):
     refusals included."""
     queues = {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
                      [(t.items, t.priority) for t in queue.parked], queue.nbytes,
-                     queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered)
+                     queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered,
+                     queue.dead_lettered, queue.dead_dropped, queue.peek_letters(-1))
               for name, queue in store._queues.items()}
     answers = {(producer, sequence, seen.floor): repr(answer)
                for producer, seen in store._producers._seen.items()
                for sequence, answer in seen.answers.items()}
-    return queues, answers
+    return queues, answers, store.outbox, store.outbox_producer
 
 
 def random_operations(store, rng, count):
@@ -70,13 +77,21 @@ def random_operations(store, rng, count):
                     raise
             elif roll < 0.65:
                 store.pull(name, rng.choice([1, 2, -1]))
-            elif roll < 0.85:
+            elif roll < 0.82:
                 store.pull(name, rng.choice([1, 2]), ack=True)
+            elif roll < 0.85 and store.outbox:  # the shard's sender: delivered, or refused
+                entry, producer = store.outgoing()
+                if rng.random() < 0.7:
+                    store.push((entry.queue,), entry.letters, producer=producer)
+                    store.delivered(entry.number)
+                else:
+                    store.renumber(entry.number)
             else:
                 queue = store._queues.get(name)
                 held = list(queue.leases) if queue else []
                 if held:
-                    store.settle(name, rng.sample(held, rng.randint(1, len(held))), rng.random() < 0.5)
+                    store.settle(name, rng.sample(held, rng.randint(1, len(held))),
+                                 rng.choice(["ack", "nack", "reject"]))
         except (PypeError, ValueError):
             pass  # full queues, missing queues: refused calls change nothing
 

@@ -307,7 +307,7 @@ def test_errors_come_back_as_themselves_and_the_shard_keeps_serving(shard):
     with pytest.raises(QueueFullError, match="'q' is full"):
         shard.native(Push(("q",), [2]))
     with pytest.raises(LookupError, match="not held"):
-        shard.native(Settle("q", [123], requeue=False))
+        shard.native(Settle("q", [123], outcome="ack"))
     assert shard.native(Pull("q")) == [1]
 
 

@@ -29,14 +29,17 @@ class PartitionedMachine(RuleBasedStateMachine):
     """A partitioned fifo queue against one model queue per key (per-key FIFO), on both
     paths. Every pull takes as many items as one queue holding them all would (a pull
     visits every partition), each key's items in its model's order, and the queue
-    always holds exactly the items the models hold."""
+    always holds exactly the items the models hold. Items leased twice without an ack,
+    or rejected, go to its dead-letter queue, as the models give them up."""
 
     def __init__(self, server):
         super().__init__()
         self.server = server
         self.queue = f"part-{uuid.uuid4().hex[:8]}"
-        assert server.add(self.queue, partitions=3)
-        self.models = {key: Model(QueueOptions()) for key in KEYS}
+        self.dead = f"{self.queue}-dead"
+        assert server.add(self.queue, partitions=3, max_deliveries=2, dead_letter=self.dead)
+        self.models = {key: Model(QueueOptions(max_deliveries=2)) for key in KEYS}
+        self.given_up = Counter()  # (item, reason, deliveries) the models gave up
         self.sequence = 0
 
     def call(self, method, native):
@@ -66,17 +69,30 @@ class PartitionedMachine(RuleBasedStateMachine):
         for key, items in self.check_taken(taken, batch_size).items():
             assert items == self.models[key].take(len(items))  # per-key order
 
-    @rule(batch_size=st.sampled_from([1, 3, -1]), requeue=st.booleans(), native=st.booleans())
-    def lease_and_settle(self, batch_size, requeue, native):
+    @rule(batch_size=st.sampled_from([1, 3, -1]),
+          outcome=st.sampled_from(["ack", "nack", "reject"]), native=st.booleans())
+    def lease_and_settle(self, batch_size, outcome, native):
         leased = self.call("pull", native)(self.queue, batch_size, ack=True)
         by_key = self.check_taken([item for _, item, _ in leased], batch_size)
         for key, items in by_key.items():
             modelled = self.models[key].lease(len(items), first_id=0)
             assert [(item, again) for _, item, again in leased if item[0] == key] == \
                 [(item, again) for _, item, again in modelled]
-            assert self.models[key].settle([lease for lease, _, _ in modelled], requeue) == []
-        settle = self.call("nack" if requeue else "ack", native)
-        assert settle(self.queue, [lease for lease, _, _ in leased]) == len(leased)
+            missing, given_up = self.models[key].settle([lease for lease, _, _ in modelled],
+                                                        outcome)
+            assert missing == []
+            self.given_up.update(given_up)
+        ids = [lease for lease, _, _ in leased]
+        if outcome == "ack":
+            assert self.call("ack", native)(self.queue, ids) == len(leased)
+        else:
+            assert self.call("nack", native)(self.queue, ids, requeue=outcome == "nack") == len(leased)
+        count = sum(self.given_up.values())
+        if count:  # each partition's shard sends them over: wait until all are there
+            arrived = self.server.pull(self.dead, count, block=True, timeout=60, remove=False)
+            assert len(arrived) == count
+        assert Counter((letter.item, letter.reason, letter.deliveries)
+                       for letter in self.server.dead_letters(self.dead)) == self.given_up
 
     @invariant()
     def length_agrees(self):
@@ -84,6 +100,8 @@ class PartitionedMachine(RuleBasedStateMachine):
 
     def teardown(self):
         assert self.server.remove(self.queue) == self.total()
+        if self.given_up:
+            self.server.remove(self.dead)
 
 
 def test_a_partitioned_queue_behaves_as_one_queue_with_per_key_order(server):

@@ -30,11 +30,13 @@ options_strategy = st.builds(
     kind=st.sampled_from(["fifo", "lifo", "priority", "batch"]),
     maxsize=st.sampled_from([0, 1, 2, 3, 5]),
     overflow=st.sampled_from(["reject", "block"]),
+    max_deliveries=st.sampled_from([None, 1, 2, 3]),
 ) | st.builds(
     QueueOptions,
     kind=st.sampled_from(["fifo", "lifo", "batch"]),
     maxsize=st.sampled_from([1, 2, 3]),
     overflow=st.just("drop_oldest"),
+    max_deliveries=st.sampled_from([None, 2]),
 )
 
 
@@ -101,12 +103,14 @@ class QueueMachine(RuleBasedStateMachine):
         self.queue.admit_parked(self.now)
         self.model.admit(self.now)
 
-    @rule(data=st.data(), requeue=st.booleans())
-    def settle(self, data, requeue):
+    @rule(data=st.data(), outcome=st.sampled_from(["ack", "nack", "reject"]))
+    def settle(self, data, outcome):
         held = sorted(self.model.leases)
         ids = data.draw(st.lists(st.sampled_from([*held, 999_999]), unique=True, max_size=4)
                         if held else st.just([999_999]))
-        assert self.queue.settle(ids, requeue) == self.model.settle(ids, requeue)
+        assert self.queue.settle(ids, outcome) == self.model.settle(ids, outcome)
+        self.queue.admit_parked(self.now)
+        self.model.admit(self.now)
 
     @rule(n=st.sampled_from([-1, 1, 2, 5]))
     def peek(self, n):

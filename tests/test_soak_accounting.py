@@ -23,7 +23,7 @@ def run_shard(directory, acked_by_shard: int):
     items = [(0, QUEUE, sequence) for sequence in range(3)]
     store.push((QUEUE,), items)
     leased = store.pull(QUEUE, -1, ack=True)
-    store.settle(QUEUE, [lease for lease, _, _ in leased[:acked_by_shard]], requeue=False)
+    store.settle(QUEUE, [lease for lease, _, _ in leased[:acked_by_shard]], outcome="ack")
     store.close()
     return items, leased
 
@@ -84,7 +84,7 @@ def test_an_ack_on_a_partition_after_its_queue_moved_is_found_in_the_new_shards_
     receiver.restore()
     receiver.import_(exported)
     giver.release(0)
-    receiver.settle(name, [lease for lease, _, _ in leased], requeue=False)
+    receiver.settle(name, [lease for lease, _, _ in leased], outcome="ack")
     giver.close()
     receiver.close()
     seen = [(lease * HOT_PARTITIONS + partition, item, again) for lease, item, again in leased]

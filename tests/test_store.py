@@ -95,7 +95,7 @@ def test_add_remove_and_stats(store):
     assert stats["per_queue"]["q"] == {
         "kind": "lifo", "depth": 2, "maxsize": 0, "bytes": 2 * sys.getsizeof(1), "max_bytes": 0,
         "leased": 0, "pushed": 3, "pulled": 1, "dropped": 0, "acked": 0, "redelivered": 0,
-        "waiting_producers": 0}
+        "dead_lettered": 0, "dead_dropped": 0, "waiting_producers": 0}
     assert stats["bytes"] == 2 * sys.getsizeof(1)
     assert store.remove("q") == 2
     with pytest.raises(QueueNotFoundError):
@@ -112,7 +112,7 @@ def test_leased_items_come_back_on_nack_and_on_expiry_in_their_order(store):
     second = store.pull("q", 2, ack=True)
     assert [item for _, item, _ in first + second] == [0, 1, 2, 3]
     assert store.length("q") == 2 and store.stats()["leased"] == 4
-    assert store.settle("q", [lease for lease, _, _ in second], requeue=True) == 2
+    assert store.settle("q", [lease for lease, _, _ in second], outcome="nack") == 2
     assert store.expire_leases(now=time.time() + 31) == ["q"]  # the default visibility_timeout is 30 s
     assert store.pull("q", -1) == [0, 1, 2, 3, 4, 5]
     counters = store.stats()["per_queue"]["q"]
@@ -122,15 +122,15 @@ def test_leased_items_come_back_on_nack_and_on_expiry_in_their_order(store):
 def test_acked_items_are_gone_and_stale_lease_ids_are_a_clear_error(store):
     store.push(("q",), ["a", "b"])
     (lease_a, _, _), (lease_b, _, _) = store.pull("q", 2, ack=True)
-    assert store.settle("q", [lease_a], requeue=False) == 1
+    assert store.settle("q", [lease_a], outcome="ack") == 1
     store.expire_leases(now=time.time() + 60)  # b's lease ends: b goes back
     [(lease_b_again, item, redelivered)] = store.pull("q", -1, ack=True)
     assert item == "b" and redelivered
-    assert store.settle("q", [lease_a], requeue=False) == 0  # acked before: harmless, as SQS's
+    assert store.settle("q", [lease_a], outcome="ack") == 0  # acked before: harmless, as SQS's
     with pytest.raises(LeaseNotHeldError, match=r"1 of 3 lease ids are not held.*other 2 were acked"):
-        store.settle("q", [lease_a, lease_b, lease_b_again], requeue=False)
+        store.settle("q", [lease_a, lease_b, lease_b_again], outcome="ack")
     with pytest.raises(LeaseNotHeldError, match=r"1 of 1 lease ids are not held"):
-        store.settle("q", [lease_a], requeue=True)  # an acked item cannot be returned
+        store.settle("q", [lease_a], outcome="nack")  # an acked item cannot be returned
     assert store.pull("q", -1) == []
     assert store.stats()["per_queue"]["q"]["acked"] == 2
 

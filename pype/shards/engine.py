@@ -66,6 +66,7 @@ from pype.protocol import (
     AwaitPush,
     CanPull,
     CanPush,
+    DeadLetters,
     Describe,
     Expect,
     Export,
@@ -90,7 +91,7 @@ from pype.shards.replication import (
     ReplicaSet,
     Snapshot,
 )
-from pype.shards.store import PendingPush, QueueStore
+from pype.shards.store import Outgoing, PendingPush, QueueStore
 
 logger = logging.getLogger("pype")
 
@@ -127,7 +128,7 @@ def _queue_names(request) -> tuple[str, ...]:
     return ()
 
 
-_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render)
+_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render, DeadLetters)
 _ANY_REPLICA = (Stats, Names, Replicate)  # what every replica answers, primary or not
 
 
@@ -260,11 +261,13 @@ class ShardEngine:
         self._held: list[tuple] = []  # requests for queues on their way here
         self.replication: PrimaryLog | BackupLog | None = None  # None: not replicated
         self.new_records = threading.Condition(self.lock)  # a primary logged a record
+        self.outbox_filled = threading.Condition(self.lock)  # dead letters wait to be sent
         self._handlers = {
             Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
             Length: self._length,
             Describe: lambda _, r, __: self.store.describe(r.queue),
+            DeadLetters: self._dead_letters,
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
             Expect: self._expect, Export: self._export, Import: self._import,
             Arrived: self._arrived, Release: self._release, Replicate: self._replicate,
@@ -393,6 +396,7 @@ class ShardEngine:
         self._lost.update((name, set()) for name in lost if name not in self._lost)
         self.store.replicate = self._logged
         self.store.lead(replicas.epoch, me)
+        self.outbox_filled.notify_all()  # the outbox it holds is its to send now
 
     def _logged(self, position: int, record) -> None:
         self.replication.append(position, record)
@@ -451,6 +455,31 @@ class ShardEngine:
         for release in self.replication.synced(position):
             release()
 
+    # -- the outbox (lock held): its sender is the shard's (pype.shards.shard) ---------------
+
+    def outgoing(self) -> tuple[Outgoing, tuple[int, int, int]] | None:
+        """The dead letters to send next and their push's producer numbers (see
+        QueueStore.outgoing), or None: none wait, they are not committed yet, or this
+        replica is a backup (its primary sends them)."""
+        if type(self.replication) is BackupLog:
+            return None
+        outgoing = self.store.outgoing()
+        if outgoing is None:
+            return None
+        if type(self.replication) is PrimaryLog and self.replication.committed < outgoing[0].position:
+            return None  # a failover may yet undo what gave them up
+        return outgoing
+
+    def delivered(self, number: int) -> None:
+        """Outbox entry `number` reached its queue."""
+        if type(self.replication) is not BackupLog:
+            self.store.delivered(number)
+
+    def renumber(self, number: int) -> None:
+        """Outbox entry `number` was refused: send it again under a new number."""
+        if type(self.replication) is not BackupLog:
+            self.store.renumber(number)
+
     def change_replicas(self, replicas: ReplicaSet) -> None:
         """The router recorded `replicas`: send the replies this commits."""
         for release in self.replication.change_replicas(replicas):
@@ -504,7 +533,10 @@ class ShardEngine:
         self._changed.append(name)
 
     def _wake(self) -> None:
-        """Answer the parked requests of changed queues that can be answered now, in order."""
+        """Answer the parked requests of changed queues that can be answered now, in order;
+        wake the outbox's sender (pype.shards.shard) if dead letters wait."""
+        if self.store.outbox:
+            self.outbox_filled.notify()
         while self._changed:
             name = self._changed.pop()
             waiting = self._parked.get(name)
@@ -612,9 +644,13 @@ class ShardEngine:
     def _settle(self, caller_id, request: Settle, may_wait: bool):
         self._refuse_heads(caller_id, (request.queue,))
         try:
-            return self.store.settle(request.queue, request.lease_ids, request.requeue)
+            return self.store.settle(request.queue, request.lease_ids, request.outcome)
         finally:
             self.changed(request.queue)
+
+    def _dead_letters(self, caller_id, request: DeadLetters, may_wait: bool) -> list:
+        self._refuse_heads(caller_id, (request.queue,))
+        return self.store.dead_letters(request.queue, request.batch_size)
 
     def _wait_limit(self, wait: float | None) -> float | None:
         """Seconds a condition may wait: None is the shard's poll_wait, math.inf no limit."""

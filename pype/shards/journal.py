@@ -83,7 +83,8 @@ _CODES: dict[type, int] = {
     records.Add: 1, records.Remove: 2, records.Pin: 3, records.Push: 4, records.Insert: 5,
     records.Admit: 6, records.Take: 7, records.Lease: 8, records.Settle: 9, records.Expect: 10,
     records.Import: 11, records.Arrived: 12, records.Export: 13, records.Release: 14,
-    records.Lead: 15, records.Refuse: 16}
+    records.Lead: 15, records.Refuse: 16, records.Reject: 17, records.Outbox: 18,
+    records.Resend: 19, records.Delivered: 20}
 _TYPES: dict[int, type] = {code: kind for kind, code in _CODES.items()}
 
 # Format 1's name for each record type: its records were (name, *fields).

@@ -16,8 +16,12 @@ the API): its push waits in line and is withdrawn, unaccepted, at the deadline.
 A pull may lease items instead of removing them (at-least-once delivery): a
 leased item leaves the queue but is kept until it is acked (forgotten) or
 returned (nack, or its lease expired), when it is pulled again before the items
-it was first pulled before. Time is passed in by the caller, so everything here
-is deterministic and can be tested against a model.
+it was first pulled before. Each lease counts as a delivery of its item; a queue
+with max_deliveries gives up on an item returned that many times, and a reject
+(nack with requeue=False) gives up on it at once: settle() hands such items back
+to the caller (the store), which sends them to the dead-letter queue
+(pype.dead_letters). Time is passed in by the caller, so everything here is
+deterministic and can be tested against a model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from pype.dead_letters import DELIVERIES, REJECTED, DeadLetter, unwrap
 from pype.errors import QueueFullError
 from pype.options import QueueOptions
 
@@ -50,6 +55,8 @@ def item_size(item: Any, depth: int = 0) -> int:
     kind = type(item)
     if kind in _FLAT:
         return sys.getsizeof(item)
+    if kind is DeadLetter:  # the item's bytes: it counts the same in its queue and out of it
+        return item_size(item.item, depth)
     nbytes = getattr(item, "nbytes", None)
     if isinstance(nbytes, int):
         return nbytes
@@ -106,11 +113,27 @@ class ParkedPush:
 
 
 class Lease(NamedTuple):
-    """One leased item: where it goes back (key), the item, when the lease ends."""
+    """One leased item: where it goes back (key), the item as stored, when the lease
+    ends, and its deliveries, this one included."""
 
     key: Any
     item: Any
     deadline: float
+    deliveries: int = 1  # leases of a snapshot of before 2026-12-05 had no count
+
+
+# How a lease ends (settle's `outcome`).
+ACK = "ack"        # done: the item is gone for good
+NACK = "nack"      # returned: back to the head of the queue, unless max_deliveries is spent
+REJECT = "reject"  # given up: to the dead-letter queue (nack with requeue=False)
+
+
+class GivenUp(NamedTuple):
+    """An item that settle() gave up on: the store sends it on as a DeadLetter."""
+
+    item: Any  # as the queue handed it out (a dead letter's own item)
+    reason: str
+    deliveries: int
 
 
 # -- queue kinds ------------------------------------------------------------------
@@ -121,9 +144,15 @@ class Queue:
     Subclasses implement the storage primitives _append, _pop_keyed, _pop_oldest,
     _peek, _restore and _stored. Every item taken has a key that orders it against the
     others; a leased item that comes back is restored by its key, so it is pulled
-    again before everything it was pulled before, in its original order.
+    again before everything it was pulled before, in its original order, and its
+    deliveries so far are kept by that key.
     Counters: pushed and pulled count items, dropped counts items evicted by
-    overflow='drop_oldest', acked and redelivered count settled leases.
+    overflow='drop_oldest', acked and redelivered count settled leases; the store
+    counts the items settle() gave up on (GivenUp) in dead_lettered (sent to the
+    dead-letter queue) or dead_dropped (the queue has none).
+
+    A queue stores what was pushed; once a push's first item was a DeadLetter
+    (`letters`), it hands out DeadLetters' items (pype.dead_letters.unwrap).
     """
 
     kind = ""
@@ -134,8 +163,10 @@ class Queue:
         self.leases: dict[int, Lease] = {}
         self.nbytes = 0  # of the items held, leased ones included
         self.pushed = self.pulled = self.dropped = self.acked = self.redelivered = 0
+        self.dead_lettered = self.dead_dropped = 0
+        self.letters = False  # does it hold DeadLetters (see the class docstring)
         self._returned: list = []  # heap of (key, item) come back from leases
-        self._returned_keys: set = set()  # keys of items that came back, while held
+        self._deliveries: dict = {}  # key of an item that came back -> its deliveries so far
         self._acked_ids: OrderedDict[int, None] = OrderedDict()  # the last ACKED_REMEMBERED
 
     def __getstate__(self) -> dict:
@@ -146,6 +177,11 @@ class Queue:
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_acked_ids", OrderedDict())  # a snapshot of before 2026-12-03
+        # A snapshot of before 2026-12-05 kept the keys of items that came back, uncounted.
+        state.setdefault("_deliveries", dict.fromkeys(state.pop("_returned_keys", ()), 1))
+        state.setdefault("dead_lettered", 0)
+        state.setdefault("dead_dropped", 0)
+        state.setdefault("letters", False)
         self.__dict__.update(state)
 
     def __len__(self) -> int:
@@ -254,6 +290,8 @@ class Queue:
         maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
         self.nbytes += nbytes
         self.pushed += len(items)
+        if items and type(items[0]) is DeadLetter:
+            self.letters = True
         if self.options.overflow != "drop_oldest":
             self._extend(items, priority)
             return
@@ -275,55 +313,64 @@ class Queue:
         """Remove and return up to `batch_size` items (-1: all), in pull order."""
         if self._returned:
             taken = self._take_keyed(batch_size)
-            self._returned_keys.difference_update(key for key, _ in taken)
+            for key, _ in taken:
+                self._deliveries.pop(key, None)
             items = [item for _, item in taken]
         else:  # the common case, without keys
             count = len(self) if batch_size == -1 else min(batch_size, len(self))
             items = self._pop_items(count)
             self.pulled += count
         self.nbytes -= total_size(items)
-        return items
+        return list(map(unwrap, items)) if self.letters else items
 
     def lease(self, batch_size: int, first_id: int,
-              deadline: float) -> list[tuple[int, Any, bool]]:
+              deadline: float) -> list[tuple[int, Any, int]]:
         """Lease up to `batch_size` items (-1: all) until `deadline`, with ids from first_id.
 
-        Returns (lease_id, item, redelivered) triples; redelivered is True for an item
-        that was leased before and came back. The items leave the queue but stay
+        Returns (lease_id, item, deliveries) triples; deliveries counts the earlier
+        deliveries of the item (leases that ended without an ack): 0, a false value,
+        for an item delivered for the first time. The items leave the queue but stay
         held (and counted in nbytes) until settled.
         """
         leased = []
         for lease_id, (key, item) in enumerate(self._take_keyed(batch_size), first_id):
-            self.leases[lease_id] = Lease(key, item, deadline)
-            leased.append((lease_id, item, key in self._returned_keys))
+            earlier = self._deliveries.pop(key, 0)
+            self.leases[lease_id] = Lease(key, item, deadline, earlier + 1)
+            leased.append((lease_id, unwrap(item) if self.letters else item, earlier))
         return leased
 
-    def settle(self, lease_ids: Iterable[int], requeue: bool) -> list[int]:
-        """Ack (requeue=False: forget) or return (requeue=True) leased items.
+    def settle(self, lease_ids: Iterable[int], outcome: str) -> tuple[list[int], list[GivenUp]]:
+        """End leases: ACK (forget their items), NACK (return them) or REJECT (give them up).
 
-        Returns the ids that are not held (never issued, returned, or expired). Acking
-        an id acked before (one of the last ACKED_REMEMBERED) is no error and changes
-        nothing, as SQS's DeleteMessage: a client that sends an ack again (after a
-        failover) cannot tell whether the first one arrived.
+        A returned item goes back by its key, unless the queue's max_deliveries is
+        spent: then it is given up. Returns the ids that are not held (never issued,
+        returned, or expired) and the items given up, in the order of `lease_ids`.
+        Acking an id acked before (one of the last ACKED_REMEMBERED) is no error and
+        changes nothing, as SQS's DeleteMessage: a client that sends an ack again
+        (after a failover) cannot tell whether the first one arrived.
         """
-        missing = []
+        missing, given_up = [], []
+        limit = self.options.max_deliveries
         for lease_id in lease_ids:
             lease = self.leases.pop(lease_id, None)
             if lease is None:
-                if requeue or lease_id not in self._acked_ids:
+                if outcome != ACK or lease_id not in self._acked_ids:
                     missing.append(lease_id)
-            elif requeue:
-                self._restore(lease.key, lease.item)
-                self._returned_keys.add(lease.key)
-                self.redelivered += 1
-            else:
+            elif outcome == ACK:
                 self.nbytes -= item_size(lease.item)
-                self._returned_keys.discard(lease.key)
                 self.acked += 1
                 self._acked_ids[lease_id] = None
                 if len(self._acked_ids) > ACKED_REMEMBERED:
                     self._acked_ids.popitem(last=False)
-        return missing
+            elif outcome == NACK and not (limit and lease.deliveries >= limit):
+                self._restore(lease.key, lease.item)
+                self._deliveries[lease.key] = lease.deliveries
+                self.redelivered += 1
+            else:
+                self.nbytes -= item_size(lease.item)
+                reason = REJECTED if outcome == REJECT else DELIVERIES
+                given_up.append(GivenUp(unwrap(lease.item), reason, lease.deliveries))
+        return missing, given_up
 
     def expired_leases(self, now: float) -> list[int]:
         """The ids of leases whose deadline has passed."""
@@ -338,6 +385,14 @@ class Queue:
 
     def peek(self, batch_size: int) -> list:
         """Return up to `batch_size` items (-1: all) in pull order, leaving them."""
+        stored = self._peek_stored(batch_size)
+        return list(map(unwrap, stored)) if self.letters else stored
+
+    def peek_letters(self, batch_size: int) -> list[DeadLetter]:
+        """The DeadLetters among the first `batch_size` items (-1: all), in pull order."""
+        return [item for item in self._peek_stored(batch_size) if type(item) is DeadLetter]
+
+    def _peek_stored(self, batch_size: int) -> list:
         count = len(self) if batch_size == -1 else min(batch_size, len(self))
         returned = [item for _, item in sorted(self._returned)[:count]]
         return returned + self._peek(count - len(returned))
@@ -422,7 +477,7 @@ class FifoQueue(Queue):
     def _pop_oldest(self):
         if self._returned:  # they were pulled before everything still stored
             key, item = heapq.heappop(self._returned)
-            self._returned_keys.discard(key)
+            self._deliveries.pop(key, None)
             return item
         return self._items.popleft()
 
@@ -452,7 +507,7 @@ class LifoQueue(FifoQueue):
         bottom = max(self._returned)
         self._returned.remove(bottom)
         heapq.heapify(self._returned)
-        self._returned_keys.discard(bottom[0])
+        self._deliveries.pop(bottom[0], None)
         return bottom[1]
 
     def _peek(self, count):

@@ -122,6 +122,37 @@ class Settle(NamedTuple):
     requeue: bool
 
 
+class Reject(NamedTuple):
+    """Leases of `queue` ended in a reject (nack with requeue=False): their items were
+    given up (pype.dead_letters). Ids that were not held are passed over."""
+
+    queue: str
+    lease_ids: list[int]
+
+
+# -- the outbox: dead letters on their way to their queue on any shard ----------------------
+
+class Outbox(NamedTuple):
+    """The store's outbox sends its pushes as producer `producer` (pype.shards.producers),
+    numbered from 1: logged before the first dead letter of a store's life."""
+
+    producer: int
+
+
+class Resend(NamedTuple):
+    """Outbox entry `number` was refused (its queue moved, or was full): it goes again as
+    push number `sequence`."""
+
+    number: int
+    sequence: int
+
+
+class Delivered(NamedTuple):
+    """Outbox entry `number` reached its queue."""
+
+    number: int
+
+
 # -- moving queues between shards (pype.router's resize) ----------------------------------
 
 class Expect(NamedTuple):
@@ -171,7 +202,7 @@ class Lead(NamedTuple):
     replica: str
 
 
-RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Insert, Admit, Take, Lease, Settle, Expect,
-                Import, Arrived, Export, Release, Lead)
-Record = (Add | Remove | Pin | Push | Refuse | Insert | Admit | Take | Lease | Settle | Expect
-          | Import | Arrived | Export | Release | Lead)
+RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Insert, Admit, Take, Lease, Settle, Reject,
+                Outbox, Resend, Delivered, Expect, Import, Arrived, Export, Release, Lead)
+Record = (Add | Remove | Pin | Push | Refuse | Insert | Admit | Take | Lease | Settle | Reject
+          | Outbox | Resend | Delivered | Expect | Import | Arrived | Export | Release | Lead)

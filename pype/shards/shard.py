@@ -24,6 +24,8 @@ it, the shard asks the router which queues it held, logs a warning, and raises
 ShardLostError once to each caller of each of them. The loop's housekeeping
 returns expired leases to their queues, tells the router the shard's queue names
 when they change, and exports the shard's metrics once a second (pype.metrics).
+A thread of its own sends the dead letters of the shard's queues to their
+dead-letter queues (pype.shards.dead_letter_sender).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pype.metrics import ShardMetrics
 from pype.payloads import keep_references_here
 from pype.protocol import AwaitPush, Moved, Names, Push, Redirect, Stats
 from pype.routing import Routes
+from pype.shards.dead_letter_sender import DeadLetterSender
 from pype.shards.engine import ShardEngine
 from pype.shards.journal import Journal, JournalPlace
 from pype.shards.listeners import ShardSockets
@@ -205,6 +208,7 @@ class Shard:
                     router.replica_restarted.remote(index=index, replica=replica)) and not (
                     journal is not None and journal.kept_every_write)
         self._loop = ShardLoop(self._engine, sockets, self._housekeeping)
+        self._dead_letters = DeadLetterSender(self._engine, self._routes_to_others)
         self._stopped = threading.Event()
         logger.info("pype shard %d started (pid %d) at %s", index, os.getpid(), sockets.address)
 
@@ -372,6 +376,7 @@ class Shard:
     def close(self) -> None:
         """Stop serving: close the data sockets (and remove the Unix socket file)."""
         self._stopped.set()
+        self._dead_letters.stop()
         if self._replicator is not None:
             self._replicator.stop()
         self._loop.stop()

@@ -18,6 +18,13 @@ each number's answer (pype.shards.producers), applied in the push's own journal
 record or refused in a Refuse record, and answers a number it has seen with its
 first answer, without applying it again.
 
+Dead letters: items a queue gives up on (pype.dead_letters) wait in the store's
+outbox, a part of its state like any other, until the shard has pushed them to
+their dead-letter queue, wherever it lives: as producer `outbox_producer`, with
+numbers from the outbox, so that the target applies each push once however often
+it is sent (pype.shards.producers). The shard's sender (pype.shards.shard) takes
+them from outgoing() and reports delivered() or renumber().
+
 Limits: a push of an item larger than max_item_bytes is a ValueError; a push that
 would take the bytes the shard holds (see item_size) past memory_budget is a
 QueueFullError. Neither changes anything.
@@ -27,14 +34,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 import reprlib
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, NamedTuple
 
+from pype.dead_letters import DeadLetter
 from pype.errors import (
     LeaseNotHeldError,
     QueueExistsError,
@@ -45,14 +54,24 @@ from pype.errors import (
 )
 from pype.hashing import shard_for
 from pype.options import QueueOptions
+from pype.partitions import split_name
 from pype.protocol import Moved
 from pype.shards import records
 from pype.shards.journal import FORMAT, Journal
 from pype.shards.producers import APPLIED, Producers
-from pype.shards.queues import ParkedPush, Queue, item_sizes, make_queue
+from pype.shards.queues import (
+    ACK,
+    NACK,
+    REJECT,
+    GivenUp,
+    ParkedPush,
+    Queue,
+    item_sizes,
+    make_queue,
+)
 from pype.shards.replication import EpochHistory
 
-COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered")
+COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered", "dead_lettered", "dead_dropped")
 MAX_PINS = 100_000  # producers whose partition a partitioned queue keeps (the least recent go)
 MAX_OWNED = 100_000  # queue names whose owner belongs_elsewhere remembers
 
@@ -70,6 +89,16 @@ class PendingPush:
     tickets: dict[str, int] = field(default_factory=dict)  # queue name -> ticket id
     deadline: float | None = None  # the store's clock() after which the waiting parts give up
     request: Any = None  # the Push, kept by the loop
+
+
+class Outgoing(NamedTuple):
+    """Dead letters on their way to queue `queue` (the store's outbox, entry `number`)."""
+
+    number: int
+    queue: str
+    letters: list[DeadLetter]
+    sequence: int  # the number of the push that carries them (producer: outbox_producer)
+    position: int  # of the record that gave them up: they go once it is committed
 
 
 class QueueStore:
@@ -98,6 +127,9 @@ class QueueStore:
         self._next_lease_id = time.time_ns()
         self._nbytes = 0                            # held by all queues
         self._producers = Producers()               # each numbered push's answer
+        self.outbox: dict[int, Outgoing] = {}       # number -> dead letters to send
+        self.outbox_producer: int | None = None     # logged (records.Outbox) before first use
+        self._outbox_numbers = 0                    # the last entry or push number issued
         self._retired: Counter = Counter()          # counters of removed queues
         # Resharding (pype.router's resize): the topology that decides which names are
         # this shard's once it gave queues away, (shards, hash seed, epoch); and while
@@ -149,6 +181,7 @@ class QueueStore:
         self.expecting = state.get("expecting")
         self.position = state.get("position", 0)
         self.history = EpochHistory(list(state.get("history", ())))
+        self.outbox_producer, self._outbox_numbers, self.outbox = state.get("outbox", (None, 0, {}))
 
     def _apply(self, record: records.Record) -> list:
         self.position += 1
@@ -228,11 +261,31 @@ class QueueStore:
         return self._queues[record.queue].lease(record.count, record.first_id, record.deadline)
 
     def _replay_settle(self, record: records.Settle) -> list:
-        queue = self._queues[record.queue]
-        held = [(lease_id, queue.leases[lease_id].item) for lease_id in record.lease_ids
+        return self._replay_end_of_leases(record.queue, record.lease_ids,
+                                          NACK if record.requeue else ACK)
+
+    def _replay_reject(self, record: records.Reject) -> list:
+        return self._replay_end_of_leases(record.queue, record.lease_ids, REJECT)
+
+    def _replay_end_of_leases(self, name: str, lease_ids: list[int], outcome: str) -> list:
+        queue = self._queues[name]
+        held = [(lease_id, queue.leases[lease_id].item) for lease_id in lease_ids
                 if lease_id in queue.leases]
-        queue.settle(record.lease_ids, record.requeue)
+        _, given_up = queue.settle(lease_ids, outcome)
+        self._send_on(name, queue, given_up)
         return held
+
+    def _replay_outbox(self, record: records.Outbox) -> list:
+        self.outbox_producer = record.producer
+        return []
+
+    def _replay_resend(self, record: records.Resend) -> list:
+        self._outbox_numbers = record.sequence
+        self.outbox[record.number] = self.outbox[record.number]._replace(sequence=record.sequence)
+        return []
+
+    def _replay_delivered(self, record: records.Delivered) -> list:
+        return self.outbox.pop(record.number).letters
 
     def _replay_expect(self, record: records.Expect) -> list:
         self.expecting = (record.shards, record.seed)
@@ -262,6 +315,8 @@ class QueueStore:
         records.Add: _replay_add, records.Remove: _replay_remove, records.Pin: _replay_pin,
         records.Push: _replay_push, records.Refuse: _replay_refuse, records.Insert: _replay_insert, records.Admit: _replay_admit,
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
+        records.Reject: _replay_reject, records.Outbox: _replay_outbox,
+        records.Resend: _replay_resend, records.Delivered: _replay_delivered,
         records.Expect: _replay_expect, records.Import: _replay_import,
         records.Arrived: _replay_arrived, records.Export: _replay_export,
         records.Release: _replay_release, records.Lead: _replay_lead}
@@ -301,7 +356,8 @@ class QueueStore:
         return {"queues": self._queues, "retired": self._retired,
                 "next_lease_id": self._next_lease_id, "producers": self._producers,
                 "owner": self.owner, "expecting": self.expecting,
-                "position": self.position, "history": list(self.history.starts)}
+                "position": self.position, "history": list(self.history.starts),
+                "outbox": (self.outbox_producer, self._outbox_numbers, self.outbox)}
 
     def _compact(self) -> None:
         """Make the whole state the journal's next snapshot (see Journal.compact)."""
@@ -315,6 +371,7 @@ class QueueStore:
 
     def add(self, name: str, options: QueueOptions, exist_ok: bool = False) -> bool:
         """Create queue `name`; return False if it existed and exist_ok is set."""
+        options.check_dead_letter(name)
         if name in self._queues:
             if exist_ok:
                 return False
@@ -323,6 +380,8 @@ class QueueStore:
         return True
 
     def _create(self, name: str, options: QueueOptions) -> Queue:
+        if options.dead_letter == name:  # queue_defaults' dead-letter queue, made by a push
+            options = replace(options, dead_letter=None)
         queue = self._queues[name] = make_queue(options)
         self._log(records.Add(name, options))
         return queue
@@ -340,8 +399,7 @@ class QueueStore:
 
     def _retire(self, name: str) -> int:
         queue = self._queues.pop(name)
-        self._retired.update(pushed=queue.pushed, pulled=queue.pulled, dropped=queue.dropped,
-                             acked=queue.acked, redelivered=queue.redelivered)
+        self._retired.update({key: count for key in COUNTERS if (count := getattr(queue, key))})
         self._nbytes -= queue.nbytes
         discarded = queue.clear()
         self._retired.update(discarded=discarded)
@@ -395,6 +453,12 @@ class QueueStore:
         queue = self._queues.get(name)
         return len(queue) if queue is not None else 0
 
+    def dead_letters(self, name: str, batch_size: int) -> list[DeadLetter]:
+        """The DeadLetters among the first `batch_size` items of queue `name` (-1: all),
+        in pull order; none for a queue that does not exist."""
+        queue = self._queues.get(name)
+        return [] if queue is None else queue.peek_letters(batch_size)
+
     def describe(self, name: str) -> dict | None:
         """The options of queue `name` as a dict, or None if it does not exist."""
         queue = self._queues.get(name)
@@ -422,6 +486,7 @@ class QueueStore:
                    "bytes": q.nbytes, "max_bytes": q.options.max_bytes,
                    "leased": len(q.leases), "pushed": q.pushed, "pulled": q.pulled,
                    "dropped": q.dropped, "acked": q.acked, "redelivered": q.redelivered,
+                   "dead_lettered": q.dead_lettered, "dead_dropped": q.dead_dropped,
                    "waiting_producers": len(q.parked)}
             for name, q in self._queues.items()}
         totals = {key: sum(q[key] for q in queues.values()) + self._retired[key]
@@ -429,7 +494,9 @@ class QueueStore:
         return {"queues": len(queues), "depth": sum(q["depth"] for q in queues.values()),
                 "leased": sum(q["leased"] for q in queues.values()),
                 "bytes": self._nbytes, "memory_budget": self.memory_budget,
-                **totals, "discarded": self._retired["discarded"], "per_queue": queues}
+                **totals, "discarded": self._retired["discarded"],
+                "outbox": sum(len(entry.letters) for entry in self.outbox.values()),
+                "per_queue": queues}
 
     # -- moving queues between shards (resize) ------------------------------------------
 
@@ -710,41 +777,99 @@ class QueueStore:
 
     # -- leases -----------------------------------------------------------------------
 
-    def settle(self, name: str, lease_ids: list[int], requeue: bool) -> int:
-        """Ack (requeue=False) or nack (requeue=True) leased items of queue `name`.
+    def settle(self, name: str, lease_ids: list[int], outcome: str) -> int:
+        """End leases of queue `name`: ACK, NACK or REJECT (pype.shards.queues).
 
         Acked items are gone for good; nacked ones go back to the head of the queue
-        in their original order. Returns the number settled now: acking an id acked
-        before is no error and counts 0 (a resent ack is harmless). Raises
-        LeaseNotHeldError naming the ids that are not held (expired and returned,
-        nacked before, or never issued) after settling the others.
+        in their original order, unless the queue's max_deliveries is spent; those and
+        rejected ones are given up (_give_up). Returns the number settled now:
+        acking an id acked before is no error and counts 0 (a resent ack is
+        harmless). Raises LeaseNotHeldError naming the ids that are not held (expired
+        and returned, nacked before, or never issued) after settling the others.
         """
         queue = self._queues.get(name)
         held = 0
         if queue is None:
             missing = list(lease_ids)
         else:
-            before = queue.nbytes
             held = len(set(lease_ids) & queue.leases.keys())
-            missing = queue.settle(lease_ids, requeue)
-            self._nbytes += queue.nbytes - before
-            if held:
-                self._log(records.Settle(name, lease_ids, requeue))
-                if not requeue:
-                    self._admit_parked(name, queue)
+            missing = self._end_leases(name, queue, lease_ids, outcome)
         if missing:
-            raise LeaseNotHeldError.of(name, missing, len(lease_ids), requeue)
+            raise LeaseNotHeldError.of(name, missing, len(lease_ids), outcome != ACK)
         return held
 
+    def _end_leases(self, name: str, queue: Queue, lease_ids: list[int], outcome: str) -> list[int]:
+        """Settle the leases of `queue` and log it if it held any; the ids it does not
+        hold (see Queue.settle)."""
+        if queue.leases.keys().isdisjoint(lease_ids):  # an ack sent again changes nothing
+            return queue.settle(lease_ids, outcome)[0]
+        before = queue.nbytes
+        missing, given_up = queue.settle(lease_ids, outcome)
+        self._nbytes += queue.nbytes - before
+        if given_up and queue.options.dead_letter is not None and self.outbox_producer is None:
+            self.outbox_producer = int.from_bytes(os.urandom(8), "little") >> 1
+            self._log(records.Outbox(self.outbox_producer))  # before the record that uses it
+        if outcome == REJECT:
+            self._log(records.Reject(name, lease_ids))
+        else:
+            self._log(records.Settle(name, lease_ids, outcome == NACK))
+        self._send_on(name, queue, given_up)
+        self._admit_parked(name, queue)  # acked and given-up items made room
+        return missing
+
+    def _send_on(self, name: str, queue: Queue, given_up: list[GivenUp]) -> None:
+        """Put the items that queue `name` gave up in the outbox for its dead-letter
+        queue, or count them dropped if it has none. The record that gave them up is
+        the last one logged (or the one replayed)."""
+        if not given_up:
+            return
+        target = queue.options.dead_letter
+        if target is None:
+            queue.dead_dropped += len(given_up)
+            logger.warning("pype: queue %r gave up on %d items and has no dead-letter queue: "
+                           "they are dropped", name, len(given_up))
+            return
+        queue.dead_lettered += len(given_up)
+        self._outbox_numbers += 1
+        number = self._outbox_numbers
+        source = split_name(name)[0]  # a partition's letters name its partitioned queue
+        letters = [DeadLetter(item, source, reason, deliveries)
+                   for item, reason, deliveries in given_up]
+        self.outbox[number] = Outgoing(number, target, letters, number, self.position)
+
+    # -- the outbox ---------------------------------------------------------------------
+
+    def outgoing(self) -> tuple[Outgoing, tuple[int, int, int]] | None:
+        """The outbox's first entry and the producer numbers of its push (producer id,
+        sequence, floor), or None if the outbox is empty."""
+        if not self.outbox:
+            return None
+        entry = next(iter(self.outbox.values()))
+        floor = min(waiting.sequence for waiting in self.outbox.values())
+        return entry, (self.outbox_producer, entry.sequence, floor)
+
+    def delivered(self, number: int) -> None:
+        """Outbox entry `number` reached its queue: forget it."""
+        if self.outbox.pop(number, None) is not None:
+            self._log(records.Delivered(number))
+
+    def renumber(self, number: int) -> None:
+        """Outbox entry `number` was refused (its queue moved or was full): its next push
+        takes a new number, which the refusal did not answer."""
+        if number in self.outbox:
+            self._outbox_numbers += 1
+            self.outbox[number] = self.outbox[number]._replace(sequence=self._outbox_numbers)
+            self._log(records.Resend(number, self._outbox_numbers))
+
     def expire_leases(self, now: float | None = None) -> list[str]:
-        """Return the items of every lease past its deadline to its queue; name those queues."""
+        """Return the items of every lease past its deadline to its queue (or give them up:
+        max_deliveries); name those queues."""
         now = time.time() if now is None else now
         changed, expired = [], 0
         for name, queue in self._queues.items():
             lease_ids = queue.expired_leases(now) if queue.leases else ()
             if lease_ids:
-                queue.settle(lease_ids, requeue=True)
-                self._log(records.Settle(name, lease_ids, True))
+                self._end_leases(name, queue, lease_ids, NACK)
                 changed.append(name)
                 expired += len(lease_ids)
         if expired:

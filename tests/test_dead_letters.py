@@ -1,0 +1,150 @@
+"""Dead letters: items a queue gives up on, and the outbox that sends them on (no Ray).
+
+The live path (the shard's sender, dead-letter queues on other shards, consumers that
+die) is in tests/test_dead_letters_live.py.
+"""
+
+import pytest
+
+from pype.dead_letters import DeadLetter
+from pype.errors import LeaseNotHeldError
+from pype.options import QueueOptions
+from pype.shards.journal import Journal
+from pype.shards.store import QueueStore
+
+
+def lease_all(store, name):
+    return [lease for lease, _, _ in store.pull(name, -1, ack=True)]
+
+
+def send_outbox(source, target):
+    """What the shard's sender does: push each entry as the outbox's producer."""
+    while (outgoing := source.outgoing()) is not None:
+        entry, producer = outgoing
+        target.push((entry.queue,), entry.letters, producer=producer)
+        source.delivered(entry.number)
+
+
+def test_an_item_is_given_up_after_max_deliveries_and_counts_its_deliveries():
+    store = QueueStore(QueueOptions())
+    store.add("q", QueueOptions(max_deliveries=3, dead_letter="dead"))
+    store.push(("q",), ["poison", "fine"])
+    for delivery in range(3):
+        leased = store.pull("q", -1, ack=True)
+        assert [(item, earlier) for _, item, earlier in leased] == [("poison", delivery),
+                                                                   ("fine", delivery)]
+        poison, fine = (lease for lease, _, _ in leased)
+        store.settle("q", [poison, fine] if delivery < 2 else [poison], "nack")
+    # The third failed delivery of "poison" gave it up; "fine" is still leased.
+    assert store.length("q") == 0
+    assert store.stats()["per_queue"]["q"]["dead_lettered"] == 1
+    entry, _ = store.outgoing()
+    assert entry.queue == "dead"
+    assert entry.letters == [DeadLetter("poison", "q", "deliveries", 3)]
+    store.settle("q", [fine], "ack")
+    assert store.stats()["outbox"] == 1
+
+
+def test_an_expired_lease_is_a_failed_delivery():
+    store = QueueStore(QueueOptions())
+    store.add("q", QueueOptions(max_deliveries=2))
+    store.push(("q",), ["x"])
+    lease_all(store, "q")
+    store.expire_leases(now=4e9)
+    [(_, item, earlier)] = store.pull("q", 1, ack=True)
+    assert (item, earlier) == ("x", 1)
+    store.expire_leases(now=4e9)
+    # No dead-letter queue: dropped, and counted.
+    assert store.length("q") == 0
+    assert store.stats()["per_queue"]["q"]["dead_dropped"] == 1
+    assert store.outgoing() is None
+
+
+def test_a_reject_gives_up_at_once_and_the_lease_is_gone():
+    store = QueueStore(QueueOptions())
+    store.add("q", QueueOptions(dead_letter="dead"))
+    store.push(("q",), ["a", "b"])
+    a, b = lease_all(store, "q")
+    assert store.settle("q", [a], "reject") == 1
+    with pytest.raises(LeaseNotHeldError):
+        store.settle("q", [a], "ack")
+    store.settle("q", [b], "nack")
+    assert store.pull("q", -1) == ["b"]
+    entry, _ = store.outgoing()
+    assert entry.letters == [DeadLetter("a", "q", "rejected", 1)]
+
+
+def test_dead_letters_reach_their_queue_once_however_often_they_are_sent():
+    source, target = QueueStore(QueueOptions()), QueueStore(QueueOptions())
+    source.add("q", QueueOptions(dead_letter="dead"))
+    source.push(("q",), [1, 2, 3])
+    source.settle("q", lease_all(source, "q"), "reject")
+    entry, producer = source.outgoing()
+    for _ in range(3):  # a reply lost twice: the same numbers each time
+        assert target.push(("dead",), entry.letters, producer=producer) == 3
+    source.delivered(entry.number)
+    assert source.outgoing() is None
+    assert target.length("dead") == 3
+    # Pulls return the items; dead_letters() tells where each came from and why.
+    assert target.dead_letters("dead", -1) == [DeadLetter(i, "q", "rejected", 1) for i in (1, 2, 3)]
+    leased = target.pull("dead", 1, ack=True)
+    assert [(item, earlier) for _, item, earlier in leased] == [(1, 0)]  # counted afresh
+    assert target.pull("dead", -1) == [2, 3]
+
+
+def test_a_refused_entry_goes_again_under_a_new_number():
+    source, target = QueueStore(QueueOptions()), QueueStore(QueueOptions())
+    source.add("q", QueueOptions(dead_letter="dead"))
+    target.add("dead", QueueOptions(maxsize=1))
+    target.push(("dead",), ["filler"])
+    source.push(("q",), ["x"])
+    source.settle("q", lease_all(source, "q"), "reject")
+    entry, producer = source.outgoing()
+    with pytest.raises(Exception, match="full"):
+        target.push(("dead",), entry.letters, producer=producer)
+    target.refuse(producer, RuntimeError("full"))  # as the engine keeps a refusal
+    source.renumber(entry.number)
+    target.pull("dead", 1)
+    send_outbox(source, target)
+    assert target.pull("dead", -1) == ["x"]
+
+
+def test_the_outbox_survives_a_restart_and_its_producer_with_it(tmp_path):
+    def open_store():
+        store = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+        store.restore()
+        return store
+
+    store = open_store()
+    store.add("q", QueueOptions(max_deliveries=1, dead_letter="dead"))
+    store.push(("q",), ["a", "b"])
+    store.settle("q", lease_all(store, "q"), "nack")
+    first, producer = store.outgoing()
+    store.renumber(first.number)
+    expected = store.outgoing()
+    assert expected[1] != producer
+    store.close()
+    restored = open_store()
+    assert restored.outgoing() == expected
+    restored.delivered(first.number)
+    restored.close()
+    assert open_store().outgoing() is None
+
+
+def test_bad_options_are_refused_and_change_nothing():
+    store = QueueStore(QueueOptions())
+    for bad in ({"max_deliveries": 0}, {"max_deliveries": -1}, {"dead_letter": ""}):
+        with pytest.raises(ValueError):
+            QueueOptions(**bad)
+    for bad in ({"max_deliveries": 1.5}, {"max_deliveries": True}, {"dead_letter": 7}):
+        with pytest.raises(TypeError):
+            QueueOptions(**bad)
+    with pytest.raises(ValueError, match="its own dead-letter queue"):
+        store.add("q", QueueOptions(dead_letter="q"))
+    assert store.names() == []
+
+
+def test_the_default_dead_letter_queue_made_by_a_push_has_none_of_its_own():
+    store = QueueStore(QueueOptions(max_deliveries=1, dead_letter="dead"))
+    store.push(("dead",), ["x"])
+    assert store.describe("dead")["dead_letter"] is None
