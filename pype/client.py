@@ -49,6 +49,7 @@ from pype.options import (
     check_name,
     check_priority,
     check_timeout,
+    check_ttl,
     resolve_capacity,
 )
 from pype.partitions import Layout
@@ -228,25 +229,20 @@ class Server:
 
     # -- data -------------------------------------------------------------------------------
 
-    def _push_requests(self, data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
-                       priority: Any, by_reference_: bool = False, key: Any = None) -> dict[int, Push]:
-        """The `.remote()` push: one Push per shard (a partitioned queue's head forwards)."""
+    @staticmethod
+    def _push_request(data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
+                      priority: Any, key: Any, ttl: Any) -> Push:
+        """A checked Push of the arguments of push(), to every queue it names."""
         names = as_names(queues)
         if key is not None:
             partitioning.partition_for_key(key, 1)  # checks its type
-        items = as_items(data, expand)
-        if by_reference_:
-            items = by_reference(items)
-        timeout, priority = check_timeout(timeout), check_priority(priority)
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for name in names:
-            by_shard[self.routes.shard_of(name)].append(name)
-        return {index: Push(tuple(group), items, priority, bool(block), timeout, key=key)
-                for index, group in by_shard.items()}
+        return Push(names, as_items(data, expand), check_priority(priority), bool(block),
+                    check_timeout(timeout), key=key, ttl=check_ttl(ttl))
 
     def _push_native(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
-                     priority: float | None = None, key: Any = None) -> int:
+                     priority: float | None = None, key: Any = None,
+                     ttl: float | None = None) -> int:
         """Push `data` (or with expand=True, each element of a list) to one or more queues.
 
         Returns the number of items accepted (items x queues). Each queue takes all
@@ -255,24 +251,29 @@ class Server:
         is "block" (the push waits in line) or "drop_oldest". Missing queues are
         created. key (str, bytes or int): on a partitioned queue, pushes with the
         same key go to the same partition, in order; other pushes go to this
-        process's partition. server.push.remote(...) does the same through Ray
+        process's partition. ttl: seconds the items live from now; an item not
+        delivered by then expires (the queue's own ttl, if shorter, wins; see add()).
+        server.push.remote(...) does the same through Ray
         and returns a reference to the count; large items (numpy arrays, bytes)
         then travel by reference through Ray's object store (see pype.payloads),
         natively by value.
         """
-        names = as_names(queues)
-        if key is not None:
-            partitioning.partition_for_key(key, 1)  # checks its type
-        return self.routes.push_to(names, as_items(data, expand), bool(block),
-                                   check_timeout(timeout), check_priority(priority), key)
+        return self.routes.push_to(self._push_request(data, queues, expand, block, timeout,
+                                                      priority, key, ttl))
 
     def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
-                     priority: float | None = None, key: Any = None) -> ray.ObjectRef:
-        requests = self._push_requests(data, queues, expand, block, timeout, priority,
-                                       self._by_reference, key)
+                     priority: float | None = None, key: Any = None,
+                     ttl: float | None = None) -> ray.ObjectRef:
+        push = self._push_request(data, queues, expand, block, timeout, priority, key, ttl)
+        if self._by_reference:
+            push = push._replace(items=by_reference(push.items))
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for name in push.queues:  # one Push per shard (a partitioned queue's head forwards)
+            by_shard[self.routes.shard_of(name)].append(name)
         refs = []
-        for index, request in requests.items():
+        for index, group in by_shard.items():
+            request = push._replace(queues=tuple(group))
             ref = self.routes.call(index, request)
             if request.block:  # second half: waits among the shard's "pushes" threads for room
                 ref = self.routes.await_push(index, ref)
@@ -420,7 +421,7 @@ class Server:
                      max_bytes: int | None = None, visibility_timeout: float | None = None,
                      exist_ok: bool = False, partitions: int | None = None,
                      max_deliveries: int | None = None,
-                     dead_letter: str | None = None) -> tuple[int, Add]:
+                     dead_letter: str | None = None, ttl: float | None = None) -> tuple[int, Add]:
         check_name(queue)
         defaults = self.routes.topology.config.queue_defaults
         kind = kind or defaults.kind
@@ -432,7 +433,7 @@ class Server:
                  "batch_timeout": batch_timeout, "max_bytes": max_bytes,
                  "visibility_timeout": visibility_timeout, "partitions": partitions,
                  "maxsize": resolve_capacity(maxsize, use_locking, semaphore, batch_lock),
-                 "max_deliveries": max_deliveries, "dead_letter": dead_letter}
+                 "max_deliveries": max_deliveries, "dead_letter": dead_letter, "ttl": ttl}
         options = dataclasses.replace(defaults,
                                       **{key: value for key, value in given.items() if value is not None})
         options.check_dead_letter(queue)
@@ -445,7 +446,8 @@ class Server:
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
                     exist_ok: bool = False, partitions: int | None = None,
-                    max_deliveries: int | None = None, dead_letter: str | None = None) -> bool:
+                    max_deliveries: int | None = None, dead_letter: str | None = None,
+                    ttl: float | None = None) -> bool:
         """Create `queue`; True if created, False if it existed (with exist_ok).
 
         Options left None come from the config's queue_defaults. Flow control:
@@ -458,7 +460,9 @@ class Server:
         max_deliveries=K: an item leased K times and never acked (nacked, or its lease
         expired) is given up instead of returned; dead_letter names the queue that
         given-up items go to (see dead_letters()), on any shard; without one they are
-        dropped and counted (stats: dead_dropped).
+        dropped and counted (stats: dead_dropped). ttl: seconds each item lives from its
+        push (a push's own ttl, if shorter, wins); an item not delivered by then expires:
+        it goes to the dead_letter queue, or is dropped and counted (stats: expired).
         partitions=K (K > 1) spreads the queue over K partitions on the shards (see
         pype.partitions and the README); maxsize and max_bytes then bound each
         partition. Raises QueueExistsError if it existed (unless exist_ok, which
@@ -468,7 +472,7 @@ class Server:
         index, request = self._add_request(
             queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
             batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions, max_deliveries,
-            dead_letter)
+            dead_letter, ttl)
         wanted = request.options.partitions
         existing = self.routes.native(index, Describe(queue)) if wanted > 1 else None
         if existing is not None and existing.get("partitions", 1) != wanted:
@@ -492,10 +496,11 @@ class Server:
                     batch_size: int | None = None, batch_timeout: float | None = None,
                     max_bytes: int | None = None, visibility_timeout: float | None = None,
                     exist_ok: bool = False, partitions: int | None = None,
-                    max_deliveries: int | None = None, dead_letter: str | None = None) -> ray.ObjectRef:
+                    max_deliveries: int | None = None, dead_letter: str | None = None,
+                    ttl: float | None = None) -> ray.ObjectRef:
         arguments = (queue, kind, maxsize, use_locking, semaphore, batch_lock, overflow, batch_size,
                      batch_timeout, max_bytes, visibility_timeout, exist_ok, partitions,
-                     max_deliveries, dead_letter)
+                     max_deliveries, dead_letter, ttl)
         index, request = self._add_request(*arguments)
         if request.options.partitions > 1:  # several shards: a task makes them natively
             return self._settled(_add_in_task.remote(self, arguments))

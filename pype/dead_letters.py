@@ -1,7 +1,8 @@
 """Dead letters: items a queue gave up on, and why. Plain Python, no Ray.
 
 A queue with max_deliveries gives up on an item that was delivered (leased) that
-many times and never acknowledged; nack(requeue=False) gives up on one at once. A
+many times and never acknowledged; nack(requeue=False) gives up on one at once; an
+item whose time to live ended (ttl) expires. A
 queue with a dead_letter queue sends such items there, each as a DeadLetter that
 says where it came from and why; one without drops them and counts them.
 
@@ -17,7 +18,8 @@ from typing import Any, NamedTuple
 
 DELIVERIES = "deliveries"  # delivered max_deliveries times, never acknowledged
 REJECTED = "rejected"      # nack(requeue=False)
-REASONS = (DELIVERIES, REJECTED)
+EXPIRED = "expired"        # its time to live ended (ttl)
+REASONS = (DELIVERIES, REJECTED, EXPIRED)
 
 
 class DeadLetter(NamedTuple):

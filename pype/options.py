@@ -57,6 +57,17 @@ def check_timeout(timeout: Any, what: str = "timeout") -> float | None:
     return None if timeout == math.inf else float(timeout)
 
 
+def check_ttl(ttl: Any, what: str = "ttl") -> float | None:
+    """Return `ttl` if valid: None (no limit) or a finite number of seconds > 0."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds or None, got {ttl!r}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError(f"{what} must be a finite number of seconds > 0 (None: no limit), got {ttl}")
+    return float(ttl)
+
+
 def check_priority(priority: Any) -> float | int | None:
     """Return `priority` if valid: None or a real number (lower is pulled first)."""
     if priority is None:
@@ -83,6 +94,7 @@ class QueueOptions:
     partition_seed: int = 0             # in the partitions' names; add() picks one that spreads them
     max_deliveries: int | None = None   # deliveries of an item, unacknowledged, before it is given up
     dead_letter: str | None = None      # the queue given-up items go to (pype.dead_letters); None: dropped
+    ttl: float | None = None            # seconds an item lives from its push; None: no limit
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,6 +127,7 @@ class QueueOptions:
                 raise ValueError(f"max_deliveries must be >= 1 (None: no limit), got {self.max_deliveries}")
         if self.dead_letter is not None:
             check_name(self.dead_letter)
+        check_ttl(self.ttl)
 
     def check_dead_letter(self, queue: str) -> None:
         """Raise ValueError if these are the options of a queue named `queue` that sends its

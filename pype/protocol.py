@@ -57,6 +57,8 @@ class Push(NamedTuple):
     shard runs it (pype.partitions); native pushes resolve it in the client.
     on_behalf: the caller id a shard sends a `.remote()` push for (its pin is the
     caller's, not the shard's).
+    ttl: seconds the items live, counted from the push (the queue's ttl, if shorter,
+    wins); None: the queue's.
     """
 
     queues: tuple[str, ...]
@@ -68,6 +70,7 @@ class Push(NamedTuple):
     must_exist: bool = False
     key: Any = None
     on_behalf: str | None = None
+    ttl: float | None = None
 
 
 class Pull(NamedTuple):

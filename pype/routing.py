@@ -372,23 +372,21 @@ class Routes:
                     raise
         raise RedirectLimitError(f"pype: the layout of queue {queue!r} kept changing")
 
-    def push_to(self, names: tuple[str, ...], items: list, block: bool, timeout: float | None,
-                priority: float | None, key: Any = None, pins: dict[str, Layout] | None = None,
-                on_behalf: str | None = None) -> int:
-        """The native push of checked arguments to queues `names`; the items accepted.
+    def push_to(self, push: Push, pins: dict[str, Layout] | None = None) -> int:
+        """The native push of a checked Push to its queues; the items accepted.
 
         One Push per shard for plain queues, one per partition for partitioned ones;
-        redirects are followed and the queues they name sent again. on_behalf: the
-        caller a shard runs a `.remote()` push for; then only `pins` (layouts with that
-        caller's partitions) are used, never this Routes', and heads pin new ones for
-        that caller."""
+        redirects are followed and the queues they name sent again. push.on_behalf:
+        the caller a shard runs a `.remote()` push for; then only `pins` (layouts with
+        that caller's partitions) are used, never this Routes', and heads pin new ones
+        for that caller."""
         pipeline, accepted, failure = self.pipeline(), 0, None
         pins = dict(pins or {})
-        wait = timeout if block else 0.0
+        names, on_behalf = push.queues, push.on_behalf
+        wait = push.timeout if push.block else 0.0
         for _ in range(MAX_REDIRECTS + 1):
             sent = []
-            for targets, index, request in self._native_pushes(names, items, block, timeout,
-                                                               priority, key, pins, on_behalf):
+            for targets, index, request in self._native_pushes(push, names, pins):
                 sent.append((targets, request, pipeline.send(index, self.after(index), request)))
             names = ()
             for targets, request, ticket in sent:
@@ -419,21 +417,20 @@ class Routes:
             raise RedirectLimitError(f"pype: the layout of queues {names} kept changing")
         return accepted
 
-    def _native_pushes(self, names, items, block, timeout, priority, key, pins, on_behalf):
-        """(queue names, shard, Push) of a native push: one per shard for plain queues,
+    def _native_pushes(self, push: Push, names: tuple[str, ...], pins: dict[str, Layout]):
+        """(queue names, shard, Push) of `push` to `names`: one per shard for plain queues,
         one per partition (which must exist: a stale layout then shows) for partitioned."""
         by_shard: dict[int, list[str]] = defaultdict(list)
         for name in names:
-            layout = pins.get(name) or (self._layouts.get(name) if on_behalf is None else None)
+            layout = pins.get(name) or (self._layouts.get(name) if push.on_behalf is None else None)
             if layout is None:
                 by_shard[self.shard_of(name)].append(name)
             else:
-                target = layout.target(key)
-                yield (name,), self.shard_of(target), Push((target,), items, priority, block,
-                                                           timeout, must_exist=True)
+                target = layout.target(push.key)
+                yield (name,), self.shard_of(target), push._replace(
+                    queues=(target,), must_exist=True, key=None, on_behalf=None)
         for index, group in by_shard.items():
-            yield tuple(group), index, Push(tuple(group), items, priority, block, timeout,
-                                            key=key, on_behalf=on_behalf)
+            yield tuple(group), index, push._replace(queues=tuple(group))
 
     # -- partitioned queues ---------------------------------------------------------------
 
@@ -490,9 +487,7 @@ class Routes:
             if type(request) is not Push:
                 self.know_layout(layout)
         if type(request) is Push:
-            return self.push_to(request.queues, request.items, request.block, request.timeout,
-                                request.priority, request.key, pins=pins,
-                                on_behalf=request.on_behalf or caller)
+            return self.push_to(request._replace(on_behalf=request.on_behalf or caller), pins)
         if type(request) in (protocol.Add, protocol.Describe):
             return self.native(self.shard_of(request.queue), request)
         return self.run(request)

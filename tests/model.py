@@ -15,14 +15,16 @@ class Model:
     with the number of the pull that first took it: it goes to the head of the queue,
     returned ones in the order they were first pulled. `deliveries` counts the leases
     of each entry that ended without an ack; at max_deliveries, or on a reject, the
-    entry is given up: settle() returns it as (item, reason, deliveries).
+    entry is given up: settle() returns it as (item, reason, deliveries). An entry
+    pushed with `expires` is given up by expire(now) once that time has come, unless
+    it is leased then: it expires once it comes back.
     """
 
     def __init__(self, options: QueueOptions):
         self.options = options
         self.entries = []
         self.arrivals = 0
-        self.parked = []  # [items, priority, deadline, state-cell]
+        self.parked = []  # [items, priority, deadline, state-cell, expires]
         self.dropped = 0
         self.leases = {}  # lease id -> (entry, pull number)
         self.acked_ids = set()  # lease ids acked: acking one again is no error
@@ -30,6 +32,8 @@ class Model:
         self.pulls = 0
         self.first_pulls = {}  # arrival of an entry -> number of the pull that first took it
         self.deliveries = {}  # arrival of an entry -> its leases that ended without an ack
+        self.expires = {}  # arrival of an entry -> (its time, its place among those that expire)
+        self.expiry_order = 0
 
     def order(self):
         if self.options.kind == "priority":
@@ -43,8 +47,11 @@ class Model:
     def room(self):
         return float("inf") if not self.options.maxsize else self.options.maxsize - len(self.entries)
 
-    def insert(self, items, priority):
+    def insert(self, items, priority, expires=None):
         for item in items:
+            if expires is not None:
+                self.expiry_order += 1
+                self.expires[self.arrivals] = (expires, self.expiry_order)
             while self.options.maxsize and len(self.entries) >= self.options.maxsize:
                 if self.options.kind == "lifo":  # a stack evicts from its bottom
                     oldest = self.order()[-1]
@@ -100,9 +107,18 @@ class Model:
                 self.returned[entry[1]] = pull
         return missing, given_up
 
+    def expire(self, now):
+        """Give up the entries held whose time has come; (item, "expired", deliveries)."""
+        doomed = sorted((self.expires[e[1]], e) for e in self.entries
+                        if e[1] in self.expires and self.expires[e[1]][0] <= now)
+        for _, entry in doomed:
+            self.entries.remove(entry)
+            self.returned.pop(entry[1], None)
+        return [(entry[2], "expired", self.deliveries.get(entry[1], 0)) for _, entry in doomed]
+
     def admit(self, now):
         while self.parked:
-            items, priority, deadline, cell = self.parked[0]
+            items, priority, deadline, cell, expires = self.parked[0]
             late = deadline is not None and now >= deadline
             if not late and len(items) > self.room():
                 break
@@ -110,5 +126,5 @@ class Model:
             if late:
                 cell[0] = "expired"
             else:
-                self.insert(items, priority)
+                self.insert(items, priority, expires)
                 cell[0] = "admitted"

@@ -148,3 +148,21 @@ def test_the_default_dead_letter_queue_made_by_a_push_has_none_of_its_own():
     store = QueueStore(QueueOptions(max_deliveries=1, dead_letter="dead"))
     store.push(("dead",), ["x"])
     assert store.describe("dead")["dead_letter"] is None
+
+
+def test_each_store_s_outbox_sends_as_a_producer_of_its_own():
+    """Two shards' dead letters to one queue must never be taken for each other's."""
+    stores = [QueueStore(QueueOptions(), wall_clock=lambda: 100.0) for _ in range(2)]
+    stores[0].add("q", QueueOptions(dead_letter="dead"))
+    stores[0].push(("q",), ["rejected"])
+    stores[0].settle("q", lease_all(stores[0], "q"), "reject")
+    stores[1].add("q", QueueOptions(dead_letter="dead", ttl=1))
+    stores[1].push(("q",), ["expired"])
+    stores[1].expire_items(now=101.0)
+    producers = [store.outgoing()[1] for store in stores]
+    assert None not in (producers[0][0], producers[1][0])
+    assert producers[0][0] != producers[1][0]
+    target = QueueStore(QueueOptions())
+    for store in stores:
+        send_outbox(store, target)
+    assert target.pull("dead", -1) == ["rejected", "expired"]

@@ -5,6 +5,7 @@ import os
 import random
 import stat
 import threading
+import time
 
 import pytest
 
@@ -38,7 +39,8 @@ def picture(store):
     queues = {name: (queue.options, queue.peek(-1), sorted(queue.leases.items()),
                      [(t.items, t.priority) for t in queue.parked], queue.nbytes,
                      queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered,
-                     queue.dead_lettered, queue.dead_dropped, queue.peek_letters(-1))
+                     queue.dead_lettered, queue.dead_dropped, queue.peek_letters(-1),
+                     queue.expired, queue.next_expiry())
               for name, queue in store._queues.items()}
     answers = {(producer, sequence, seen.floor): repr(answer)
                for producer, seen in store._producers._seen.items()
@@ -70,8 +72,9 @@ def random_operations(store, rng, count):
                     sequence = rng.randint(1, sequence)
                 floor = max(1, sequence - rng.randint(0, 3))  # the lowest still unanswered
                 producer = (producer, sequence, floor) if rng.random() < 0.5 else None
+                ttl = rng.choice([None, None, 1.0, 5.0])
                 try:
-                    store.push(names, items, priority, producer=producer)
+                    store.push(names, items, priority, producer=producer, ttl=ttl)
                 except (PypeError, ValueError) as error:
                     store.refuse(producer, error)  # as the shard's engine does
                     raise
@@ -79,6 +82,8 @@ def random_operations(store, rng, count):
                 store.pull(name, rng.choice([1, 2, -1]))
             elif roll < 0.82:
                 store.pull(name, rng.choice([1, 2]), ack=True)
+            elif roll < 0.83:  # time passes: items expire
+                store.expire_items(now=time.time() + rng.uniform(0, 6))
             elif roll < 0.85 and store.outbox:  # the shard's sender: delivered, or refused
                 entry, producer = store.outgoing()
                 if rng.random() < 0.7:

@@ -52,9 +52,11 @@ class QueueMachine(RuleBasedStateMachine):
     def priority_for(self, priority):
         return priority if self.model.options.kind == "priority" else None
 
-    @rule(items=st.lists(st.integers(), max_size=4), priority=st.integers(-2, 2))
-    def put(self, items, priority):
+    @rule(items=st.lists(st.integers(), max_size=4), priority=st.integers(-2, 2),
+          ttl=st.none() | st.sampled_from([0.5, 1.0, 3.0]))
+    def put(self, items, priority, ttl):
         priority = self.priority_for(priority)
+        expires = None if ttl is None else self.now + ttl
         maxsize, overflow = self.model.options.maxsize, self.model.options.overflow
         fits = not self.model.parked and len(items) <= self.model.room()
         if overflow != "drop_oldest" and maxsize and len(items) > maxsize:
@@ -64,11 +66,11 @@ class QueueMachine(RuleBasedStateMachine):
             with pytest.raises(QueueFullError):
                 self.queue.put(items, priority)
         elif overflow == "block" and not fits:
-            self.queue.put(items, priority)
-            self.model.parked.append([items, priority, None, ["waiting"]])
+            self.queue.put(items, priority, expires=expires)
+            self.model.parked.append([items, priority, None, ["waiting"], expires])
         else:
-            self.queue.put(items, priority)
-            self.model.insert(items, priority)
+            self.queue.put(items, priority, expires=expires)
+            self.model.insert(items, priority, expires)
 
     @rule(items=st.lists(st.integers(), min_size=1, max_size=3), priority=st.integers(-2, 2),
           timeout=st.none() | st.sampled_from([0.0, 1.0, 5.0]))
@@ -87,7 +89,7 @@ class QueueMachine(RuleBasedStateMachine):
             self.model.insert(items, priority)
             cell[0] = "admitted"
         else:
-            self.model.parked.append([items, priority, deadline, cell])
+            self.model.parked.append([items, priority, deadline, cell, None])
         self.tickets.append((ticket, cell))
 
     @rule(n=st.sampled_from([-1, 1, 2, 3, 8]))
@@ -121,6 +123,12 @@ class QueueMachine(RuleBasedStateMachine):
     def tick(self, dt):
         self.now += dt
 
+    @rule()
+    def expire(self):
+        assert self.queue.expire(self.now) == self.model.expire(self.now)
+        self.queue.admit_parked(self.now)
+        self.model.admit(self.now)
+
     @precondition(lambda self: any(cell[0] == "waiting" for _, cell in self.tickets))
     @rule(data=st.data())
     def withdraw(self, data):
@@ -141,7 +149,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert self.queue.dropped == self.model.dropped
         assert sorted(self.queue.leases) == sorted(self.model.leases)
         assert (self.queue.pushed + self.queue.redelivered - self.queue.pulled - self.queue.dropped
-                == len(self.queue))
+                - self.queue.expired == len(self.queue))
         assert self.queue.nbytes == sum(
             item_size(e[2]) for e in [*self.model.entries, *(e for e, _ in self.model.leases.values())])
         if self.model.options.maxsize:  # items back from leases enter even a full queue

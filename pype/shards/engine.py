@@ -298,10 +298,13 @@ class ShardEngine:
         return self._deadlines[0][0] if self._deadlines else None
 
     def housekeep(self) -> None:
-        """Return expired leases to their queues and answer what that wakes (lock held)."""
+        """Return expired leases to their queues, give up items whose time to live ended,
+        and answer what that wakes (lock held)."""
         if type(self.replication) is BackupLog:  # a backup never reads the clock
             return
         for name in self.store.expire_leases():  # leases keep wall-clock time (journaled)
+            self.changed(name)
+        for name in self.store.expire_items():
             self.changed(name)
         self._wake()
 
@@ -601,7 +604,7 @@ class ShardEngine:
             if request.must_exist:
                 self.store.require(request.queues)
             result = self.store.push(request.queues, request.items, request.priority, request.block,
-                                     request.timeout, request.producer)
+                                     request.timeout, request.producer, request.ttl)
         except (PypeError, ValueError) as error:  # an answer, not a failure of the shard's own
             self.store.refuse(request.producer, error)
             raise

@@ -20,8 +20,10 @@ it was first pulled before. Each lease counts as a delivery of its item; a queue
 with max_deliveries gives up on an item returned that many times, and a reject
 (nack with requeue=False) gives up on it at once: settle() hands such items back
 to the caller (the store), which sends them to the dead-letter queue
-(pype.dead_letters). Time is passed in by the caller, so everything here is
-deterministic and can be tested against a model.
+(pype.dead_letters). An item may have a time to live: it is stored with the time
+it expires, and expire(now) gives up the items held whose time passed (a leased
+item is not taken back; it expires once it comes back). Time is passed in by the
+caller, so everything here is deterministic and can be tested against a model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from pype.dead_letters import DELIVERIES, REJECTED, DeadLetter, unwrap
+from pype.dead_letters import DELIVERIES, EXPIRED, REJECTED, DeadLetter, unwrap
 from pype.errors import QueueFullError
 from pype.options import QueueOptions
 
@@ -55,7 +57,7 @@ def item_size(item: Any, depth: int = 0) -> int:
     kind = type(item)
     if kind in _FLAT:
         return sys.getsizeof(item)
-    if kind is DeadLetter:  # the item's bytes: it counts the same in its queue and out of it
+    if kind is DeadLetter or kind is Expiring:  # the item's bytes, in its queue and out of it
         return item_size(item.item, depth)
     nbytes = getattr(item, "nbytes", None)
     if isinstance(nbytes, int):
@@ -84,6 +86,36 @@ def total_size(items: list) -> int:
     return sum(item_sizes(items))
 
 
+# -- items with a time to live ------------------------------------------------------
+
+class Expiring:
+    """An item stored with the time (the caller's clock) after which it is never
+    delivered. held: it is in its queue (not taken, leased, evicted or expired).
+    arrival: its place among the queue's expiring items, which orders those of the
+    same time."""
+
+    __slots__ = ("arrival", "expires", "held", "item")
+
+    def __init__(self, item: Any, expires: float, arrival: int):
+        self.item, self.expires, self.held, self.arrival = item, expires, True, arrival
+
+    def __eq__(self, other: object) -> bool:  # a restored queue equals the one that wrote it
+        return type(other) is Expiring and (self.item, self.expires, self.held) == (
+            other.item, other.expires, other.held)
+
+    __hash__ = None  # mutable (held)
+
+    def __repr__(self) -> str:
+        return f"Expiring({self.item!r}, expires={self.expires}, held={self.held})"
+
+
+def item_of(stored: Any) -> Any:
+    """The item a queue hands out for what it stores (see Queue)."""
+    if type(stored) is Expiring:
+        stored = stored.item
+    return unwrap(stored)
+
+
 # -- parked pushes ----------------------------------------------------------------
 
 class ParkedPush:
@@ -97,16 +129,23 @@ class ParkedPush:
     removed meanwhile leaves it 'removed'.
     """
 
-    __slots__ = ("acknowledged", "deadline", "items", "nbytes", "priority", "state")
+    __slots__ = ("acknowledged", "deadline", "expires", "items", "nbytes", "priority", "state")
 
     def __init__(self, items: list, priority: Any, deadline: float | None, nbytes: int,
-                 acknowledged: bool = False):
+                 acknowledged: bool = False, expires: float | None = None):
         self.items = items
         self.priority = priority
         self.deadline = deadline
         self.nbytes = nbytes
         self.acknowledged = acknowledged  # the producer was told it is accepted (overflow=block)
+        self.expires = expires  # when its items expire (counted from the push), or None
         self.state = "waiting"
+
+    def __setstate__(self, state):
+        _, slots = state
+        self.expires = None  # a snapshot of before 2026-12-05
+        for key, value in slots.items():
+            setattr(self, key, value)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -151,8 +190,13 @@ class Queue:
     counts the items settle() gave up on (GivenUp) in dead_lettered (sent to the
     dead-letter queue) or dead_dropped (the queue has none).
 
-    A queue stores what was pushed; once a push's first item was a DeadLetter
-    (`letters`), it hands out DeadLetters' items (pype.dead_letters.unwrap).
+    A queue stores what was pushed, an item with a time to live as an Expiring, and
+    once it holds either or a DeadLetter (a push whose first item is one: `wrapped`),
+    it hands out the items inside them (item_of). `_expiries` is a heap of the
+    Expiring items by (time, arrival), which expire() reads: an item that comes back
+    from a lease goes in again (its old entry may still be there: the first one that
+    comes up gives it up), and entries of items no longer held are dropped as they
+    come up, so the order in which items expire does not depend on when that happens.
     """
 
     kind = ""
@@ -163,8 +207,11 @@ class Queue:
         self.leases: dict[int, Lease] = {}
         self.nbytes = 0  # of the items held, leased ones included
         self.pushed = self.pulled = self.dropped = self.acked = self.redelivered = 0
-        self.dead_lettered = self.dead_dropped = 0
-        self.letters = False  # does it hold DeadLetters (see the class docstring)
+        self.dead_lettered = self.dead_dropped = self.expired = 0
+        self.wrapped = False  # does it store DeadLetters or Expiring items (class docstring)
+        self._expiries: list = []  # heap of (expires, arrival, entry number, Expiring)
+        self._expiry_arrivals = 0
+        self._expiry_entries = 0
         self._returned: list = []  # heap of (key, item) come back from leases
         self._deliveries: dict = {}  # key of an item that came back -> its deliveries so far
         self._acked_ids: OrderedDict[int, None] = OrderedDict()  # the last ACKED_REMEMBERED
@@ -181,7 +228,11 @@ class Queue:
         state.setdefault("_deliveries", dict.fromkeys(state.pop("_returned_keys", ()), 1))
         state.setdefault("dead_lettered", 0)
         state.setdefault("dead_dropped", 0)
-        state.setdefault("letters", False)
+        state.setdefault("expired", 0)
+        state.setdefault("wrapped", False)
+        state.setdefault("_expiries", [])
+        state.setdefault("_expiry_arrivals", 0)
+        state.setdefault("_expiry_entries", 0)
         self.__dict__.update(state)
 
     def __len__(self) -> int:
@@ -214,18 +265,20 @@ class Queue:
         if max_bytes and nbytes > max_bytes:
             raise ValueError(f"{nbytes} bytes of items can never fit in a queue of max_bytes {max_bytes}")
 
-    def put(self, items: list, priority: Any = None, nbytes: int | None = None) -> bool:
+    def put(self, items: list, priority: Any = None, nbytes: int | None = None,
+            expires: float | None = None) -> bool:
         """Push all of `items` (of `nbytes` in all) or none of them, as the overflow policy says.
 
         reject: QueueFullError if they do not all fit, or if pushes are parked
         (nobody jumps their line). block: park them, without deadline, if they do
         not fit. drop_oldest: evict the items that have waited longest. `nbytes`
-        is total_size(items), computed here if not given. Returns True if the
-        items entered now, False if they were parked.
+        is total_size(items), computed here if not given; `expires`: when the items
+        expire (None: never). Returns True if the items entered now, False if they
+        were parked.
         """
         nbytes = total_size(items) if nbytes is None else nbytes
         if self.options.overflow == "block":
-            ticket = self.offer(items, priority, None, nbytes)
+            ticket = self.offer(items, priority, None, nbytes, expires)
             ticket.acknowledged = True
             return ticket.state == "admitted"
         if self.options.overflow == "reject":
@@ -233,7 +286,7 @@ class Queue:
             if self.parked or not self.fits(len(items), nbytes):
                 waiting = ", pushes waiting" if self.parked else ""
                 raise QueueFullError(f"is full ({self._fullness()}{waiting})")
-        self.insert(items, priority, nbytes)
+        self.insert(items, priority, nbytes, expires)
         return True
 
     def _fullness(self) -> str:
@@ -245,14 +298,14 @@ class Queue:
         return ", ".join(parts)
 
     def offer(self, items: list, priority: Any, deadline: float | None,
-              nbytes: int | None = None) -> ParkedPush:
+              nbytes: int | None = None, expires: float | None = None) -> ParkedPush:
         """Push now if the items fit, else park them in line; return the push's ticket."""
         nbytes = total_size(items) if nbytes is None else nbytes
         self.check_fits(len(items), nbytes)
-        ticket = ParkedPush(items, priority, deadline, nbytes)
+        ticket = ParkedPush(items, priority, deadline, nbytes, expires=expires)
         if self.options.overflow == "drop_oldest" or (
                 not self.parked and self.fits(len(items), nbytes)):
-            self.insert(items, priority, nbytes)
+            self.insert(items, priority, nbytes, expires)
             ticket.state = "admitted"
         else:
             self.parked.append(ticket)
@@ -273,7 +326,7 @@ class Queue:
             if late:
                 head.state = "expired"
             else:
-                self.insert(head.items, head.priority, head.nbytes)
+                self.insert(head.items, head.priority, head.nbytes, head.expires)
                 head.state = "admitted"
             changed.append(head)
         return changed
@@ -284,21 +337,33 @@ class Queue:
             self.parked.remove(ticket)
             ticket.state = "expired"
 
-    def insert(self, items: list, priority: Any, nbytes: int | None = None) -> None:
-        """Add `items` (of `nbytes` in all) past flow control, evicting the oldest if full."""
+    def insert(self, items: list, priority: Any, nbytes: int | None = None,
+               expires: float | None = None) -> None:
+        """Add `items` (of `nbytes` in all) past flow control, evicting the oldest if full;
+        they expire at `expires` (None: never)."""
         nbytes = total_size(items) if nbytes is None else nbytes
         maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
         self.nbytes += nbytes
         self.pushed += len(items)
         if items and type(items[0]) is DeadLetter:
-            self.letters = True
+            self.wrapped = True
+        if expires is not None:
+            self.wrapped = True
+            first = self._expiry_arrivals + 1
+            self._expiry_arrivals += len(items)
+            items = [Expiring(item, expires, arrival) for arrival, item in enumerate(items, first)]
+            for envelope in items:
+                self._await_expiry(envelope)
         if self.options.overflow != "drop_oldest":
             self._extend(items, priority)
             return
         for item in items:
             while len(self) and ((maxsize and len(self) >= maxsize)
                                  or (max_bytes and self.nbytes > max_bytes)):
-                self.nbytes -= item_size(self._pop_oldest())
+                evicted = self._pop_oldest()
+                if type(evicted) is Expiring:
+                    evicted.held = False
+                self.nbytes -= item_size(evicted)
                 self.dropped += 1
             self._append(item, priority)
 
@@ -321,7 +386,18 @@ class Queue:
             items = self._pop_items(count)
             self.pulled += count
         self.nbytes -= total_size(items)
-        return list(map(unwrap, items)) if self.letters else items
+        return self._hand_out(items) if self.wrapped else items
+
+    @staticmethod
+    def _hand_out(stored: list) -> list:
+        """The items of what `stored` holds, which leave the queue (taken or leased)."""
+        items = []
+        for item in stored:
+            if type(item) is Expiring:
+                item.held = False
+                item = item.item
+            items.append(unwrap(item))
+        return items
 
     def lease(self, batch_size: int, first_id: int,
               deadline: float) -> list[tuple[int, Any, int]]:
@@ -332,11 +408,13 @@ class Queue:
         for an item delivered for the first time. The items leave the queue but stay
         held (and counted in nbytes) until settled.
         """
+        taken = self._take_keyed(batch_size)
+        items = self._hand_out([item for _, item in taken]) if self.wrapped else None
         leased = []
-        for lease_id, (key, item) in enumerate(self._take_keyed(batch_size), first_id):
+        for index, (key, stored) in enumerate(taken):
             earlier = self._deliveries.pop(key, 0)
-            self.leases[lease_id] = Lease(key, item, deadline, earlier + 1)
-            leased.append((lease_id, unwrap(item) if self.letters else item, earlier))
+            self.leases[first_id + index] = Lease(key, stored, deadline, earlier + 1)
+            leased.append((first_id + index, stored if items is None else items[index], earlier))
         return leased
 
     def settle(self, lease_ids: Iterable[int], outcome: str) -> tuple[list[int], list[GivenUp]]:
@@ -366,11 +444,55 @@ class Queue:
                 self._restore(lease.key, lease.item)
                 self._deliveries[lease.key] = lease.deliveries
                 self.redelivered += 1
+                if type(lease.item) is Expiring:  # held again: it may expire now
+                    lease.item.held = True
+                    self._await_expiry(lease.item)
             else:
                 self.nbytes -= item_size(lease.item)
                 reason = REJECTED if outcome == REJECT else DELIVERIES
-                given_up.append(GivenUp(unwrap(lease.item), reason, lease.deliveries))
+                given_up.append(GivenUp(item_of(lease.item), reason, lease.deliveries))
         return missing, given_up
+
+    def _await_expiry(self, envelope: Expiring) -> None:
+        self._expiry_entries += 1  # two entries of one item never compare the items
+        heapq.heappush(self._expiries, (envelope.expires, envelope.arrival,
+                                        self._expiry_entries, envelope))
+
+    def next_expiry(self) -> float | None:
+        """When the first item held expires, or None."""
+        heap = self._expiries
+        while heap and not heap[0][3].held:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float) -> list[GivenUp]:
+        """Give up every item held whose time to live ended at `now` or before, in the
+        order of their times; return them."""
+        heap, doomed = self._expiries, []
+        while heap and heap[0][0] <= now:
+            envelope = heapq.heappop(heap)[3]
+            if envelope.held:
+                envelope.held = False
+                doomed.append(envelope)
+        if not doomed:
+            return []
+        ids = {id(envelope) for envelope in doomed}
+        deliveries = {}
+        if self._returned:  # items back from leases, with their keys and counts
+            kept = []
+            for key, stored in self._returned:
+                if id(stored) in ids:
+                    deliveries[id(stored)] = self._deliveries.pop(key, 0)
+                else:
+                    kept.append((key, stored))
+            if len(kept) < len(self._returned):
+                heapq.heapify(kept)
+                self._returned = kept
+        self._discard(ids, len(ids) - len(deliveries))
+        self.nbytes -= total_size(doomed)
+        self.expired += len(doomed)
+        return [GivenUp(unwrap(envelope.item), EXPIRED, deliveries.get(id(envelope), 0))
+                for envelope in doomed]
 
     def expired_leases(self, now: float) -> list[int]:
         """The ids of leases whose deadline has passed."""
@@ -386,11 +508,13 @@ class Queue:
     def peek(self, batch_size: int) -> list:
         """Return up to `batch_size` items (-1: all) in pull order, leaving them."""
         stored = self._peek_stored(batch_size)
-        return list(map(unwrap, stored)) if self.letters else stored
+        return list(map(item_of, stored)) if self.wrapped else stored
 
     def peek_letters(self, batch_size: int) -> list[DeadLetter]:
         """The DeadLetters among the first `batch_size` items (-1: all), in pull order."""
-        return [item for item in self._peek_stored(batch_size) if type(item) is DeadLetter]
+        stored = self._peek_stored(batch_size)
+        inside = (item.item if type(item) is Expiring else item for item in stored)
+        return [item for item in inside if type(item) is DeadLetter]
 
     def _peek_stored(self, batch_size: int) -> list:
         count = len(self) if batch_size == -1 else min(batch_size, len(self))
@@ -402,6 +526,7 @@ class Queue:
         count = len(self) + len(self.leases)
         self._take_keyed(-1)
         self.leases.clear()
+        self._expiries.clear()
         self.nbytes = 0
         for ticket in self.parked:
             ticket.state = "removed"
@@ -432,6 +557,10 @@ class Queue:
         raise NotImplementedError
 
     def _peek(self, count: int) -> list:
+        raise NotImplementedError
+
+    def _discard(self, ids: set[int], count: int) -> None:
+        """Remove the `count` stored items whose id() is in `ids`."""
         raise NotImplementedError
 
     def _restore(self, key: Any, item: Any) -> None:
@@ -483,6 +612,14 @@ class FifoQueue(Queue):
 
     def _peek(self, count):
         return list(itertools.islice(self._items, count))
+
+    def _discard(self, ids, count):
+        items = self._items
+        while count and items and id(items[0]) in ids:  # the oldest: a queue's ttl
+            items.popleft()
+            count -= 1
+        if count:  # a push's own ttl ended before those of items pushed earlier
+            self._items = deque(item for item in items if id(item) not in ids)
 
 
 class BatchQueue(FifoQueue):
@@ -543,6 +680,11 @@ class PriorityQueue(Queue):
 
     def _peek(self, count):
         return [entry[2] for entry in heapq.nsmallest(count, self._heap)]
+
+    def _discard(self, ids, count):
+        if count:
+            self._heap = [entry for entry in self._heap if id(entry[2]) not in ids]
+            heapq.heapify(self._heap)
 
 
 _CLASSES = {cls.kind: cls for cls in (FifoQueue, LifoQueue, PriorityQueue, BatchQueue)}

@@ -56,6 +56,8 @@ class Push(NamedTuple):
     producer: the push's (producer id, sequence number, floor), or None; replay
     remembers that it was applied, so that it is applied once however often it is sent
     (pype.shards.producers; logs of before 2026-12-04 hold (id, sequence)).
+    expires: when the items expire in each of `queues` (time.time(), None: never), or
+    None if they never do in any.
     """
 
     queues: tuple[str, ...]
@@ -64,6 +66,7 @@ class Push(NamedTuple):
     priority: Any
     nbytes: int
     producer: tuple[int, int, int] | None
+    expires: list[float | None] | None = None
 
 
 class Refuse(NamedTuple):
@@ -78,12 +81,14 @@ class Refuse(NamedTuple):
 
 class Insert(NamedTuple):
     """The items of a blocking push went into `queue`, past flow control: at once, or
-    later, when a pull made room for them while they waited in line."""
+    later, when a pull made room for them while they waited in line. They expire at
+    `expires` (time.time(); None: never)."""
 
     queue: str
     items: list
     priority: Any
     nbytes: int
+    expires: float | None = None
 
 
 class Admit(NamedTuple):
@@ -120,6 +125,14 @@ class Settle(NamedTuple):
     queue: str
     lease_ids: list[int]
     requeue: bool
+
+
+class Expire(NamedTuple):
+    """The items of `queue` whose time to live ended at `now` (time.time()) or before
+    were given up (Queue.expire: the same ones again on replay)."""
+
+    queue: str
+    now: float
 
 
 class Reject(NamedTuple):
@@ -203,6 +216,7 @@ class Lead(NamedTuple):
 
 
 RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Insert, Admit, Take, Lease, Settle, Reject,
-                Outbox, Resend, Delivered, Expect, Import, Arrived, Export, Release, Lead)
+                Expire, Outbox, Resend, Delivered, Expect, Import, Arrived, Export, Release, Lead)
 Record = (Add | Remove | Pin | Push | Refuse | Insert | Admit | Take | Lease | Settle | Reject
-          | Outbox | Resend | Delivered | Expect | Import | Arrived | Export | Release | Lead)
+          | Expire | Outbox | Resend | Delivered | Expect | Import | Arrived | Export | Release
+          | Lead)

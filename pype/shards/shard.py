@@ -349,9 +349,7 @@ class Shard:
         are followed as the primary's own would be (a partitioned queue's head)."""
         routes = self._routes_to_others()
         if type(request) is Push:
-            return routes.push_to(request.queues, request.items, request.block, request.timeout,
-                                  request.priority, request.key,
-                                  on_behalf=request.on_behalf or caller_id)
+            return routes.push_to(request._replace(on_behalf=request.on_behalf or caller_id))
         try:
             return routes.native(self._index, request)
         except Redirect as redirect:

@@ -71,7 +71,8 @@ from pype.shards.queues import (
 )
 from pype.shards.replication import EpochHistory
 
-COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered", "dead_lettered", "dead_dropped")
+COUNTERS = ("pushed", "pulled", "dropped", "acked", "redelivered", "dead_lettered", "dead_dropped",
+            "expired")
 MAX_PINS = 100_000  # producers whose partition a partitioned queue keeps (the least recent go)
 MAX_OWNED = 100_000  # queue names whose owner belongs_elsewhere remembers
 
@@ -106,11 +107,14 @@ class QueueStore:
 
     def __init__(self, queue_defaults: QueueOptions, memory_budget: int = 0,
                  max_item_bytes: int = 0, journal: Journal | None = None,
-                 compact_bytes: int = 64 << 20, clock: Callable[[], float] = time.monotonic):
+                 compact_bytes: int = 64 << 20, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.queue_defaults = queue_defaults
-        # How long blocking pushes wait (a test may drive it); leases keep wall-clock
-        # time.time(), which their journal records carry across restarts.
+        # How long blocking pushes wait (a test may drive it). Leases and times to live
+        # keep wall-clock time, which their journal records carry across restarts and
+        # to backups (on another node: its clock may differ by the nodes' offset).
         self.clock = clock
+        self.wall_clock = wall_clock
         self.memory_budget = memory_budget      # bytes; 0 = unbounded
         self.max_item_bytes = max_item_bytes    # bytes; 0 = unbounded
         self._journal = journal
@@ -229,13 +233,14 @@ class QueueStore:
         return []
 
     def _replay_push(self, record: records.Push) -> list:
-        for name, now in zip(record.queues, record.entered, strict=True):
+        expires = record.expires or [None] * len(record.queues)
+        for name, now, expiry in zip(record.queues, record.entered, expires, strict=True):
             queue = self._queues[name]  # its Add record came first
             if now:
-                queue.insert(record.items, record.priority, record.nbytes)
+                queue.insert(record.items, record.priority, record.nbytes, expiry)
             else:
                 queue.parked.append(ParkedPush(record.items, record.priority, None, record.nbytes,
-                                               acknowledged=True))
+                                               acknowledged=True, expires=expiry))
         self._producers.note(record.producer, APPLIED)
         return record.items
 
@@ -244,8 +249,15 @@ class QueueStore:
         return []
 
     def _replay_insert(self, record: records.Insert) -> list:
-        self._queues[record.queue].insert(record.items, record.priority, record.nbytes)
+        self._queues[record.queue].insert(record.items, record.priority, record.nbytes,
+                                          record.expires)
         return record.items
+
+    def _replay_expire(self, record: records.Expire) -> list:
+        queue = self._queues[record.queue]
+        given_up = queue.expire(record.now)
+        self._send_on(record.queue, queue, given_up)
+        return [item for item, _, _ in given_up]
 
     def _replay_admit(self, record: records.Admit) -> list:
         queue = self._queues[record.queue]
@@ -315,7 +327,8 @@ class QueueStore:
         records.Add: _replay_add, records.Remove: _replay_remove, records.Pin: _replay_pin,
         records.Push: _replay_push, records.Refuse: _replay_refuse, records.Insert: _replay_insert, records.Admit: _replay_admit,
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
-        records.Reject: _replay_reject, records.Outbox: _replay_outbox,
+        records.Reject: _replay_reject, records.Expire: _replay_expire,
+        records.Outbox: _replay_outbox,
         records.Resend: _replay_resend, records.Delivered: _replay_delivered,
         records.Expect: _replay_expect, records.Import: _replay_import,
         records.Arrived: _replay_arrived, records.Export: _replay_export,
@@ -449,9 +462,13 @@ class QueueStore:
             raise QueueNotFoundError(f"queue {', '.join(map(repr, missing))} does not exist")
 
     def length(self, name: str) -> int:
-        """Items in queue `name` ready to pull (0 for a queue that does not exist)."""
+        """Items in queue `name` ready to pull (0 for a queue that does not exist); those
+        whose time to live ended are not."""
         queue = self._queues.get(name)
-        return len(queue) if queue is not None else 0
+        if queue is None:
+            return 0
+        self._expire(name, queue)
+        return len(queue)
 
     def dead_letters(self, name: str, batch_size: int) -> list[DeadLetter]:
         """The DeadLetters among the first `batch_size` items of queue `name` (-1: all),
@@ -487,6 +504,7 @@ class QueueStore:
                    "leased": len(q.leases), "pushed": q.pushed, "pulled": q.pulled,
                    "dropped": q.dropped, "acked": q.acked, "redelivered": q.redelivered,
                    "dead_lettered": q.dead_lettered, "dead_dropped": q.dead_dropped,
+                   "expired": q.expired,
                    "waiting_producers": len(q.parked)}
             for name, q in self._queues.items()}
         totals = {key: sum(q[key] for q in queues.values()) + self._retired[key]
@@ -587,14 +605,15 @@ class QueueStore:
 
     def push(self, names: tuple[str, ...], items: list, priority: Any = None,
              block: bool = False, timeout: float | None = None,
-             producer: tuple[int, int] | None = None) -> int | PendingPush:
+             producer: tuple[int, int] | None = None, ttl: float | None = None) -> int | PendingPush:
         """Push `items` to each queue in `names`, creating missing queues.
 
         Each queue takes all the items or none, by its overflow policy; a queue that
         refuses them raises QueueFullError, naming it and how many queues took them.
         With block=True, items that do not fit wait in the queue's line until
         `timeout` and a PendingPush is returned (see push_outcome). A push whose
-        producer number was seen before gets its first answer (answer_again).
+        producer number was seen before gets its first answer (answer_again). The
+        items live `ttl` seconds, or their queue's ttl if shorter (_expiry).
         Returns the number of items accepted (items x queues).
         """
         again = self.answer_again(producer, len(items) * len(names))
@@ -602,23 +621,25 @@ class QueueStore:
             return again
         nbytes = self._check_limits(items, len(names))
         queues = [self._queue_for_push(name, len(items), nbytes, priority) for name in names]
+        expires = self._expiry(queues, ttl)
         if block:
-            return self._offer(names, queues, items, priority, nbytes, timeout)
+            return self._offer(names, queues, items, priority, nbytes, timeout, expires)
         full, entered = [], []
-        for name, queue in zip(names, queues, strict=True):
+        for name, queue, expiry in zip(names, queues, expires or [None] * len(names), strict=True):
             before = queue.nbytes
             try:
-                entered.append(queue.put(items, priority, nbytes))
+                entered.append(queue.put(items, priority, nbytes, expiry))
             except QueueFullError as error:
                 full.append(f"{name!r} {error}")
                 entered.append(None)
                 continue
             self._nbytes += queue.nbytes - before
-        took = [(name, now) for name, now in zip(names, entered, strict=True) if now is not None]
+        took = [index for index, now in enumerate(entered) if now is not None]
         if took:
             self._producers.note(producer, APPLIED)
-            self._log(records.Push(tuple(name for name, _ in took), [now for _, now in took],
-                                   items, priority, nbytes, producer))
+            self._log(records.Push(tuple(names[i] for i in took), [entered[i] for i in took],
+                                   items, priority, nbytes, producer,
+                                   None if expires is None else [expires[i] for i in took]))
         if full:
             others = len(names) - len(full)
             rest = f"; the other {others} queues of this push took it" if len(names) > 1 else ""
@@ -674,15 +695,25 @@ class QueueStore:
             raise ValueError(f"queue {name!r}: {error}") from None
         return queue
 
-    def _offer(self, names, queues, items, priority, nbytes, timeout) -> int | PendingPush:
+    def _expiry(self, queues: list[Queue], ttl: float | None) -> list[float | None] | None:
+        """When a push's items expire in each of `queues` (time.time()): `ttl` seconds
+        from now, or the queue's ttl if shorter; None if they never do in any."""
+        if ttl is None and all(queue.options.ttl is None for queue in queues):
+            return None  # the common case: no clock read
+        now = self.wall_clock()
+        lives = [[life for life in (ttl, queue.options.ttl) if life is not None] for queue in queues]
+        return [now + min(life) if life else None for life in lives]
+
+    def _offer(self, names, queues, items, priority, nbytes, timeout,
+               expires) -> int | PendingPush:
         deadline = None if timeout is None else self.clock() + timeout
         pending = PendingPush(accepted=0, deadline=deadline)
-        for name, queue in zip(names, queues, strict=True):
+        for name, queue, expiry in zip(names, queues, expires or [None] * len(names), strict=True):
             before = queue.nbytes
-            ticket = queue.offer(items, priority, deadline, nbytes)
+            ticket = queue.offer(items, priority, deadline, nbytes, expiry)
             if ticket.state == "admitted":
                 self._nbytes += queue.nbytes - before
-                self._log(records.Insert(name, items, priority, nbytes))
+                self._log(records.Insert(name, items, priority, nbytes, expiry))
                 pending.accepted += len(items)
             else:
                 ticket_id = next(self._ticket_ids)
@@ -742,11 +773,12 @@ class QueueStore:
         queue = self._queues.get(name)
         if queue is None:
             return []
+        self._expire(name, queue)  # an expired item is never delivered
         if not remove:
             return queue.peek(size)
         if ack:
             first_id = self._next_lease_id
-            deadline = time.time() + queue.options.visibility_timeout
+            deadline = self.wall_clock() + queue.options.visibility_timeout
             items = queue.lease(size, first_id, deadline)
             self._next_lease_id += len(items)
             if items:
@@ -772,7 +804,8 @@ class QueueStore:
             if ticket.acknowledged:
                 self._log(records.Admit(name))
             else:
-                self._log(records.Insert(name, ticket.items, ticket.priority, ticket.nbytes))
+                self._log(records.Insert(name, ticket.items, ticket.priority, ticket.nbytes,
+                                         ticket.expires))
         self._nbytes += queue.nbytes - before
 
     # -- leases -----------------------------------------------------------------------
@@ -806,9 +839,7 @@ class QueueStore:
         before = queue.nbytes
         missing, given_up = queue.settle(lease_ids, outcome)
         self._nbytes += queue.nbytes - before
-        if given_up and queue.options.dead_letter is not None and self.outbox_producer is None:
-            self.outbox_producer = int.from_bytes(os.urandom(8), "little") >> 1
-            self._log(records.Outbox(self.outbox_producer))  # before the record that uses it
+        self._name_the_outbox(queue, given_up)
         if outcome == REJECT:
             self._log(records.Reject(name, lease_ids))
         else:
@@ -816,6 +847,13 @@ class QueueStore:
         self._send_on(name, queue, given_up)
         self._admit_parked(name, queue)  # acked and given-up items made room
         return missing
+
+    def _name_the_outbox(self, queue: Queue, given_up: list[GivenUp]) -> None:
+        """Before the first dead letters of the store's life are logged: draw the outbox's
+        producer id and log it, so that a replay or a backup sends under the same id."""
+        if given_up and queue.options.dead_letter is not None and self.outbox_producer is None:
+            self.outbox_producer = int.from_bytes(os.urandom(8), "little") >> 1
+            self._log(records.Outbox(self.outbox_producer))
 
     def _send_on(self, name: str, queue: Queue, given_up: list[GivenUp]) -> None:
         """Put the items that queue `name` gave up in the outbox for its dead-letter
@@ -861,10 +899,33 @@ class QueueStore:
             self.outbox[number] = self.outbox[number]._replace(sequence=self._outbox_numbers)
             self._log(records.Resend(number, self._outbox_numbers))
 
+    def _expire(self, name: str, queue: Queue, now: float | None = None) -> bool:
+        """Give up the items of `queue` whose time to live ended (and log it); True if
+        there were any."""
+        if not queue._expiries:
+            return False
+        now = self.wall_clock() if now is None else now
+        expiry = queue.next_expiry()
+        if expiry is None or expiry > now:
+            return False
+        before = queue.nbytes
+        given_up = queue.expire(now)
+        self._nbytes += queue.nbytes - before
+        self._name_the_outbox(queue, given_up)
+        self._log(records.Expire(name, now))
+        self._send_on(name, queue, given_up)
+        self._admit_parked(name, queue)
+        return True
+
+    def expire_items(self, now: float | None = None) -> list[str]:
+        """Give up the items of every queue whose time to live ended; name those queues."""
+        now = self.wall_clock() if now is None else now
+        return [name for name, queue in list(self._queues.items()) if self._expire(name, queue, now)]
+
     def expire_leases(self, now: float | None = None) -> list[str]:
         """Return the items of every lease past its deadline to its queue (or give them up:
         max_deliveries); name those queues."""
-        now = time.time() if now is None else now
+        now = self.wall_clock() if now is None else now
         changed, expired = [], 0
         for name, queue in self._queues.items():
             lease_ids = queue.expired_leases(now) if queue.leases else ()
@@ -878,7 +939,7 @@ class QueueStore:
         return changed
 
     def next_lease_deadline(self) -> float | None:
-        """The earliest deadline (time.time()) of any lease, or None."""
+        """The earliest deadline (wall_clock()) of any lease, or None."""
         deadlines = [lease.deadline for queue in self._queues.values() for lease in queue.leases.values()]
         return min(deadlines, default=None)
 
@@ -888,6 +949,8 @@ class QueueStore:
         """True if a blocking pull of `size` items may return: they are there (one for
         -1), or the queue is full, so that no more can come before a pull."""
         queue = self._queues.get(name)
+        if queue is not None:
+            self._expire(name, queue)
         return queue is not None and (queue.can_pull(size) or queue.is_full())
 
     def can_pull(self, name: str, batch_size: int | None) -> bool:
