@@ -46,6 +46,7 @@ from pype.options import (
     as_items,
     as_names,
     check_batch_size,
+    check_delay,
     check_name,
     check_priority,
     check_timeout,
@@ -78,6 +79,12 @@ from pype.topology import Topology
 logger = logging.getLogger("pype")
 
 DEFAULT_NAMESPACE = "pype"
+
+
+def _lease_timeout(timeout: Any) -> float:
+    if timeout is None:
+        raise TypeError("timeout must be a number of seconds > 0, got None")
+    return check_ttl(timeout, "timeout")
 
 
 @ray.remote(num_cpus=0)
@@ -231,18 +238,21 @@ class Server:
 
     @staticmethod
     def _push_request(data: Any, queues: Any, expand: bool, block: bool, timeout: Any,
-                      priority: Any, key: Any, ttl: Any) -> Push:
+                      priority: Any, key: Any, ttl: Any, delay: Any) -> Push:
         """A checked Push of the arguments of push(), to every queue it names."""
         names = as_names(queues)
         if key is not None:
             partitioning.partition_for_key(key, 1)  # checks its type
+        delay = check_delay(delay)
+        if delay and block:
+            raise ValueError("a delayed push never waits for room (block=True does not apply)")
         return Push(names, as_items(data, expand), check_priority(priority), bool(block),
-                    check_timeout(timeout), key=key, ttl=check_ttl(ttl))
+                    check_timeout(timeout), key=key, ttl=check_ttl(ttl), delay=delay)
 
     def _push_native(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
                      priority: float | None = None, key: Any = None,
-                     ttl: float | None = None) -> int:
+                     ttl: float | None = None, delay: float | None = None) -> int:
         """Push `data` (or with expand=True, each element of a list) to one or more queues.
 
         Returns the number of items accepted (items x queues). Each queue takes all
@@ -253,19 +263,21 @@ class Server:
         same key go to the same partition, in order; other pushes go to this
         process's partition. ttl: seconds the items live from now; an item not
         delivered by then expires (the queue's own ttl, if shorter, wins; see add()).
+        delay: seconds the items wait, out of the queue, before they enter it as if
+        pushed then (the push is accepted now; see docs/item-life.md).
         server.push.remote(...) does the same through Ray
         and returns a reference to the count; large items (numpy arrays, bytes)
         then travel by reference through Ray's object store (see pype.payloads),
         natively by value.
         """
         return self.routes.push_to(self._push_request(data, queues, expand, block, timeout,
-                                                      priority, key, ttl))
+                                                      priority, key, ttl, delay))
 
     def _push_remote(self, data: Any, queues: str | list[str] | tuple[str, ...], expand: bool = False,
                      block: bool = False, timeout: float | None = None,
                      priority: float | None = None, key: Any = None,
-                     ttl: float | None = None) -> ray.ObjectRef:
-        push = self._push_request(data, queues, expand, block, timeout, priority, key, ttl)
+                     ttl: float | None = None, delay: float | None = None) -> ray.ObjectRef:
+        push = self._push_request(data, queues, expand, block, timeout, priority, key, ttl, delay)
         if self._by_reference:
             push = push._replace(items=by_reference(push.items))
         by_shard: dict[int, list[str]] = defaultdict(list)
@@ -334,13 +346,21 @@ class Server:
                 kind = self._kinds[queue] = options["kind"]
         return kind
 
-    def _settle_request(self, queue: str, lease_ids: Any, outcome: str) -> tuple[int, Settle]:
+    def _settle_request(self, queue: str, lease_ids: Any, outcome: str,
+                        delay: float | None = None) -> tuple[int, Settle]:
         check_name(queue)
         ids = [lease_ids] if isinstance(lease_ids, int) else lease_ids
         if not isinstance(ids, (list, tuple)) or any(
                 isinstance(i, bool) or not isinstance(i, int) for i in ids):
             raise TypeError(f"lease_ids must be an int or a list of ints, got {lease_ids!r}")
-        return self.routes.shard_of(queue), Settle(queue, list(ids), outcome)
+        return self.routes.shard_of(queue), Settle(queue, list(ids), outcome, delay)
+
+    @staticmethod
+    def _nack_outcome(requeue: bool, delay: Any) -> tuple[str, float | None]:
+        delay = check_delay(delay)
+        if delay and not requeue:
+            raise ValueError("delay applies to items handed back (requeue=True)")
+        return ("nack" if requeue else "reject"), delay
 
     def _ack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...]) -> int:
         """Acknowledge leased items of `queue` (from pull(ack=True)): they are gone for good.
@@ -361,19 +381,37 @@ class Server:
     ack = _Operation(_ack_native, _ack_remote)
 
     def _nack_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
-                     requeue: bool = True) -> int:
+                     requeue: bool = True, delay: float | None = None) -> int:
         """Hand leased items back: they return to the head of `queue` at once, in their
         original order, for the next pull, unless the queue's max_deliveries is spent.
-        requeue=False gives them up at once: they go to the queue's dead_letter queue
-        (or are dropped and counted without one). Returns and raises like ack()."""
-        return self._settle_native(queue, lease_ids, "nack" if requeue else "reject")
+        delay=s: they return after s seconds, as if their lease expired then (a retry
+        with back-off; the lease ids are no longer held). requeue=False gives them up
+        at once: they go to the queue's dead_letter queue (or are dropped and counted
+        without one). Returns and raises like ack()."""
+        return self.routes.run(self._settle_request(
+            queue, lease_ids, *self._nack_outcome(requeue, delay))[1])
 
     def _nack_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
-                     requeue: bool = True) -> ray.ObjectRef:
-        return self.routes.call(*self._settle_request(queue, lease_ids,
-                                                      "nack" if requeue else "reject"))
+                     requeue: bool = True, delay: float | None = None) -> ray.ObjectRef:
+        return self.routes.call(*self._settle_request(
+            queue, lease_ids, *self._nack_outcome(requeue, delay)))
 
     nack = _Operation(_nack_native, _nack_remote)
+
+    def _extend_lease_native(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
+                             timeout: float) -> int:
+        """Keep leased items leased `timeout` seconds from now (instead of the queue's
+        visibility_timeout from the pull), as SQS's ChangeMessageVisibility. Returns the
+        number extended; raises LeaseNotHeldError for ids not held, like ack()."""
+        return self.routes.run(self._settle_request(queue, lease_ids, "extend",
+                                                    _lease_timeout(timeout))[1])
+
+    def _extend_lease_remote(self, queue: str, lease_ids: int | list[int] | tuple[int, ...],
+                             timeout: float) -> ray.ObjectRef:
+        return self.routes.call(*self._settle_request(queue, lease_ids, "extend",
+                                                      _lease_timeout(timeout)))
+
+    extend_lease = _Operation(_extend_lease_native, _extend_lease_remote)
 
     # -- conditions ---------------------------------------------------------------------------
 

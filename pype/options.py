@@ -68,6 +68,18 @@ def check_ttl(ttl: Any, what: str = "ttl") -> float | None:
     return float(ttl)
 
 
+def check_delay(delay: Any, what: str = "delay") -> float | None:
+    """Return `delay` if valid: None or 0 (none; None is returned) or a finite number of
+    seconds > 0."""
+    if delay is None:
+        return None
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds or None, got {delay!r}")
+    if not math.isfinite(delay) or delay < 0:
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {delay}")
+    return float(delay) or None
+
+
 def check_priority(priority: Any) -> float | int | None:
     """Return `priority` if valid: None or a real number (lower is pulled first)."""
     if priority is None:

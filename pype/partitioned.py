@@ -54,7 +54,7 @@ def run(routes: Routes, layout: Layout, request: tuple) -> object:
                    for letter in part]
         return letters if request.batch_size == -1 else letters[:request.batch_size]
     if kind is Settle:
-        return settle(routes, layout, request.lease_ids, request.outcome)
+        return settle(routes, layout, request)
     if kind is Remove:
         return remove(routes, layout)
     raise TypeError(f"a {kind.__name__} cannot be run on a partitioned queue")
@@ -205,14 +205,16 @@ def length(routes: Routes, layout: Layout) -> int:
     return sum(_each(routes, layout, lambda name: Length(name, must_exist=True)))
 
 
-def settle(routes: Routes, layout: Layout, lease_ids: list[int], outcome: str) -> int:
-    """End leases that pull() returned (protocol.Settle), in each partition that holds them."""
+def settle(routes: Routes, layout: Layout, request: Settle) -> int:
+    """End (or extend) leases that pull() returned, in each partition that holds them."""
+    lease_ids = request.lease_ids
     by_partition: dict[int, list[int]] = {}
     for lease_id in lease_ids:
         partition, lease = layout.split_lease_id(lease_id)
         by_partition.setdefault(partition, []).append(lease)
     pipeline = routes.pipeline()
-    requests = {j: Settle(layout.name(j), leases, outcome) for j, leases in by_partition.items()}
+    requests = {j: request._replace(queue=layout.name(j), lease_ids=leases)
+                for j, leases in by_partition.items()}
     tickets = {j: _send(routes, pipeline, layout, j, request) for j, request in requests.items()}
     settled, missing = 0, []
     for j, ticket in tickets.items():
@@ -222,7 +224,7 @@ def settle(routes: Routes, layout: Layout, lease_ids: list[int], outcome: str) -
             missing += [layout.lease_id(lease, j) for lease in error.lease_ids]
             settled += len(by_partition[j]) - len(error.lease_ids)
     if missing:
-        raise LeaseNotHeldError.of(layout.queue, missing, len(lease_ids), outcome != "ack")
+        raise LeaseNotHeldError.of(layout.queue, missing, len(lease_ids), request.outcome != "ack")
     return settled
 
 

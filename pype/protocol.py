@@ -58,7 +58,8 @@ class Push(NamedTuple):
     on_behalf: the caller id a shard sends a `.remote()` push for (its pin is the
     caller's, not the shard's).
     ttl: seconds the items live, counted from the push (the queue's ttl, if shorter,
-    wins); None: the queue's.
+    wins); None: the queue's. delay: seconds the items wait before they enter their
+    queues; None: none.
     """
 
     queues: tuple[str, ...]
@@ -71,6 +72,7 @@ class Push(NamedTuple):
     key: Any = None
     on_behalf: str | None = None
     ttl: float | None = None
+    delay: float | None = None
 
 
 class Pull(NamedTuple):
@@ -93,12 +95,14 @@ class Pull(NamedTuple):
 
 
 class Settle(NamedTuple):
-    """End leases of `queue`: outcome "ack" (done), "nack" (return the items) or "reject"
-    (give them up: a nack with requeue=False; pype.dead_letters)."""
+    """End leases of `queue`: outcome "ack" (done), "nack" (return the items; with a
+    `delay`, when it ends) or "reject" (give them up: a nack with requeue=False;
+    pype.dead_letters); or "extend" them, `delay` seconds from now."""
 
     queue: str
     lease_ids: list[int]
     outcome: str
+    delay: float | None = None
 
 
 class AwaitPush(NamedTuple):

@@ -17,7 +17,9 @@ class Model:
     of each entry that ended without an ack; at max_deliveries, or on a reject, the
     entry is given up: settle() returns it as (item, reason, deliveries). An entry
     pushed with `expires` is given up by expire(now) once that time has come, unless
-    it is leased then: it expires once it comes back.
+    it is leased then: it expires once it comes back. A delayed push waits in
+    `delayed` until fall_due(now) lets it in as an acknowledged push; a lease handed
+    back with a delay (extend) is held by nobody until its deadline.
     """
 
     def __init__(self, options: QueueOptions):
@@ -34,6 +36,9 @@ class Model:
         self.deliveries = {}  # arrival of an entry -> its leases that ended without an ack
         self.expires = {}  # arrival of an entry -> (its time, its place among those that expire)
         self.expiry_order = 0
+        self.delayed = []  # (due, order, items, priority, expires), by (due, order)
+        self.delays = 0
+        self.handed_back = set()  # lease ids
 
     def order(self):
         if self.options.kind == "priority":
@@ -92,6 +97,10 @@ class Model:
                 if outcome != "ack" or lease_id not in self.acked_ids:  # a second ack is harmless
                     missing.append(lease_id)
                 continue
+            if lease_id in self.handed_back and outcome != "nack":
+                missing.append(lease_id)
+                continue
+            self.handed_back.discard(lease_id)
             entry, pull = self.leases.pop(lease_id)
             if outcome == "ack":
                 self.acked_ids.add(lease_id)
@@ -106,6 +115,29 @@ class Model:
                 self.entries.append(entry)
                 self.returned[entry[1]] = pull
         return missing, given_up
+
+    def extend(self, ids, hand_back):
+        missing = [i for i in ids if i not in self.leases or i in self.handed_back]
+        if hand_back:
+            self.handed_back.update(i for i in ids if i not in missing)
+        return missing
+
+    def delay(self, items, priority, due, expires=None):
+        self.delays += 1
+        self.delayed.append((due, self.delays, items, priority, expires))
+        self.delayed.sort(key=lambda push: push[:2])
+
+    def fall_due(self, now):
+        count = 0
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, items, priority, expires = self.delayed.pop(0)
+            count += len(items)
+            if self.options.overflow == "drop_oldest" or (
+                    not self.parked and len(items) <= self.room()):
+                self.insert(items, priority, expires)
+            else:
+                self.parked.append([items, priority, None, ["waiting"], expires])
+        return count
 
     def expire(self, now):
         """Give up the entries held whose time has come; (item, "expired", deliveries)."""

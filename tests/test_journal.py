@@ -40,7 +40,7 @@ def picture(store):
                      [(t.items, t.priority) for t in queue.parked], queue.nbytes,
                      queue.pushed, queue.pulled, queue.dropped, queue.acked, queue.redelivered,
                      queue.dead_lettered, queue.dead_dropped, queue.peek_letters(-1),
-                     queue.expired, queue.next_expiry())
+                     queue.expired, queue.next_expiry(), queue.delayed)
               for name, queue in store._queues.items()}
     answers = {(producer, sequence, seen.floor): repr(answer)
                for producer, seen in store._producers._seen.items()
@@ -73,8 +73,9 @@ def random_operations(store, rng, count):
                 floor = max(1, sequence - rng.randint(0, 3))  # the lowest still unanswered
                 producer = (producer, sequence, floor) if rng.random() < 0.5 else None
                 ttl = rng.choice([None, None, 1.0, 5.0])
+                delay = rng.choice([None, None, None, 0.5, 3.0])
                 try:
-                    store.push(names, items, priority, producer=producer, ttl=ttl)
+                    store.push(names, items, priority, producer=producer, ttl=ttl, delay=delay)
                 except (PypeError, ValueError) as error:
                     store.refuse(producer, error)  # as the shard's engine does
                     raise
@@ -82,8 +83,9 @@ def random_operations(store, rng, count):
                 store.pull(name, rng.choice([1, 2, -1]))
             elif roll < 0.82:
                 store.pull(name, rng.choice([1, 2]), ack=True)
-            elif roll < 0.83:  # time passes: items expire
+            elif roll < 0.83:  # time passes: items expire, delayed pushes fall due
                 store.expire_items(now=time.time() + rng.uniform(0, 6))
+                store.fall_due(now=time.time() + rng.uniform(0, 6))
             elif roll < 0.85 and store.outbox:  # the shard's sender: delivered, or refused
                 entry, producer = store.outgoing()
                 if rng.random() < 0.7:
@@ -95,8 +97,9 @@ def random_operations(store, rng, count):
                 queue = store._queues.get(name)
                 held = list(queue.leases) if queue else []
                 if held:
-                    store.settle(name, rng.sample(held, rng.randint(1, len(held))),
-                                 rng.choice(["ack", "nack", "reject"]))
+                    outcome = rng.choice(["ack", "nack", "reject", "extend"])
+                    delay = rng.choice([None, 2.0]) if outcome == "nack" else 10.0
+                    store.settle(name, rng.sample(held, rng.randint(1, len(held))), outcome, delay)
         except (PypeError, ValueError):
             pass  # full queues, missing queues: refused calls change nothing
 

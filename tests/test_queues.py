@@ -22,7 +22,7 @@ from pype.options import (
     check_name,
     resolve_capacity,
 )
-from pype.shards.queues import item_size, item_sizes, make_queue
+from pype.shards.queues import item_size, item_sizes, make_queue, total_size
 from tests.model import Model
 
 options_strategy = st.builds(
@@ -123,6 +123,27 @@ class QueueMachine(RuleBasedStateMachine):
     def tick(self, dt):
         self.now += dt
 
+    @rule(items=st.lists(st.integers(), min_size=1, max_size=3), priority=st.integers(-2, 2),
+          delay=st.sampled_from([0.5, 1.0, 3.0]))
+    def delay(self, items, priority, delay):
+        priority = self.priority_for(priority)
+        maxsize = self.model.options.maxsize
+        if self.model.options.overflow != "drop_oldest" and maxsize and len(items) > maxsize:
+            return  # the store refuses such a push before it waits (check_fits)
+        self.queue.delay(items, priority, total_size(items), self.now + delay)
+        self.model.delay(items, priority, self.now + delay)
+
+    @rule()
+    def fall_due(self):
+        assert self.queue.fall_due(self.now) == self.model.fall_due(self.now)
+
+    @rule(data=st.data(), hand_back=st.booleans())
+    def extend(self, data, hand_back):
+        held = sorted(self.model.leases)
+        ids = data.draw(st.lists(st.sampled_from([*held, 999_999]), unique=True, max_size=3)
+                        if held else st.just([999_999]))
+        assert self.queue.extend(ids, 0, hand_back) == self.model.extend(ids, hand_back)
+
     @rule()
     def expire(self):
         assert self.queue.expire(self.now) == self.model.expire(self.now)
@@ -143,6 +164,7 @@ class QueueMachine(RuleBasedStateMachine):
         if not hasattr(self, "queue"):
             return
         assert len(self.queue) == len(self.model.entries)
+        assert self.queue.delayed_items == sum(len(push[2]) for push in self.model.delayed)
         assert [t.state for t, _ in self.tickets] == [c[0] for _, c in self.tickets]
         assert self.queue.can_push() == (not self.model.parked and self.model.room() >= 1)
         assert self.queue.can_pull(-1) == bool(self.model.entries)
@@ -151,7 +173,8 @@ class QueueMachine(RuleBasedStateMachine):
         assert (self.queue.pushed + self.queue.redelivered - self.queue.pulled - self.queue.dropped
                 - self.queue.expired == len(self.queue))
         assert self.queue.nbytes == sum(
-            item_size(e[2]) for e in [*self.model.entries, *(e for e, _ in self.model.leases.values())])
+            item_size(e[2]) for e in [*self.model.entries, *(e for e, _ in self.model.leases.values())]
+        ) + sum(total_size(push[2]) for push in self.model.delayed)
         if self.model.options.maxsize:  # items back from leases enter even a full queue
             assert len(self.queue) <= self.model.options.maxsize + len(self.model.returned)
 

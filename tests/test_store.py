@@ -95,7 +95,7 @@ def test_add_remove_and_stats(store):
     assert stats["per_queue"]["q"] == {
         "kind": "lifo", "depth": 2, "maxsize": 0, "bytes": 2 * sys.getsizeof(1), "max_bytes": 0,
         "leased": 0, "pushed": 3, "pulled": 1, "dropped": 0, "acked": 0, "redelivered": 0,
-        "dead_lettered": 0, "dead_dropped": 0, "expired": 0, "waiting_producers": 0}
+        "dead_lettered": 0, "dead_dropped": 0, "expired": 0, "delayed": 0, "waiting_producers": 0}
     assert stats["bytes"] == 2 * sys.getsizeof(1)
     assert store.remove("q") == 2
     with pytest.raises(QueueNotFoundError):

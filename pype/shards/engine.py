@@ -294,8 +294,14 @@ class ShardEngine:
         return reply.result()
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of a parked request, if any (lock held)."""
-        return self._deadlines[0][0] if self._deadlines else None
+        """The earliest deadline of a parked request or of a delayed push, if any, on
+        clock() (lock held)."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        due = self.store.next_due() if type(self.replication) is not BackupLog else None
+        if due is not None:  # kept on the wall clock (journaled): on this clock, now
+            due = self.clock() + (due - self.store.wall_clock())
+            deadline = due if deadline is None else min(deadline, due)
+        return deadline
 
     def housekeep(self) -> None:
         """Return expired leases to their queues, give up items whose time to live ended,
@@ -552,7 +558,11 @@ class ShardEngine:
                 del self._parked[name]
 
     def expire(self, now: float) -> None:
-        """Answer the parked requests whose deadline is `now` or earlier (lock held)."""
+        """Let in the delayed pushes that fell due, and answer the parked requests whose
+        deadline is `now` or earlier (lock held)."""
+        if type(self.replication) is not BackupLog:  # a backup never reads the clock
+            for name in self.store.fall_due():
+                self.changed(name)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             parked = heapq.heappop(deadlines)[2]
@@ -604,7 +614,7 @@ class ShardEngine:
             if request.must_exist:
                 self.store.require(request.queues)
             result = self.store.push(request.queues, request.items, request.priority, request.block,
-                                     request.timeout, request.producer, request.ttl)
+                                     request.timeout, request.producer, request.ttl, request.delay)
         except (PypeError, ValueError) as error:  # an answer, not a failure of the shard's own
             self.store.refuse(request.producer, error)
             raise
@@ -647,7 +657,8 @@ class ShardEngine:
     def _settle(self, caller_id, request: Settle, may_wait: bool):
         self._refuse_heads(caller_id, (request.queue,))
         try:
-            return self.store.settle(request.queue, request.lease_ids, request.outcome)
+            return self.store.settle(request.queue, request.lease_ids, request.outcome,
+                                     request.delay)
         finally:
             self.changed(request.queue)
 

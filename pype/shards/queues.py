@@ -22,8 +22,13 @@ with max_deliveries gives up on an item returned that many times, and a reject
 to the caller (the store), which sends them to the dead-letter queue
 (pype.dead_letters). An item may have a time to live: it is stored with the time
 it expires, and expire(now) gives up the items held whose time passed (a leased
-item is not taken back; it expires once it comes back). Time is passed in by the
-caller, so everything here is deterministic and can be tested against a model.
+item is not taken back; it expires once it comes back). A delayed push waits
+beside the queue (`delayed`) until fall_due(now), when it enters as an
+acknowledged push would: at once if it fits, else in the line of parked pushes
+(drop_oldest evicts). A lease may be extended, or handed back with a delay (a
+retry with back-off): it comes back when that delay ends, as if its lease expired.
+Time is passed in by the caller, so everything here is deterministic and can be
+tested against a model.
 """
 
 from __future__ import annotations
@@ -159,12 +164,23 @@ class Lease(NamedTuple):
     item: Any
     deadline: float
     deliveries: int = 1  # leases of a snapshot of before 2026-12-05 had no count
+    handed_back: bool = False  # nacked with a delay: it comes back at the deadline
 
 
-# How a lease ends (settle's `outcome`).
+class DelayedPush(NamedTuple):
+    """A delayed push's items, waiting beside their queue until `due`."""
+
+    items: list
+    priority: Any
+    nbytes: int
+    expires: float | None
+
+
+# How a lease ends (settle's `outcome`), or goes on (EXTEND: Queue.extend).
 ACK = "ack"        # done: the item is gone for good
 NACK = "nack"      # returned: back to the head of the queue, unless max_deliveries is spent
 REJECT = "reject"  # given up: to the dead-letter queue (nack with requeue=False)
+EXTEND = "extend"  # still leased, until a later deadline
 
 
 class GivenUp(NamedTuple):
@@ -212,6 +228,8 @@ class Queue:
         self._expiries: list = []  # heap of (expires, arrival, entry number, Expiring)
         self._expiry_arrivals = 0
         self._expiry_entries = 0
+        self.delayed: list = []  # heap of (due, number, DelayedPush)
+        self.delayed_items = self._delays = 0
         self._returned: list = []  # heap of (key, item) come back from leases
         self._deliveries: dict = {}  # key of an item that came back -> its deliveries so far
         self._acked_ids: OrderedDict[int, None] = OrderedDict()  # the last ACKED_REMEMBERED
@@ -233,6 +251,9 @@ class Queue:
         state.setdefault("_expiries", [])
         state.setdefault("_expiry_arrivals", 0)
         state.setdefault("_expiry_entries", 0)
+        state.setdefault("delayed", [])
+        state.setdefault("delayed_items", 0)
+        state.setdefault("_delays", 0)
         self.__dict__.update(state)
 
     def __len__(self) -> int:
@@ -241,11 +262,17 @@ class Queue:
 
     # flow control
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of the items in the queue and leased: those max_bytes bounds (nbytes
+        also counts delayed pushes, which wait beside the queue)."""
+        return self.nbytes - sum(entry[2].nbytes for entry in self.delayed) if self.delayed else self.nbytes
+
     def fits(self, count: int, nbytes: int) -> bool:
         """True if `count` items of `nbytes` fit now beside what the queue holds."""
         maxsize, max_bytes = self.options.maxsize, self.options.max_bytes
         return ((not maxsize or len(self) + count <= maxsize)
-                and (not max_bytes or self.nbytes + nbytes <= max_bytes))
+                and (not max_bytes or self.queued_bytes + nbytes <= max_bytes))
 
     def is_full(self) -> bool:
         """True if a pull can never be followed by more pushes before room is made."""
@@ -294,7 +321,7 @@ class Queue:
         if self.options.maxsize:
             parts.append(f"{len(self)} of {self.options.maxsize} items")
         if self.options.max_bytes:
-            parts.append(f"{self.nbytes} of {self.options.max_bytes} bytes")
+            parts.append(f"{self.queued_bytes} of {self.options.max_bytes} bytes")
         return ", ".join(parts)
 
     def offer(self, items: list, priority: Any, deadline: float | None,
@@ -331,6 +358,36 @@ class Queue:
             changed.append(head)
         return changed
 
+    def delay(self, items: list, priority: Any, nbytes: int, due: float,
+              expires: float | None = None) -> None:
+        """Keep `items` (of `nbytes`) beside the queue until `due` (see fall_due)."""
+        self._delays += 1
+        heapq.heappush(self.delayed, (due, self._delays, DelayedPush(items, priority, nbytes, expires)))
+        self.delayed_items += len(items)
+        self.nbytes += nbytes
+
+    def next_due(self) -> float | None:
+        """When the first delayed push falls due, or None."""
+        return self.delayed[0][0] if self.delayed else None
+
+    def fall_due(self, now: float) -> int:
+        """Let in the delayed pushes due at `now` or before, in the order of their times
+        (then of their pushes), each as an acknowledged push (see put(), overflow
+        "block"; drop_oldest evicts); return how many items fell due."""
+        count = 0
+        while self.delayed and self.delayed[0][0] <= now:
+            push = heapq.heappop(self.delayed)[2]
+            self.delayed_items -= len(push.items)
+            self.nbytes -= push.nbytes  # insert() counts them again
+            count += len(push.items)
+            if self.options.overflow == "drop_oldest" or (
+                    not self.parked and self.fits(len(push.items), push.nbytes)):
+                self.insert(push.items, push.priority, push.nbytes, push.expires)
+            else:
+                self.parked.append(ParkedPush(push.items, push.priority, None, push.nbytes,
+                                              acknowledged=True, expires=push.expires))
+        return count
+
     def withdraw(self, ticket: ParkedPush) -> None:
         """Take a parked push out of the line (its deadline passed)."""
         if ticket.state == "waiting":
@@ -359,7 +416,7 @@ class Queue:
             return
         for item in items:
             while len(self) and ((maxsize and len(self) >= maxsize)
-                                 or (max_bytes and self.nbytes > max_bytes)):
+                                 or (max_bytes and self.queued_bytes > max_bytes)):
                 evicted = self._pop_oldest()
                 if type(evicted) is Expiring:
                     evicted.held = False
@@ -431,6 +488,9 @@ class Queue:
         limit = self.options.max_deliveries
         for lease_id in lease_ids:
             lease = self.leases.pop(lease_id, None)
+            if lease is not None and lease.handed_back and outcome != NACK:
+                self.leases[lease_id] = lease  # only its deadline ends it (extend)
+                lease = None
             if lease is None:
                 if outcome != ACK or lease_id not in self._acked_ids:
                     missing.append(lease_id)
@@ -494,6 +554,19 @@ class Queue:
         return [GivenUp(unwrap(envelope.item), EXPIRED, deliveries.get(id(envelope), 0))
                 for envelope in doomed]
 
+    def extend(self, lease_ids: Iterable[int], deadline: float, hand_back: bool) -> list[int]:
+        """Move the deadline of leases to `deadline`; hand_back=True: the consumer hands
+        the items back (a nack with a delay), and they come back at the deadline. Returns
+        the ids that are not held (handed back before, expired, settled, never issued)."""
+        missing = []
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None or lease.handed_back:
+                missing.append(lease_id)
+            else:
+                self.leases[lease_id] = lease._replace(deadline=deadline, handed_back=hand_back)
+        return missing
+
     def expired_leases(self, now: float) -> list[int]:
         """The ids of leases whose deadline has passed."""
         return [lease_id for lease_id, lease in self.leases.items() if lease.deadline <= now]
@@ -523,10 +596,12 @@ class Queue:
 
     def clear(self) -> int:
         """Remove every item, lease and parked push; return the number of items removed."""
-        count = len(self) + len(self.leases)
+        count = len(self) + len(self.leases) + self.delayed_items
         self._take_keyed(-1)
         self.leases.clear()
         self._expiries.clear()
+        self.delayed.clear()
+        self.delayed_items = 0
         self.nbytes = 0
         for ticket in self.parked:
             ticket.state = "removed"

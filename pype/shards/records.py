@@ -79,6 +79,27 @@ class Refuse(NamedTuple):
     error: Exception
 
 
+class Delay(NamedTuple):
+    """A push of `items` to each of `queues`, delayed until `due` (time.time()): they
+    wait beside their queues until Due. producer and expires: as for Push."""
+
+    queues: tuple[str, ...]
+    items: list
+    priority: Any
+    nbytes: int
+    producer: tuple[int, int, int] | None
+    due: float
+    expires: list[float | None] | None
+
+
+class Due(NamedTuple):
+    """The delayed pushes of `queue` due at `now` (time.time()) or before went in, in
+    the order of their times (Queue.fall_due)."""
+
+    queue: str
+    now: float
+
+
 class Insert(NamedTuple):
     """The items of a blocking push went into `queue`, past flow control: at once, or
     later, when a pull made room for them while they waited in line. They expire at
@@ -133,6 +154,16 @@ class Expire(NamedTuple):
 
     queue: str
     now: float
+
+
+class Extend(NamedTuple):
+    """Leases of `queue` end at `deadline` (time.time()) now; handed_back: their
+    consumer handed the items back (a nack with a delay), and they come back then."""
+
+    queue: str
+    lease_ids: list[int]
+    deadline: float
+    handed_back: bool
 
 
 class Reject(NamedTuple):
@@ -215,8 +246,9 @@ class Lead(NamedTuple):
     replica: str
 
 
-RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Insert, Admit, Take, Lease, Settle, Reject,
-                Expire, Outbox, Resend, Delivered, Expect, Import, Arrived, Export, Release, Lead)
-Record = (Add | Remove | Pin | Push | Refuse | Insert | Admit | Take | Lease | Settle | Reject
-          | Expire | Outbox | Resend | Delivered | Expect | Import | Arrived | Export | Release
-          | Lead)
+RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Delay, Due, Insert, Admit, Take, Lease, Settle,
+                Extend, Reject, Expire, Outbox, Resend, Delivered, Expect, Import, Arrived,
+                Export, Release, Lead)
+Record = (Add | Remove | Pin | Push | Refuse | Delay | Due | Insert | Admit | Take | Lease | Settle
+          | Extend | Reject | Expire | Outbox | Resend | Delivered | Expect | Import | Arrived
+          | Export | Release | Lead)

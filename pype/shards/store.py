@@ -32,6 +32,7 @@ QueueFullError. Neither changes anything.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -61,6 +62,7 @@ from pype.shards.journal import FORMAT, Journal
 from pype.shards.producers import APPLIED, Producers
 from pype.shards.queues import (
     ACK,
+    EXTEND,
     NACK,
     REJECT,
     GivenUp,
@@ -131,6 +133,7 @@ class QueueStore:
         self._next_lease_id = time.time_ns()
         self._nbytes = 0                            # held by all queues
         self._producers = Producers()               # each numbered push's answer
+        self._dues: list = []  # heap of (due, queue name) of delayed pushes; stale ones skipped
         self.outbox: dict[int, Outgoing] = {}       # number -> dead letters to send
         self.outbox_producer: int | None = None     # logged (records.Outbox) before first use
         self._outbox_numbers = 0                    # the last entry or push number issued
@@ -186,6 +189,9 @@ class QueueStore:
         self.position = state.get("position", 0)
         self.history = EpochHistory(list(state.get("history", ())))
         self.outbox_producer, self._outbox_numbers, self.outbox = state.get("outbox", (None, 0, {}))
+        self._dues = []
+        for name, queue in self._queues.items():
+            self._await_due(name, queue)
 
     def _apply(self, record: records.Record) -> list:
         self.position += 1
@@ -246,6 +252,23 @@ class QueueStore:
 
     def _replay_refuse(self, record: records.Refuse) -> list:
         self._producers.note(record.producer, record.error)
+        return []
+
+    def _replay_delay(self, record: records.Delay) -> list:
+        expires = record.expires or [None] * len(record.queues)
+        for name, expiry in zip(record.queues, expires, strict=True):
+            queue = self._queues[name]
+            queue.delay(record.items, record.priority, record.nbytes, record.due, expiry)
+            self._await_due(name, queue)
+        self._producers.note(record.producer, APPLIED)
+        return record.items
+
+    def _replay_due(self, record: records.Due) -> list:
+        self._queues[record.queue].fall_due(record.now)
+        return []
+
+    def _replay_extend(self, record: records.Extend) -> list:
+        self._queues[record.queue].extend(record.lease_ids, record.deadline, record.handed_back)
         return []
 
     def _replay_insert(self, record: records.Insert) -> list:
@@ -328,6 +351,7 @@ class QueueStore:
         records.Push: _replay_push, records.Refuse: _replay_refuse, records.Insert: _replay_insert, records.Admit: _replay_admit,
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
         records.Reject: _replay_reject, records.Expire: _replay_expire,
+        records.Delay: _replay_delay, records.Due: _replay_due, records.Extend: _replay_extend,
         records.Outbox: _replay_outbox,
         records.Resend: _replay_resend, records.Delivered: _replay_delivered,
         records.Expect: _replay_expect, records.Import: _replay_import,
@@ -504,12 +528,13 @@ class QueueStore:
                    "leased": len(q.leases), "pushed": q.pushed, "pulled": q.pulled,
                    "dropped": q.dropped, "acked": q.acked, "redelivered": q.redelivered,
                    "dead_lettered": q.dead_lettered, "dead_dropped": q.dead_dropped,
-                   "expired": q.expired,
+                   "expired": q.expired, "delayed": q.delayed_items,
                    "waiting_producers": len(q.parked)}
             for name, q in self._queues.items()}
         totals = {key: sum(q[key] for q in queues.values()) + self._retired[key]
                   for key in COUNTERS}
         return {"queues": len(queues), "depth": sum(q["depth"] for q in queues.values()),
+                "delayed": sum(q["delayed"] for q in queues.values()),
                 "leased": sum(q["leased"] for q in queues.values()),
                 "bytes": self._nbytes, "memory_budget": self.memory_budget,
                 **totals, "discarded": self._retired["discarded"],
@@ -597,6 +622,7 @@ class QueueStore:
     def _place(self, name: str, queue: Queue) -> None:
         self._queues[name] = queue
         self._nbytes += queue.nbytes
+        self._await_due(name, queue)
         # Lease ids keep growing across the move: never one issued before, and in order.
         self._next_lease_id = max(self._next_lease_id, getattr(queue, "next_lease_id", 0),
                                   max(queue.leases, default=0) + 1)
@@ -605,7 +631,8 @@ class QueueStore:
 
     def push(self, names: tuple[str, ...], items: list, priority: Any = None,
              block: bool = False, timeout: float | None = None,
-             producer: tuple[int, int] | None = None, ttl: float | None = None) -> int | PendingPush:
+             producer: tuple[int, int] | None = None, ttl: float | None = None,
+             delay: float | None = None) -> int | PendingPush:
         """Push `items` to each queue in `names`, creating missing queues.
 
         Each queue takes all the items or none, by its overflow policy; a queue that
@@ -613,7 +640,9 @@ class QueueStore:
         With block=True, items that do not fit wait in the queue's line until
         `timeout` and a PendingPush is returned (see push_outcome). A push whose
         producer number was seen before gets its first answer (answer_again). The
-        items live `ttl` seconds, or their queue's ttl if shorter (_expiry).
+        items live `ttl` seconds, or their queue's ttl if shorter (_expiry). With a
+        `delay` (seconds) the items wait beside each queue until they are due (see
+        fall_due): the push is accepted now, whatever room the queues have.
         Returns the number of items accepted (items x queues).
         """
         again = self.answer_again(producer, len(items) * len(names))
@@ -622,6 +651,8 @@ class QueueStore:
         nbytes = self._check_limits(items, len(names))
         queues = [self._queue_for_push(name, len(items), nbytes, priority) for name in names]
         expires = self._expiry(queues, ttl)
+        if delay:
+            return self._delay(names, queues, items, priority, nbytes, producer, delay, expires)
         if block:
             return self._offer(names, queues, items, priority, nbytes, timeout, expires)
         full, entered = [], []
@@ -694,6 +725,45 @@ class QueueStore:
         except ValueError as error:
             raise ValueError(f"queue {name!r}: {error}") from None
         return queue
+
+    def _delay(self, names, queues, items, priority, nbytes, producer, delay, expires) -> int:
+        due = self.wall_clock() + delay
+        for name, queue, expiry in zip(names, queues, expires or [None] * len(names), strict=True):
+            queue.delay(items, priority, nbytes, due, expiry)
+            self._nbytes += nbytes
+            self._await_due(name, queue)
+        self._producers.note(producer, APPLIED)
+        self._log(records.Delay(names, items, priority, nbytes, producer, due, expires))
+        return len(items) * len(names)
+
+    def _await_due(self, name: str, queue: Queue) -> None:
+        due = queue.next_due()
+        if due is not None:
+            heapq.heappush(self._dues, (due, name))
+
+    def next_due(self) -> float | None:
+        """When the first delayed push of any queue falls due (wall_clock()), or None."""
+        dues = self._dues
+        while dues:
+            due, name = dues[0]
+            queue = self._queues.get(name)
+            if queue is not None and queue.next_due() == due:
+                return due
+            heapq.heappop(dues)  # fallen due, or its queue went (the later ones have entries)
+        return None
+
+    def fall_due(self, now: float | None = None) -> list[str]:
+        """Let in every delayed push due at `now` (wall_clock()); name their queues."""
+        now = self.wall_clock() if now is None else now
+        changed = []
+        while (due := self.next_due()) is not None and due <= now:
+            name = heapq.heappop(self._dues)[1]
+            queue = self._queues[name]
+            queue.fall_due(now)
+            self._log(records.Due(name, now))
+            self._await_due(name, queue)
+            changed.append(name)
+        return changed
 
     def _expiry(self, queues: list[Queue], ttl: float | None) -> list[float | None] | None:
         """When a push's items expire in each of `queues` (time.time()): `ttl` seconds
@@ -810,26 +880,48 @@ class QueueStore:
 
     # -- leases -----------------------------------------------------------------------
 
-    def settle(self, name: str, lease_ids: list[int], outcome: str) -> int:
-        """End leases of queue `name`: ACK, NACK or REJECT (pype.shards.queues).
+    def settle(self, name: str, lease_ids: list[int], outcome: str,
+               delay: float | None = None) -> int:
+        """End leases of queue `name`: ACK, NACK or REJECT, or EXTEND them
+        (pype.shards.queues).
 
         Acked items are gone for good; nacked ones go back to the head of the queue
         in their original order, unless the queue's max_deliveries is spent; those and
-        rejected ones are given up (_give_up). Returns the number settled now:
-        acking an id acked before is no error and counts 0 (a resent ack is
-        harmless). Raises LeaseNotHeldError naming the ids that are not held (expired
-        and returned, nacked before, or never issued) after settling the others.
+        rejected ones are given up (_send_on). A nack with a `delay` (seconds) hands
+        the items back now, and they come back when it ends, as if their lease
+        expired then; EXTEND keeps them leased `delay` seconds from now. Returns the
+        number settled now: acking an id acked before is no error and counts 0 (a
+        resent ack is harmless). Raises LeaseNotHeldError naming the ids that are not
+        held (expired and returned, nacked or rejected before, or never issued) after
+        settling the others.
         """
         queue = self._queues.get(name)
-        held = 0
         if queue is None:
-            missing = list(lease_ids)
+            if lease_ids:
+                raise LeaseNotHeldError.of(name, list(lease_ids), len(lease_ids), outcome != ACK)
+            return 0
+        handed_back = [i for i in lease_ids if i in queue.leases and queue.leases[i].handed_back]
+        if handed_back:  # nobody holds them now: they come back at their deadline
+            lease_ids = [i for i in lease_ids if i not in set(handed_back)]
+        held = len(set(lease_ids) & queue.leases.keys())
+        if outcome == EXTEND or (outcome == NACK and delay):
+            missing = self._extend(name, queue, lease_ids, self.wall_clock() + delay,
+                                   hand_back=outcome == NACK)
         else:
-            held = len(set(lease_ids) & queue.leases.keys())
             missing = self._end_leases(name, queue, lease_ids, outcome)
+        missing += handed_back
         if missing:
-            raise LeaseNotHeldError.of(name, missing, len(lease_ids), outcome != ACK)
+            raise LeaseNotHeldError.of(name, missing, len(lease_ids) + len(handed_back),
+                                       outcome != ACK)
         return held
+
+    def _extend(self, name: str, queue: Queue, lease_ids: list[int], deadline: float,
+                hand_back: bool) -> list[int]:
+        missing = queue.extend(lease_ids, deadline, hand_back)
+        if len(missing) < len(lease_ids):
+            self._log(records.Extend(name, [i for i in lease_ids if i not in set(missing)],
+                                     deadline, hand_back))
+        return missing
 
     def _end_leases(self, name: str, queue: Queue, lease_ids: list[int], outcome: str) -> list[int]:
         """Settle the leases of `queue` and log it if it held any; the ids it does not
