@@ -51,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="copies of each shard, on distinct nodes (overrides the config)")
     serve.add_argument("--min-insync", type=int, dest="min_insync",
                        help="replicas that hold a change before it is acknowledged")
-    for command in (serve, *(commands.add_parser(name, help=text, description=text) for name, text in (
+    redrive = commands.add_parser(
+        "redrive", help="move the items of one queue to another (dead letters back to work)",
+        description="Move the items of queue SOURCE to queue DESTINATION, in order, exactly "
+                    "once (Server.move): for example a dead-letter queue's items back to the "
+                    "queue they came from.")
+    redrive.add_argument("source")
+    redrive.add_argument("destination")
+    redrive.add_argument("--count", type=int, default=-1, help="items to move (default: all)")
+    for command in (serve, redrive, *(commands.add_parser(name, help=text, description=text) for name, text in (
             ("connect", "connect to a running server and show where its shards run"),
             ("stats", "show a server's queues: depth, leases, push and pull rates, shard, node"),
             ("shutdown", "stop a running server: its shards and router, and their queues"),
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The operator's commands: serve, connect, stats, scale, shutdown, config."""
+    """The operator's commands: serve, connect, stats, scale, redrive, shutdown, config."""
     from rich.console import Console
     from rich.live import Live
 
@@ -124,6 +132,9 @@ def operate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                        **overrides))
     elif args.command == "connect":
         console.print(operations.describe(args.address, args.name, args.namespace))
+    elif args.command == "redrive":
+        console.print(operations.redrive(args.address, args.name, args.namespace, args.source,
+                                         args.destination, args.count), markup=False)
     elif args.command == "shutdown":
         console.print(operations.shutdown(args.address, args.name, args.namespace))
     elif args.command == "scale":

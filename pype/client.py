@@ -63,6 +63,7 @@ from pype.protocol import (
     DeadLetters,
     Describe,
     Length,
+    Move,
     Names,
     Pull,
     Push,
@@ -602,6 +603,32 @@ class Server:
         return self.routes.call(self.routes.shard_of(queue), request)
 
     dead_letters = _Operation(_dead_letters_native, _dead_letters_remote)
+
+    def _move_request(self, queue: str, destination: str, count: int) -> tuple[int, Move]:
+        check_name(queue)
+        check_name(destination)
+        if destination == queue:
+            raise ValueError(f"queue {queue!r}: a move needs another queue to move to")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"count must be an int, got {count!r}")
+        if count == 0 or count < -1:
+            raise ValueError(f"count must be >= 1, or -1 for every item; got {count}")
+        index = self.routes.shard_of(queue)
+        return index, Move(queue, destination, count, index == self.routes.shard_of(destination))
+
+    def _move_native(self, queue: str, destination: str, count: int = -1) -> int:
+        """Move up to `count` items (-1: all) of `queue` to `destination`, in order: a
+        redrive (as SQS's, or Redis's LMOVE). On one shard the move is atomic; across
+        shards the items leave `queue` at once and reach `destination` exactly once, a
+        moment later (its shard's outbox pushes them; a full destination holds them
+        there until it has room). Moved items start anew: no delivery count, time to
+        live or priority comes along. Returns the number moved."""
+        return self.routes.run(self._move_request(queue, destination, count)[1])
+
+    def _move_remote(self, queue: str, destination: str, count: int = -1) -> ray.ObjectRef:
+        return self.routes.call(*self._move_request(queue, destination, count))
+
+    move = _Operation(_move_native, _move_remote)
 
     def _queues_native(self) -> list[str]:
         """The sorted names of all queues of the server."""

@@ -139,6 +139,13 @@ def scale(address: str | None, name: str, namespace: str | None, shards: int) ->
                                    f"{outcome['seconds']:.2f} s)")
 
 
+def redrive(address: str | None, name: str, namespace: str | None, source: str,
+            destination: str, count: int) -> str:
+    """Move items of queue `source` to `destination` (Server.move)."""
+    moved = attached(address, name, namespace).move(source, destination, count)
+    return f"moved {moved} items from {source!r} to {destination!r}"
+
+
 def shutdown(address: str | None, name: str, namespace: str | None) -> str:
     attached(address, name, namespace).shutdown()
     return f"pype server {name!r} stopped: its shards and router are gone"

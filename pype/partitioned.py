@@ -19,6 +19,7 @@ from pype.protocol import (
     CanPush,
     DeadLetters,
     Length,
+    Move,
     Moved,
     Pull,
     Remove,
@@ -57,6 +58,9 @@ def run(routes: Routes, layout: Layout, request: tuple) -> object:
         return settle(routes, layout, request)
     if kind is Remove:
         return remove(routes, layout)
+    if kind is Move:
+        raise ValueError(f"queue {layout.queue!r} is partitioned: move() takes items from plain "
+                         f"queues (to any queue)")
     raise TypeError(f"a {kind.__name__} cannot be run on a partitioned queue")
 
 

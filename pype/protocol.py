@@ -105,6 +105,16 @@ class Settle(NamedTuple):
     delay: float | None = None
 
 
+class Move(NamedTuple):
+    """Move up to `count` items (-1: all) of `queue` to queue `destination`, in pull
+    order; here: the client routes `destination` to the same shard as `queue`."""
+
+    queue: str
+    destination: str
+    count: int = -1
+    here: bool = False
+
+
 class AwaitPush(NamedTuple):
     """Wait for the parts of a blocking `.remote()` push that waited in line for room."""
 
@@ -299,7 +309,7 @@ def with_field(request: tuple, field: str, value: Any) -> tuple:
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
                  Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate,
-                 DeadLetters)
+                 DeadLetters, Move)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fields)}
               for kind in REQUEST_TYPES}

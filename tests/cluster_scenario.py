@@ -3,7 +3,8 @@
 Run by tests/test_cluster.py in its own process (a process can join only one Ray
 cluster, and the test session already runs one). It starts a head node and 3
 worker nodes with ray.cluster_utils.Cluster, then, each in a process of its own:
-`pype serve`, a producer driver, a consumer driver, `pype stats`, `pype shutdown`.
+`pype serve`, a producer driver, a consumer driver, `pype stats`, `pype scale`,
+`pype redrive`, `pype shutdown`.
 It checks placement and Ray's metrics export, prints one "ok: ..." line per check,
 and stops the cluster, which stops every process it started.
 """
@@ -41,6 +42,15 @@ server = pype.connect(sys.argv[2], namespace=sys.argv[3])
 got = {q: server.pull(f"orders-{q}", -1) for q in range(16)}
 print(json.dumps({"counts": [len(v) for v in got.values()],
                   "in_order": all(v == [(q, i) for i in range(100)] for q, v in got.items())}))
+"""
+
+REDRIVEN = """
+import sys, json, ray, pype
+ray.init(address=sys.argv[1], log_to_driver=False)
+server = pype.connect(sys.argv[2], namespace=sys.argv[3])
+items = server.pull("redriven", 100, block=True, timeout=60)  # the outbox may be a moment late
+items += server.pull("redriven", -1)
+print(json.dumps({"redriven": items, "orders-3": server.queue_len("orders-3")}))
 """
 
 # A task on another node than the drivers: native calls to shards off its node go over
@@ -182,6 +192,14 @@ def main() -> None:
         assert consumed == {"counts": [100] * 16, "in_order": True}, consumed
         print("ok: pype scale --shards 5 resized it while it served; 1600 more items went "
               "through, in order")
+
+        run("-c", PRODUCER, address, NAME, NAMESPACE)
+        redriven = pype_cli("redrive", "orders-3", "redriven", "--address", address, "--name",
+                            NAME, "--namespace", NAMESPACE)
+        assert "moved 100 items from 'orders-3' to 'redriven'" in redriven, redriven
+        back = json.loads(run("-c", REDRIVEN, address, NAME, NAMESPACE).strip().splitlines()[-1])
+        assert back == {"redriven": [[3, i] for i in range(100)], "orders-3": 0}, back
+        print("ok: pype redrive moved a queue's 100 items to another, in order, once")
 
         print(pype_cli("shutdown", "--address", address, "--name", NAME, "--namespace",
                        NAMESPACE).strip())

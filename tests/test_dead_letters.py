@@ -21,7 +21,7 @@ def send_outbox(source, target):
     """What the shard's sender does: push each entry as the outbox's producer."""
     while (outgoing := source.outgoing()) is not None:
         entry, producer = outgoing
-        target.push((entry.queue,), entry.letters, producer=producer)
+        target.push((entry.queue,), entry.items, producer=producer)
         source.delivered(entry.number)
 
 
@@ -40,7 +40,7 @@ def test_an_item_is_given_up_after_max_deliveries_and_counts_its_deliveries():
     assert store.stats()["per_queue"]["q"]["dead_lettered"] == 1
     entry, _ = store.outgoing()
     assert entry.queue == "dead"
-    assert entry.letters == [DeadLetter("poison", "q", "deliveries", 3)]
+    assert entry.items == [DeadLetter("poison", "q", "deliveries", 3)]
     store.settle("q", [fine], "ack")
     assert store.stats()["outbox"] == 1
 
@@ -71,7 +71,7 @@ def test_a_reject_gives_up_at_once_and_the_lease_is_gone():
     store.settle("q", [b], "nack")
     assert store.pull("q", -1) == ["b"]
     entry, _ = store.outgoing()
-    assert entry.letters == [DeadLetter("a", "q", "rejected", 1)]
+    assert entry.items == [DeadLetter("a", "q", "rejected", 1)]
 
 
 def test_dead_letters_reach_their_queue_once_however_often_they_are_sent():
@@ -81,7 +81,7 @@ def test_dead_letters_reach_their_queue_once_however_often_they_are_sent():
     source.settle("q", lease_all(source, "q"), "reject")
     entry, producer = source.outgoing()
     for _ in range(3):  # a reply lost twice: the same numbers each time
-        assert target.push(("dead",), entry.letters, producer=producer) == 3
+        assert target.push(("dead",), entry.items, producer=producer) == 3
     source.delivered(entry.number)
     assert source.outgoing() is None
     assert target.length("dead") == 3
@@ -101,7 +101,7 @@ def test_a_refused_entry_goes_again_under_a_new_number():
     source.settle("q", lease_all(source, "q"), "reject")
     entry, producer = source.outgoing()
     with pytest.raises(Exception, match="full"):
-        target.push(("dead",), entry.letters, producer=producer)
+        target.push(("dead",), entry.items, producer=producer)
     target.refuse(producer, RuntimeError("full"))  # as the engine keeps a refusal
     source.renumber(entry.number)
     target.pull("dead", 1)

@@ -109,3 +109,54 @@ def test_a_partitioned_queue_dead_letters_from_every_partition(server, names):
     server.nack(q, [lease for lease, _, _ in leased])
     assert sorted(server.pull(dead, 20, block=True, timeout=60, remove=False)) == list(range(20))
     assert {letter.queue for letter in server.dead_letters(dead)} == {q}  # not its partitions'
+
+
+def name_on_the_same_shard(server, names, queue, base):
+    for i in range(100):
+        name = names(f"{base}{i}")
+        if server.shard_of(name) == server.shard_of(queue):
+            return name
+    raise AssertionError("no name hashed to the same shard")
+
+
+def test_a_redrive_moves_dead_letters_back_in_order_and_counts_afresh(api, server, names):
+    q = names()
+    dead = name_on_another_shard(server, names, q, "dead")
+    api.add(q, dead_letter=dead)
+    api.push(list(range(5)), q, expand=True)
+    api.nack(q, [lease for lease, _, _ in api.pull(q, -1, ack=True)], requeue=False)
+    assert api.pull(dead, 5, block=True, timeout=60, remove=False) == list(range(5))
+    assert api.move(dead, q) == 5  # across shards: through the outbox, once
+    back = api.pull(q, 5, ack=True, block=True, timeout=60)
+    assert [(item, earlier) for _, item, earlier in back] == [(i, 0) for i in range(5)]
+    assert api.queue_len(dead) == 0
+    assert ray.get(server.stats.remote())["queues"][q]["pushed"] == 10  # 5, and 5 once more
+
+
+def test_a_move_on_one_shard_is_atomic_and_a_full_destination_takes_nothing(api, server, names):
+    q = names()
+    full = name_on_the_same_shard(server, names, q, "full")
+    other = name_on_the_same_shard(server, names, q, "other")
+    api.push(list(range(4)), q, expand=True)
+    assert api.move(q, other, 3) == 3
+    assert api.pull(other, -1) == [0, 1, 2]  # there at once: no waiting
+    api.add(full, maxsize=1)
+    api.push("x", full)
+    with pytest.raises(pype.QueueFullError):
+        api.move(q, full)
+    assert api.pull(q, -1) == [3]
+
+
+def test_bad_moves_are_clear_errors_and_change_nothing(api, server, names):
+    q, part = names(), names("part")
+    api.push(1, q)
+    with pytest.raises(ValueError, match="another queue"):
+        api.move(q, q)
+    with pytest.raises(ValueError, match="count"):
+        api.move(q, names("x"), 0)
+    with pytest.raises(pype.QueueNotFoundError):
+        api.move(names("missing"), q)
+    api.add(part, partitions=2)
+    with pytest.raises(ValueError, match="partitioned"):
+        api.move(part, q)
+    assert api.pull(q, -1) == [1]

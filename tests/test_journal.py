@@ -83,13 +83,16 @@ def random_operations(store, rng, count):
                 store.pull(name, rng.choice([1, 2, -1]))
             elif roll < 0.82:
                 store.pull(name, rng.choice([1, 2]), ack=True)
+            elif roll < 0.81:  # a redrive: at once (the same shard) or through the outbox
+                other = rng.choice([each for each in NAMES if each != name])
+                store.move(name, other, rng.choice([1, 3, -1]), here=rng.random() < 0.5)
             elif roll < 0.83:  # time passes: items expire, delayed pushes fall due
                 store.expire_items(now=time.time() + rng.uniform(0, 6))
                 store.fall_due(now=time.time() + rng.uniform(0, 6))
             elif roll < 0.85 and store.outbox:  # the shard's sender: delivered, or refused
                 entry, producer = store.outgoing()
                 if rng.random() < 0.7:
-                    store.push((entry.queue,), entry.letters, producer=producer)
+                    store.push((entry.queue,), entry.items, producer=producer)
                     store.delivered(entry.number)
                 else:
                     store.renumber(entry.number)

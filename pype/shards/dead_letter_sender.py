@@ -65,16 +65,16 @@ class DeadLetterSender:
                 return
             entry, producer = outgoing
             try:
-                self._send(entry.queue, entry.letters, producer)
+                self._send(entry.queue, entry.items, producer)
             except Exception as error:  # noqa: BLE001 - sent again; the shard serves on
                 if refused(error):
                     with self._engine.lock:
                         self._engine.renumber(entry.number)
                 if time.monotonic() - warned > WARN_EVERY:
                     warned = time.monotonic()
-                    logger.warning("pype shard %d: %d dead letters for queue %r wait in its "
+                    logger.warning("pype shard %d: %d items for queue %r wait in its "
                                    "outbox: %s: %s; sending again", self._engine.index,
-                                   len(entry.letters), entry.queue, type(error).__name__, error)
+                                   len(entry.items), entry.queue, type(error).__name__, error)
                 with self._engine.lock:
                     self._engine.outbox_filled.wait_for(lambda: self._stopped, timeout=retry)
                 retry = min(retry * 2, LAST_RETRY)
@@ -95,11 +95,11 @@ class DeadLetterSender:
                 engine.outbox_filled.wait(None if idle else COMMIT_WAIT)
         return None
 
-    def _send(self, queue: str, letters: list, producer: tuple[int, int, int]) -> None:
+    def _send(self, queue: str, items: list, producer: tuple[int, int, int]) -> None:
         routes = self._routes()
         index, target = routes.push_target(queue)  # a partitioned queue: a partition of it
         try:
-            routes.native(index, Push((target,), letters, producer=producer,
+            routes.native(index, Push((target,), items, producer=producer,
                                       must_exist=target != queue))
         except Redirect as redirect:  # it became partitioned: learn its partitions
             routes.follow(redirect)

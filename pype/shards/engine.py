@@ -72,6 +72,7 @@ from pype.protocol import (
     Export,
     Import,
     Length,
+    Move,
     Moved,
     Names,
     Pull,
@@ -128,7 +129,8 @@ def _queue_names(request) -> tuple[str, ...]:
     return ()
 
 
-_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render, DeadLetters)
+_ONE_QUEUE = (Pull, Settle, CanPull, CanPush, Add, Remove, Length, Describe, Render, DeadLetters,
+              Move)
 _ANY_REPLICA = (Stats, Names, Replicate)  # what every replica answers, primary or not
 
 
@@ -267,7 +269,7 @@ class ShardEngine:
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
             Length: self._length,
             Describe: lambda _, r, __: self.store.describe(r.queue),
-            DeadLetters: self._dead_letters,
+            DeadLetters: self._dead_letters, Move: self._move,
             Render: self._render, Names: lambda *_: self.store.names(), Stats: self._stats,
             Expect: self._expect, Export: self._export, Import: self._import,
             Arrived: self._arrived, Release: self._release, Replicate: self._replicate,
@@ -661,6 +663,17 @@ class ShardEngine:
                                      request.delay)
         finally:
             self.changed(request.queue)
+
+    def _move(self, caller_id, request: Move, may_wait: bool) -> int:
+        self._refuse_heads(caller_id, (request.queue,))
+        here = request.here and self.store.belongs_elsewhere(request.destination, self.index) is None
+        if here and self.store.partitions(request.destination) is not None:
+            here = False  # a partitioned queue's head: its partitions take the items
+        try:
+            return self.store.move(request.queue, request.destination, request.count, here)
+        finally:
+            self.changed(request.queue)
+            self.changed(request.destination)
 
     def _dead_letters(self, caller_id, request: DeadLetters, may_wait: bool) -> list:
         self._refuse_heads(caller_id, (request.queue,))

@@ -174,7 +174,17 @@ class Reject(NamedTuple):
     lease_ids: list[int]
 
 
-# -- the outbox: dead letters on their way to their queue on any shard ----------------------
+class Move(NamedTuple):
+    """The first `count` items of `queue` in pull order moved to queue `destination`: at
+    once (here=True: it is this shard's) or through the outbox."""
+
+    queue: str
+    destination: str
+    count: int
+    here: bool
+
+
+# -- the outbox: items on their way to their queue on any shard ---------------------------
 
 class Outbox(NamedTuple):
     """The store's outbox sends its pushes as producer `producer` (pype.shards.producers),
@@ -247,8 +257,8 @@ class Lead(NamedTuple):
 
 
 RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Delay, Due, Insert, Admit, Take, Lease, Settle,
-                Extend, Reject, Expire, Outbox, Resend, Delivered, Expect, Import, Arrived,
+                Extend, Reject, Expire, Move, Outbox, Resend, Delivered, Expect, Import, Arrived,
                 Export, Release, Lead)
 Record = (Add | Remove | Pin | Push | Refuse | Delay | Due | Insert | Admit | Take | Lease | Settle
-          | Extend | Reject | Expire | Outbox | Resend | Delivered | Expect | Import | Arrived
-          | Export | Release | Lead)
+          | Extend | Reject | Expire | Move | Outbox | Resend | Delivered | Expect | Import
+          | Arrived | Export | Release | Lead)

@@ -95,11 +95,12 @@ class PendingPush:
 
 
 class Outgoing(NamedTuple):
-    """Dead letters on their way to queue `queue` (the store's outbox, entry `number`)."""
+    """Items on their way to queue `queue` (the store's outbox, entry `number`): dead
+    letters, or items that move() took for a queue of another shard."""
 
     number: int
     queue: str
-    letters: list[DeadLetter]
+    items: list
     sequence: int  # the number of the push that carries them (producer: outbox_producer)
     position: int  # of the record that gave them up: they go once it is committed
 
@@ -271,6 +272,10 @@ class QueueStore:
         self._queues[record.queue].extend(record.lease_ids, record.deadline, record.handed_back)
         return []
 
+    def _replay_move(self, record: records.Move) -> list:
+        queue = self._queues[record.queue]
+        return self._apply_move(record.queue, queue, record.destination, record.count, record.here)
+
     def _replay_insert(self, record: records.Insert) -> list:
         self._queues[record.queue].insert(record.items, record.priority, record.nbytes,
                                           record.expires)
@@ -320,7 +325,7 @@ class QueueStore:
         return []
 
     def _replay_delivered(self, record: records.Delivered) -> list:
-        return self.outbox.pop(record.number).letters
+        return self.outbox.pop(record.number).items
 
     def _replay_expect(self, record: records.Expect) -> list:
         self.expecting = (record.shards, record.seed)
@@ -352,6 +357,7 @@ class QueueStore:
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
         records.Reject: _replay_reject, records.Expire: _replay_expire,
         records.Delay: _replay_delay, records.Due: _replay_due, records.Extend: _replay_extend,
+        records.Move: _replay_move,
         records.Outbox: _replay_outbox,
         records.Resend: _replay_resend, records.Delivered: _replay_delivered,
         records.Expect: _replay_expect, records.Import: _replay_import,
@@ -538,7 +544,7 @@ class QueueStore:
                 "leased": sum(q["leased"] for q in queues.values()),
                 "bytes": self._nbytes, "memory_budget": self.memory_budget,
                 **totals, "discarded": self._retired["discarded"],
-                "outbox": sum(len(entry.letters) for entry in self.outbox.values()),
+                "outbox": sum(len(entry.items) for entry in self.outbox.values()),
                 "per_queue": queues}
 
     # -- moving queues between shards (resize) ------------------------------------------
@@ -941,9 +947,14 @@ class QueueStore:
         return missing
 
     def _name_the_outbox(self, queue: Queue, given_up: list[GivenUp]) -> None:
-        """Before the first dead letters of the store's life are logged: draw the outbox's
-        producer id and log it, so that a replay or a backup sends under the same id."""
-        if given_up and queue.options.dead_letter is not None and self.outbox_producer is None:
+        """Before the first dead letters of the store's life are logged: see _open_outbox."""
+        if given_up and queue.options.dead_letter is not None:
+            self._open_outbox()
+
+    def _open_outbox(self) -> None:
+        """Before the record that first fills the outbox in the store's life is logged: draw
+        the outbox's producer id and log it, so that a replay or a backup sends under it."""
+        if self.outbox_producer is None:
             self.outbox_producer = int.from_bytes(os.urandom(8), "little") >> 1
             self._log(records.Outbox(self.outbox_producer))
 
@@ -960,12 +971,68 @@ class QueueStore:
                            "they are dropped", name, len(given_up))
             return
         queue.dead_lettered += len(given_up)
+        source = split_name(name)[0]  # a partition's letters name its partitioned queue
+        self._to_outbox(target, [DeadLetter(item, source, reason, deliveries)
+                                 for item, reason, deliveries in given_up])
+
+    def _to_outbox(self, target: str, items: list) -> None:
+        """Put `items` in the outbox for queue `target`; the record that took them is the
+        last one logged (or the one replayed)."""
         self._outbox_numbers += 1
         number = self._outbox_numbers
-        source = split_name(name)[0]  # a partition's letters name its partitioned queue
-        letters = [DeadLetter(item, source, reason, deliveries)
-                   for item, reason, deliveries in given_up]
-        self.outbox[number] = Outgoing(number, target, letters, number, self.position)
+        self.outbox[number] = Outgoing(number, target, items, number, self.position)
+
+    # -- moving items between queues (redrive) --------------------------------------------
+
+    def move(self, name: str, destination: str, count: int, here: bool) -> int:
+        """Move up to `count` items (-1: all) of queue `name` to queue `destination`, in
+        pull order, as one record; return how many. here=True: the destination is this
+        shard's: they move at once, atomically, by its overflow policy (a full "reject"
+        queue raises QueueFullError and nothing moves). Otherwise they go through the
+        outbox, which pushes them there once (see the module docstring). A moved item
+        leaves its delivery count, time to live and priority behind: it is pushed anew.
+        """
+        queue = self._queues.get(name)
+        if queue is None:
+            raise QueueNotFoundError(f"queue {name!r} does not exist")
+        if destination == name:
+            raise ValueError(f"queue {name!r}: a move needs another queue to move to")
+        self._expire(name, queue)
+        count = len(queue) if count == -1 else min(count, len(queue))
+        if not count:
+            return 0
+        if here:
+            target = self._queues.get(destination)
+            if target is None:
+                target = self._create(destination, self.queue_defaults)
+            nbytes = sum(item_sizes(queue.peek(count)))
+            try:
+                target.check_fits(count, nbytes)
+            except ValueError as error:
+                raise ValueError(f"queue {destination!r}: {error}") from None
+            if target.options.overflow == "reject" and (target.parked or not target.fits(count, nbytes)):
+                raise QueueFullError(f"queue {destination!r} has no room for {count} items; "
+                                     f"none moved")
+        else:
+            self._open_outbox()
+        self._log(records.Move(name, destination, count, here))
+        self._apply_move(name, queue, destination, count, here)
+        self._admit_parked(name, queue)
+        return count
+
+    def _apply_move(self, name: str, queue: Queue, destination: str, count: int,
+                    here: bool) -> list:
+        before = queue.nbytes
+        items = queue.take(count)
+        self._nbytes += queue.nbytes - before
+        if here:
+            target = self._queues[destination]
+            before = target.nbytes
+            target.put(items, 0 if target.kind == "priority" else None)
+            self._nbytes += target.nbytes - before
+        else:
+            self._to_outbox(destination, items)
+        return items
 
     # -- the outbox ---------------------------------------------------------------------
 
