@@ -7,10 +7,12 @@ node's Prometheus endpoint (ray.init(_metrics_export_port=...) or `ray start
 with "ray_". Tags: server (its name, or "anonymous-<id>"), shard, and queue for
 per-queue metrics.
 
-Gauges: pype_queue_depth, pype_queue_leased, pype_queue_bytes,
-pype_queue_waiting_producers, pype_shard_bytes, pype_shard_waiting_calls.
+Gauges: pype_queue_depth, pype_queue_leased, pype_queue_bytes, pype_queue_delayed,
+pype_queue_waiting_producers, pype_shard_bytes, pype_shard_waiting_calls,
+pype_shard_outbox.
 Counters: pype_queue_pushed, pype_queue_pulled, pype_queue_dropped, pype_queue_acked,
-pype_queue_redelivered (items, since the shard started); pype_shard_requests, tagged
+pype_queue_redelivered, pype_queue_dead_lettered, pype_queue_dead_dropped,
+pype_queue_expired (items, since the shard started); pype_shard_requests, tagged
 path="native" or "ray" (requests served on each path) and pype_shard_tcp_requests
 (native requests that came over TCP, from other nodes).
 Replicated shards (exported by each primary): pype_shard_leader_epoch,
@@ -26,7 +28,8 @@ from ray.util.metrics import Counter, Gauge
 QUEUE_GAUGES = {
     "depth": "Items ready to pull",
     "leased": "Items pulled with ack=True and not yet acked",
-    "bytes": "Bytes of the items the queue holds, leased ones included",
+    "bytes": "Bytes of the items the queue holds, leased and delayed ones included",
+    "delayed": "Items of delayed pushes, not yet due",
     "waiting_producers": "Pushes waiting in line for room",
 }
 QUEUE_COUNTERS = {
@@ -35,10 +38,14 @@ QUEUE_COUNTERS = {
     "dropped": "Items evicted by overflow=drop_oldest",
     "acked": "Leased items acked",
     "redelivered": "Leased items that went back to their queue (nack or expired lease)",
+    "dead_lettered": "Items given up and sent to the dead-letter queue",
+    "dead_dropped": "Items given up and dropped (no dead-letter queue)",
+    "expired": "Items whose time to live ended before they were delivered",
 }
 SHARD_GAUGES = {
     "bytes": "Bytes of the items the shard holds",
     "waiting_calls": "Calls waiting in the shard (blocking pulls and pushes, can_pull, can_push)",
+    "outbox": "Items on their way from the shard to a queue of any shard (dead letters, moves)",
 }
 REQUEST_PATHS = {"native": "native_requests", "ray": "ray_requests"}
 

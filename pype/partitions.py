@@ -160,7 +160,8 @@ def fold_stats(queues: dict) -> None:
             {"partition": partition, "shard": counters["shard"], "depth": counters["depth"],
              "leased": counters["leased"], "pushed": counters["pushed"]})
         for key in ("depth", "bytes", "leased", "pushed", "pulled", "dropped", "acked",
-                    "redelivered", "waiting_producers"):
+                    "redelivered", "dead_lettered", "dead_dropped", "expired", "delayed",
+                    "waiting_producers"):
             head[key] += counters[key]
     for counters in queues.values():
         if "partitions" in counters:

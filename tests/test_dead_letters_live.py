@@ -109,6 +109,7 @@ def test_a_partitioned_queue_dead_letters_from_every_partition(server, names):
     server.nack(q, [lease for lease, _, _ in leased])
     assert sorted(server.pull(dead, 20, block=True, timeout=60, remove=False)) == list(range(20))
     assert {letter.queue for letter in server.dead_letters(dead)} == {q}  # not its partitions'
+    assert ray.get(server.stats.remote())["queues"][q]["dead_lettered"] == 20  # all partitions'
 
 
 def name_on_the_same_shard(server, names, queue, base):

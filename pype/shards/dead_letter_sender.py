@@ -52,10 +52,17 @@ class DeadLetterSender:
         self._thread = threading.Thread(target=self._run, name="pype-dead-letters", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        with self._engine.lock:
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop sending, after up to `drain` seconds for the outbox to empty (a shard a
+        shrink removes: what it still holds then is lost with it, and logged)."""
+        engine = self._engine
+        with engine.lock:
+            engine.outbox_filled.wait_for(lambda: not engine.store.outbox, timeout=drain)
+            if engine.store.outbox and type(engine.replication) is not BackupLog:
+                logger.error("pype shard %d stops with %d items in its outbox, undelivered",
+                             engine.index, engine.store.stats()["outbox"])
             self._stopped = True
-            self._engine.outbox_filled.notify_all()
+            engine.outbox_filled.notify_all()
 
     def _run(self) -> None:
         retry, warned = FIRST_RETRY, 0.0
@@ -82,6 +89,7 @@ class DeadLetterSender:
             retry, warned = FIRST_RETRY, 0.0
             with self._engine.lock:
                 self._engine.delivered(entry.number)
+                self._engine.outbox_filled.notify_all()  # a stop() may wait for the outbox
 
     def _next(self):
         """The next entry to send, waiting for one; None once stopped."""

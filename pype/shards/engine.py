@@ -310,9 +310,9 @@ class ShardEngine:
         and answer what that wakes (lock held)."""
         if type(self.replication) is BackupLog:  # a backup never reads the clock
             return
-        for name in self.store.expire_leases():  # leases keep wall-clock time (journaled)
+        for name in self.store.expire_leases(index=self.index):  # wall-clock time (journaled)
             self.changed(name)
-        for name in self.store.expire_items():
+        for name in self.store.expire_items(index=self.index):
             self.changed(name)
         self._wake()
 
@@ -563,7 +563,7 @@ class ShardEngine:
         """Let in the delayed pushes that fell due, and answer the parked requests whose
         deadline is `now` or earlier (lock held)."""
         if type(self.replication) is not BackupLog:  # a backup never reads the clock
-            for name in self.store.fall_due():
+            for name in self.store.fall_due(index=self.index):
                 self.changed(name)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:

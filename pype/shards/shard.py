@@ -67,6 +67,7 @@ WATCH = "watch"  # until_stopped(): the router's one call that waits as long as 
 PING = "ping"  # ping(): answered however long the router's other calls take
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 METRICS_EVERY = 10  # housekeeping rounds (of 0.1 s) between metric exports
+CLOSE_DRAIN = 3.0  # seconds close() waits for the outbox to empty (the router waits 5)
 
 
 def shard_actor(waiter_threads: int, **options) -> ray.actor.ActorClass:
@@ -374,7 +375,7 @@ class Shard:
     def close(self) -> None:
         """Stop serving: close the data sockets (and remove the Unix socket file)."""
         self._stopped.set()
-        self._dead_letters.stop()
+        self._dead_letters.stop(drain=CLOSE_DRAIN)
         if self._replicator is not None:
             self._replicator.stop()
         self._loop.stop()

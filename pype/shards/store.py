@@ -597,7 +597,7 @@ class QueueStore:
             for ticket in queue.parked:
                 if not ticket.acknowledged and ticket.state == "waiting":
                     ticket.state = "moved"
-        # A copy of each as it is now: the loop goes on expiring leases of the originals.
+        # A copy of each as it is now; the originals change no more by the clock (_serves).
         return {name: pickle.dumps(queue, protocol=pickle.HIGHEST_PROTOCOL)
                 for name, queue in leaving.items()}
 
@@ -758,12 +758,15 @@ class QueueStore:
             heapq.heappop(dues)  # fallen due, or its queue went (the later ones have entries)
         return None
 
-    def fall_due(self, now: float | None = None) -> list[str]:
-        """Let in every delayed push due at `now` (wall_clock()); name their queues."""
+    def fall_due(self, now: float | None = None, index: int | None = None) -> list[str]:
+        """Let in every delayed push due at `now` (wall_clock()); name their queues. The
+        queues a resize gave away are left to their new shard (index: this shard's)."""
         now = self.wall_clock() if now is None else now
         changed = []
         while (due := self.next_due()) is not None and due <= now:
             name = heapq.heappop(self._dues)[1]
+            if not self._serves(name, index):
+                continue
             queue = self._queues[name]
             queue.fall_due(now)
             self._log(records.Due(name, now))
@@ -1076,19 +1079,21 @@ class QueueStore:
         self._admit_parked(name, queue)
         return True
 
-    def expire_items(self, now: float | None = None) -> list[str]:
-        """Give up the items of every queue whose time to live ended; name those queues."""
+    def expire_items(self, now: float | None = None, index: int | None = None) -> list[str]:
+        """Give up the items of every queue whose time to live ended; name those queues
+        (the queues a resize gave away are left to their new shard, as in fall_due)."""
         now = self.wall_clock() if now is None else now
-        return [name for name, queue in list(self._queues.items()) if self._expire(name, queue, now)]
+        return [name for name, queue in list(self._queues.items())
+                if queue._expiries and self._serves(name, index) and self._expire(name, queue, now)]
 
-    def expire_leases(self, now: float | None = None) -> list[str]:
+    def expire_leases(self, now: float | None = None, index: int | None = None) -> list[str]:
         """Return the items of every lease past its deadline to its queue (or give them up:
-        max_deliveries); name those queues."""
+        max_deliveries); name those queues (as in fall_due, not those given away)."""
         now = self.wall_clock() if now is None else now
         changed, expired = [], 0
         for name, queue in self._queues.items():
             lease_ids = queue.expired_leases(now) if queue.leases else ()
-            if lease_ids:
+            if lease_ids and self._serves(name, index):
                 self._end_leases(name, queue, lease_ids, NACK)
                 changed.append(name)
                 expired += len(lease_ids)
@@ -1096,6 +1101,12 @@ class QueueStore:
             logger.info("pype: %d leased items were not acked in time and went back to their queues",
                         expired)
         return changed
+
+    def _serves(self, name: str, index: int | None) -> bool:
+        """Is queue `name` this shard's (shard `index`; None: no resize to mind)? A queue
+        that a resize gave away waits here, unserved, until release(): its clock-driven
+        changes are its new shard's to make, or an item would be given up twice."""
+        return index is None or self.belongs_elsewhere(name, index) is None
 
     def next_lease_deadline(self) -> float | None:
         """The earliest deadline (wall_clock()) of any lease, or None."""
