@@ -1,4 +1,5 @@
-"""The code blocks of README.md and docs/quickstart.md run, so the examples cannot rot.
+"""The code blocks of README.md, docs/quickstart.md and docs/item-life.md run, so the
+examples cannot rot.
 
 Every ```python block of those files is a test of its own, named FILE:LINE (the line
 of its opening fence), so a failure names the block. A block that raises fails.
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("README.md", "docs/quickstart.md")
+FILES = ("README.md", "docs/quickstart.md", "docs/item-life.md")
 NOT_RUN = re.compile(r"^<!--\s*not run\b.*-->$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
