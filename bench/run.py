@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD",
                         help="chain, ping-pong, bulk, frames, capacity, video, spread, scale, "
                              "durability, queue, memory, replication (on a local multi-node "
-                             "cluster of its own)")
+                             "cluster of its own), item-life (timers of delayed pushes, the "
+                             "cost of ttl and dead letters)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default bench/results/, or a temporary "
                              "directory with --only, so a partial run never replaces the full one)")
@@ -193,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(replication.main(args.rounds, args.quick, args.out, machine()))
         console.print(f"written: {args.out}/replication.json, replication.md")
         args.only.remove("replication")
+        if not args.only:
+            return 0
+    if args.only and "item-life" in args.only:  # a Ray session of its own
+        from bench import item_life
+
+        console.print(item_life.main(args.rounds, args.quick, args.out, machine()))
+        console.print(f"written: {args.out}/item-life.json, item-life.md")
+        args.only.remove("item-life")
         if not args.only:
             return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -442,8 +442,10 @@ class Queue:
             count = len(self) if batch_size == -1 else min(batch_size, len(self))
             items = self._pop_items(count)
             self.pulled += count
+        if self.wrapped:
+            items = self._hand_out(items)  # sized as their items: flat ones at C speed
         self.nbytes -= total_size(items)
-        return self._hand_out(items) if self.wrapped else items
+        return items
 
     @staticmethod
     def _hand_out(stored: list) -> list:
