@@ -128,16 +128,17 @@ class Model:
         self.delayed.sort(key=lambda push: push[:2])
 
     def fall_due(self, now):
-        count = 0
+        """Let in the delayed pushes that are due; whether each entered at once."""
+        entered = []
         while self.delayed and self.delayed[0][0] <= now:
             _, _, items, priority, expires = self.delayed.pop(0)
-            count += len(items)
-            if self.options.overflow == "drop_oldest" or (
-                    not self.parked and len(items) <= self.room()):
+            entered.append(self.options.overflow == "drop_oldest" or (
+                not self.parked and len(items) <= self.room()))
+            if entered[-1]:
                 self.insert(items, priority, expires)
             else:
                 self.parked.append([items, priority, None, ["waiting"], expires])
-        return count
+        return entered
 
     def expire(self, now):
         """Give up the entries held whose time has come; (item, "expired", deliveries)."""

@@ -166,3 +166,85 @@ def test_each_store_s_outbox_sends_as_a_producer_of_its_own():
     for store in stores:
         send_outbox(store, target)
     assert target.pull("dead", -1) == ["rejected", "expired"]
+
+
+# -- what a hostile review found (2026-12-04) -------------------------------------------
+
+def restored_copy(directory, store):
+    """The store that directory's journal restores (`store` closes it first: one journal,
+    one writer), and `store`'s picture beside it."""
+    from tests.test_journal import picture
+
+    written = picture(store)
+    store.close()
+    again = QueueStore(QueueOptions(), journal=Journal(directory, "never"))
+    again.restore()
+    return picture(again), written
+
+
+def test_a_delayed_push_that_falls_due_behind_a_waiting_push_replays_the_same(tmp_path):
+    store = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+    store.restore()  # opens its log
+    store.add("q", QueueOptions(maxsize=5, overflow="block"))
+    store.push(("q",), [1, 2, 3])
+    store.push(("q",), ["x", "y", "z"], block=True, timeout=60)  # waits: in no journal
+    store.push(("q",), ["late"], delay=1)
+    store.fall_due(now=store.wall_clock() + 2)  # in line behind the waiting push
+    store.pull("q", 3)
+    assert store.stats()["bytes"] == sum(q["bytes"] for q in store.stats()["per_queue"].values())
+    restored, written = restored_copy(tmp_path, store)
+    assert restored[0]["q"][1] == written[0]["q"][1]  # the same items, in the same order
+
+
+def test_an_admitted_push_keeps_its_time_to_live_on_replay(tmp_path):
+    store = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+    store.restore()  # opens its log
+    store.add("q", QueueOptions(maxsize=1, overflow="block", ttl=10))
+    store.push(("q",), ["a"])
+    store.push(("q",), ["b"])  # waits in line, acknowledged
+    assert store.pull("q", 1) == ["a"]  # "b" goes in
+    store.close()
+    again = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+    again.restore()
+    later = store.wall_clock() + 11
+    assert again.expire_items(now=later) == ["q"] and again.length("q") == 0
+
+
+def test_every_waiting_entry_takes_a_number_above_a_refused_one(tmp_path):
+    store = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+    store.restore()  # opens its log
+    store.add("q", QueueOptions(dead_letter="dead"))
+    store.push(("q",), [1, 2])
+    for lease in lease_all(store, "q"):  # two outbox entries
+        store.settle("q", [lease], "reject")
+    numbers = [entry.sequence for entry in store.outbox.values()]
+    assert len(numbers) == 2
+    first, _ = store.outgoing()
+    store.renumber(first.number)
+    renumbered = [e.sequence for e in store.outbox.values()]
+    assert min(renumbered) > max(numbers) and renumbered == sorted(renumbered)
+    assert all(e.position == store.position for e in store.outbox.values())  # sent once committed
+    restored, written = restored_copy(tmp_path, store)
+    assert restored[2] == written[2]
+
+
+def test_a_priority_item_that_expires_after_coming_back_keeps_its_deliveries():
+    store = QueueStore(QueueOptions(), wall_clock=lambda: 100.0)
+    store.add("q", QueueOptions(kind="priority", dead_letter="dead", ttl=5))
+    store.push(("q",), ["x"])
+    for _ in range(2):
+        store.settle("q", lease_all(store, "q"), "nack")
+    store.expire_items(now=106.0)
+    entry, _ = store.outgoing()
+    assert entry.items == [DeadLetter("x", "q", "expired", 2)]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "lifo", "priority"])
+def test_items_taken_leave_no_expiry_entries_behind(kind):
+    store = QueueStore(QueueOptions())
+    store.add("q", QueueOptions(kind=kind, ttl=3600))
+    for item in range(2000):
+        store.push(("q",), [item])
+        store.pull("q", 1)
+    queue = store._queues["q"]
+    assert len(queue._expiries) + len(queue._span_expiries) < 200

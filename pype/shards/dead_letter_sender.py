@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pype.errors import PypeError
+from pype.errors import PypeError, QueueNotFoundError
 from pype.protocol import Push, Redirect
 from pype.routing import Routes
 from pype.shards.engine import ShardEngine
@@ -57,7 +57,9 @@ class DeadLetterSender:
         shrink removes: what it still holds then is lost with it, and logged)."""
         engine = self._engine
         with engine.lock:
-            engine.outbox_filled.wait_for(lambda: not engine.store.outbox, timeout=drain)
+            engine.outbox_filled.wait_for(  # a backup's primary sends them
+                lambda: not engine.store.outbox or type(engine.replication) is BackupLog,
+                timeout=drain)
             if engine.store.outbox and type(engine.replication) is not BackupLog:
                 logger.error("pype shard %d stops with %d items in its outbox, undelivered",
                              engine.index, engine.store.stats()["outbox"])
@@ -111,4 +113,7 @@ class DeadLetterSender:
                                       must_exist=target != queue))
         except Redirect as redirect:  # it became partitioned: learn its partitions
             routes.follow(redirect)
+            raise
+        except QueueNotFoundError:  # a partition is gone: the queue was removed
+            routes.forget_layouts((queue,))
             raise

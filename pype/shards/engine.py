@@ -547,7 +547,7 @@ class ShardEngine:
         """Answer the parked requests of changed queues that can be answered now, in order;
         wake the outbox's sender (pype.shards.shard) if dead letters wait."""
         if self.store.outbox:
-            self.outbox_filled.notify()
+            self.outbox_filled.notify_all()
         while self._changed:
             name = self._changed.pop()
             waiting = self._parked.get(name)
@@ -666,9 +666,10 @@ class ShardEngine:
 
     def _move(self, caller_id, request: Move, may_wait: bool) -> int:
         self._refuse_heads(caller_id, (request.queue,))
-        here = request.here and self.store.belongs_elsewhere(request.destination, self.index) is None
-        if here and self.store.partitions(request.destination) is not None:
-            here = False  # a partitioned queue's head: its partitions take the items
+        destination = request.destination
+        here = (request.here and self.store.belongs_elsewhere(destination, self.index) is None
+                and not self.store.on_its_way(destination, self.index)  # it comes as it is
+                and self.store.partitions(destination) is None)  # a head: its partitions take them
         try:
             return self.store.move(request.queue, request.destination, request.count, here)
         finally:

@@ -206,13 +206,17 @@ class Queue:
     counts the items settle() gave up on (GivenUp) in dead_lettered (sent to the
     dead-letter queue) or dead_dropped (the queue has none).
 
-    A queue stores what was pushed, an item with a time to live as an Expiring, and
-    once it holds either or a DeadLetter (a push whose first item is one: `wrapped`),
-    it hands out the items inside them (item_of). `_expiries` is a heap of the
-    Expiring items by (time, arrival), which expire() reads: an item that comes back
-    from a lease goes in again (its old entry may still be there: the first one that
-    comes up gives it up), and entries of items no longer held are dropped as they
-    come up, so the order in which items expire does not depend on when that happens.
+    Items with a time to live: each gets an arrival number among them, and expire()
+    gives them up in the order of (time, arrival). A FIFO, stack or batch queue keeps
+    its items as pushed and their times per push, in spans (see FifoQueue); a
+    priority queue stores each as an Expiring, and so does every kind for an item
+    that comes back from a lease. Once a queue holds an Expiring or a DeadLetter (a
+    push whose first item is one: `wrapped`), it hands out the items inside them
+    (item_of). `_expiries` is a heap of the Expiring items by (time, arrival): an item
+    that comes back from a lease goes in again (its old entry may still be there: the
+    first one that comes up gives it up), and entries of items no longer held are
+    dropped as they come up, so the order in which items expire does not depend on
+    when that happens.
     """
 
     kind = ""
@@ -228,6 +232,8 @@ class Queue:
         self._expiries: list = []  # heap of (expires, arrival, entry number, Expiring)
         self._expiry_arrivals = 0
         self._expiry_entries = 0
+        self._spans: deque = deque()  # FifoQueue's spans of items, by push
+        self._span_expiries: list = []  # heap of (expires, first arrival, entry number, span)
         self.delayed: list = []  # heap of (due, number, DelayedPush)
         self.delayed_items = self._delays = 0
         self._returned: list = []  # heap of (key, item) come back from leases
@@ -251,6 +257,8 @@ class Queue:
         state.setdefault("_expiries", [])
         state.setdefault("_expiry_arrivals", 0)
         state.setdefault("_expiry_entries", 0)
+        state.setdefault("_spans", deque())
+        state.setdefault("_span_expiries", [])
         state.setdefault("delayed", [])
         state.setdefault("delayed_items", 0)
         state.setdefault("_delays", 0)
@@ -370,23 +378,35 @@ class Queue:
         """When the first delayed push falls due, or None."""
         return self.delayed[0][0] if self.delayed else None
 
-    def fall_due(self, now: float) -> int:
+    def fall_due(self, now: float, entered: list[bool] | None = None) -> list[bool]:
         """Let in the delayed pushes due at `now` or before, in the order of their times
-        (then of their pushes), each as an acknowledged push (see put(), overflow
-        "block"; drop_oldest evicts); return how many items fell due."""
-        count = 0
+        (then of their pushes), each as an acknowledged push (enter_or_wait); return
+        whether each entered at once. `entered`: those answers, as a journal recorded
+        them (the line may hold blocking pushes that no journal has)."""
+        answers = []
         while self.delayed and self.delayed[0][0] <= now:
             push = heapq.heappop(self.delayed)[2]
             self.delayed_items -= len(push.items)
-            self.nbytes -= push.nbytes  # insert() counts them again
-            count += len(push.items)
-            if self.options.overflow == "drop_oldest" or (
-                    not self.parked and self.fits(len(push.items), push.nbytes)):
-                self.insert(push.items, push.priority, push.nbytes, push.expires)
-            else:
-                self.parked.append(ParkedPush(push.items, push.priority, None, push.nbytes,
-                                              acknowledged=True, expires=push.expires))
-        return count
+            self.nbytes -= push.nbytes  # they enter, or wait in line uncounted, as pushes do
+            now_in = None if entered is None else entered[len(answers)]
+            answers.append(self.enter_or_wait(push.items, push.priority, push.nbytes,
+                                              push.expires, now_in))
+        return answers
+
+    def enter_or_wait(self, items: list, priority: Any, nbytes: int, expires: float | None,
+                      entered: bool | None = None) -> bool:
+        """Items accepted before (a delayed push, a move): in at once if they fit and no
+        push waits in line (drop_oldest: always), else in line, acknowledged. Returns
+        True if they entered. `entered`: the answer, as a journal recorded it."""
+        if entered is None:
+            entered = self.options.overflow == "drop_oldest" or (
+                not self.parked and self.fits(len(items), nbytes))
+        if entered:
+            self.insert(items, priority, nbytes, expires)
+        else:
+            self.parked.append(ParkedPush(items, priority, None, nbytes, acknowledged=True,
+                                          expires=expires))
+        return entered
 
     def withdraw(self, ticket: ParkedPush) -> None:
         """Take a parked push out of the line (its deadline passed)."""
@@ -404,13 +424,8 @@ class Queue:
         self.pushed += len(items)
         if items and type(items[0]) is DeadLetter:
             self.wrapped = True
-        if expires is not None:
-            self.wrapped = True
-            first = self._expiry_arrivals + 1
-            self._expiry_arrivals += len(items)
-            items = [Expiring(item, expires, arrival) for arrival, item in enumerate(items, first)]
-            for envelope in items:
-                self._await_expiry(envelope)
+        if expires is not None or self._spans:
+            items = self._timed(items, expires)
         if self.options.overflow != "drop_oldest":
             self._extend(items, priority)
             return
@@ -433,7 +448,7 @@ class Queue:
 
     def take(self, batch_size: int) -> list:
         """Remove and return up to `batch_size` items (-1: all), in pull order."""
-        if self._returned:
+        if self._returned or self._deliveries:
             taken = self._take_keyed(batch_size)
             for key, _ in taken:
                 self._deliveries.pop(key, None)
@@ -447,16 +462,23 @@ class Queue:
         self.nbytes -= total_size(items)
         return items
 
-    @staticmethod
-    def _hand_out(stored: list) -> list:
+    def _hand_out(self, stored: list) -> list:
         """The items of what `stored` holds, which leave the queue (taken or leased)."""
-        items = []
+        items, left = [], 0
         for item in stored:
             if type(item) is Expiring:
                 item.held = False
+                left += 1
                 item = item.item
             items.append(unwrap(item))
+        if left and len(self._expiries) > 64 and len(self._expiries) > 2 * self._held_expiring():
+            # Most entries are of items gone: keep the heap the size of what it holds.
+            self._expiries = [entry for entry in self._expiries if entry[3].held]
+            heapq.heapify(self._expiries)
         return items
+
+    def _held_expiring(self) -> int:
+        return sum(1 for entry in self._expiries if entry[3].held)
 
     def lease(self, batch_size: int, first_id: int,
               deadline: float) -> list[tuple[int, Any, int]]:
@@ -515,46 +537,77 @@ class Queue:
                 given_up.append(GivenUp(item_of(lease.item), reason, lease.deliveries))
         return missing, given_up
 
+    def _timed(self, items: list, expires: float | None) -> list:
+        """What to store for `items`, which expire at `expires` (None: never): each as
+        an Expiring, on the heap of expiries."""
+        if expires is None:
+            return items
+        self.wrapped = True
+        first = self._expiry_arrivals + 1
+        self._expiry_arrivals += len(items)
+        items = [Expiring(item, expires, arrival) for arrival, item in enumerate(items, first)]
+        for envelope in items:
+            self._await_expiry(envelope)
+        return items
+
     def _await_expiry(self, envelope: Expiring) -> None:
         self._expiry_entries += 1  # two entries of one item never compare the items
         heapq.heappush(self._expiries, (envelope.expires, envelope.arrival,
                                         self._expiry_entries, envelope))
+
+    @property
+    def may_expire(self) -> bool:
+        """Does it hold, or did it hold, items with a time to live (see next_expiry)?"""
+        return bool(self._expiries or self._span_expiries)
 
     def next_expiry(self) -> float | None:
         """When the first item held expires, or None."""
         heap = self._expiries
         while heap and not heap[0][3].held:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        spans = self._span_expiries
+        while spans and not spans[0][3][0]:  # a span whose items all left
+            heapq.heappop(spans)
+        return min((entries[0][0] for entries in (heap, spans) if entries), default=None)
 
     def expire(self, now: float) -> list[GivenUp]:
         """Give up every item held whose time to live ended at `now` or before, in the
-        order of their times; return them."""
+        order of (time, arrival); return them."""
         heap, doomed = self._expiries, []
         while heap and heap[0][0] <= now:
             envelope = heapq.heappop(heap)[3]
             if envelope.held:
                 envelope.held = False
                 doomed.append(envelope)
-        if not doomed:
+        expired = self._expire_spans(now) if self._span_expiries else []
+        if doomed:
+            ids = {id(envelope) for envelope in doomed}
+            deliveries = {}
+            if self._returned:  # items back from leases, with their keys and counts
+                kept = []
+                for key, stored in self._returned:
+                    if id(stored) in ids:
+                        deliveries[id(stored)] = self._deliveries.pop(key, 0)
+                    else:
+                        kept.append((key, stored))
+                if len(kept) < len(self._returned):
+                    heapq.heapify(kept)
+                    self._returned = kept
+            for envelope_id, key in self._discard(ids, len(ids) - len(deliveries)).items():
+                deliveries[envelope_id] = self._deliveries.pop(key, 0)
+            expired += [(envelope.expires, envelope.arrival, envelope.item,
+                         deliveries.get(id(envelope), 0)) for envelope in doomed]
+            expired.sort(key=lambda entry: entry[:2])
+        if not expired:
             return []
-        ids = {id(envelope) for envelope in doomed}
-        deliveries = {}
-        if self._returned:  # items back from leases, with their keys and counts
-            kept = []
-            for key, stored in self._returned:
-                if id(stored) in ids:
-                    deliveries[id(stored)] = self._deliveries.pop(key, 0)
-                else:
-                    kept.append((key, stored))
-            if len(kept) < len(self._returned):
-                heapq.heapify(kept)
-                self._returned = kept
-        self._discard(ids, len(ids) - len(deliveries))
-        self.nbytes -= total_size(doomed)
-        self.expired += len(doomed)
-        return [GivenUp(unwrap(envelope.item), EXPIRED, deliveries.get(id(envelope), 0))
-                for envelope in doomed]
+        self.nbytes -= total_size([item for _, _, item, _ in expired])
+        self.expired += len(expired)
+        return [GivenUp(unwrap(item), EXPIRED, deliveries) for _, _, item, deliveries in expired]
+
+    def _expire_spans(self, now: float) -> list[tuple]:
+        """Remove the stored items whose span expired at `now` or before: (time, arrival,
+        item, 0) of each (see FifoQueue)."""
+        return []
 
     def extend(self, lease_ids: Iterable[int], deadline: float, hand_back: bool) -> list[int]:
         """Move the deadline of leases to `deadline`; hand_back=True: the consumer hands
@@ -602,6 +655,8 @@ class Queue:
         self._take_keyed(-1)
         self.leases.clear()
         self._expiries.clear()
+        self._spans.clear()
+        self._span_expiries.clear()
         self.delayed.clear()
         self.delayed_items = 0
         self.nbytes = 0
@@ -636,8 +691,9 @@ class Queue:
     def _peek(self, count: int) -> list:
         raise NotImplementedError
 
-    def _discard(self, ids: set[int], count: int) -> None:
-        """Remove the `count` stored items whose id() is in `ids`."""
+    def _discard(self, ids: set[int], count: int) -> dict:
+        """Remove the `count` stored items whose id() is in `ids`; return {id: key} of
+        those whose key may have a delivery count (items back from a lease)."""
         raise NotImplementedError
 
     def _restore(self, key: Any, item: Any) -> None:
@@ -645,7 +701,16 @@ class Queue:
 
 
 class FifoQueue(Queue):
-    """First in, first out. An item's key is its place in the order of pulls."""
+    """First in, first out. An item's key is its place in the order of pulls.
+
+    Items with a time to live are stored as pushed, and the time is kept per push: once
+    a queue holds one, `_spans` covers its deque from left to right with spans
+    [count, expires or None, arrival of the first], one per push (untimed ones merged),
+    and `_span_expiries` is a heap of the timed spans. Pulls take items off the spans'
+    counts (a stack at the right end); a queue's own ttl expires whole spans at the
+    left end; a push's shorter ttl costs one pass over the deque when it expires. An
+    item leased from a timed span becomes an Expiring (it may come back).
+    """
 
     kind = "fifo"
 
@@ -666,16 +731,94 @@ class FifoQueue(Queue):
     def _pop_keyed(self, count):
         first, pop = self._taken, self._pop_one
         self._taken += count
-        return [(first + index, pop()) for index in range(count)]
+        taken = [(first + index, pop()) for index in range(count)]
+        if self._spans:
+            times = self._spend(count, self.kind != "lifo", describe=True)
+            for index, (expires, arrival) in enumerate(times):
+                if expires is not None:
+                    self.wrapped = True
+                    key, item = taken[index]
+                    taken[index] = (key, Expiring(item, expires, arrival))
+        return taken
 
     def _pop_items(self, count):
         self._taken += count
+        if self._spans:
+            self._spend(count, self.kind != "lifo")
         if count == len(self._items):
             items = list(self._items) if self.kind != "lifo" else list(reversed(self._items))
             self._items.clear()
             return items
         pop = self._pop_one
         return [pop() for _ in range(count)]
+
+    def _timed(self, items, expires):
+        spans, count = self._spans, len(items)
+        if not spans and self._items:  # the items from before the first timed push
+            spans.append([len(self._items), None, 0])
+        if expires is None:
+            if spans and spans[-1][1] is None:
+                spans[-1][0] += count
+            else:
+                spans.append([count, None, 0])
+            return items
+        span = [count, expires, self._expiry_arrivals + 1]
+        self._expiry_arrivals += count
+        spans.append(span)
+        self._expiry_entries += 1
+        heapq.heappush(self._span_expiries, (expires, span[2], self._expiry_entries, span))
+        return items
+
+    def _spend(self, count: int, left: bool, describe: bool = False) -> list | None:
+        """Take `count` items off the spans, at the deque's left end (else its right);
+        with describe, the (expires, arrival) of each, in the order taken."""
+        spans, described = self._spans, [] if describe else None
+        while count and spans:
+            span = spans[0] if left else spans[-1]
+            taken = min(count, span[0])
+            if describe:
+                described += [(span[1], span[2] + i) if left else
+                              (span[1], span[2] + span[0] - 1 - i) for i in range(taken)]
+            span[0] -= taken
+            if left:
+                span[2] += taken
+            count -= taken
+            if not span[0]:
+                spans.popleft() if left else spans.pop()
+        heap = self._span_expiries
+        if len(heap) > 64 and len(heap) > 2 * len(spans):  # most entries are of spans gone
+            self._span_expiries = [entry for entry in heap if entry[3][0]]
+            heapq.heapify(self._span_expiries)
+        return described
+
+    def _expire_spans(self, now):
+        heap, doomed = self._span_expiries, []
+        while heap and heap[0][0] <= now:
+            span = heapq.heappop(heap)[3]
+            if span[0]:
+                doomed.append(span)
+        if not doomed:
+            return []
+        ids = {id(span) for span in doomed}
+        spans, items, removed = self._spans, self._items, {}
+        while spans and id(spans[0]) in ids:  # the oldest: a queue's own ttl
+            span = spans.popleft()
+            removed[id(span)] = [items.popleft() for _ in range(span[0])]
+        if len(removed) < len(doomed):  # a push's ttl ended before those of earlier pushes
+            kept_items, kept_spans, rest = deque(), deque(), iter(items)
+            for span in spans:
+                chunk = list(itertools.islice(rest, span[0]))
+                if id(span) in ids:
+                    removed[id(span)] = chunk
+                else:
+                    kept_items.extend(chunk)
+                    kept_spans.append(span)
+            self._items, self._spans = kept_items, kept_spans
+        expired = []
+        for span in doomed:
+            expired += [(span[1], span[2] + i, item, 0) for i, item in enumerate(removed[id(span)])]
+            span[0] = 0
+        return expired
 
     def _pop_one(self):
         return self._items.popleft()
@@ -685,18 +828,15 @@ class FifoQueue(Queue):
             key, item = heapq.heappop(self._returned)
             self._deliveries.pop(key, None)
             return item
+        if self._spans:
+            self._spend(1, left=True)
         return self._items.popleft()
 
     def _peek(self, count):
         return list(itertools.islice(self._items, count))
 
-    def _discard(self, ids, count):
-        items = self._items
-        while count and items and id(items[0]) in ids:  # the oldest: a queue's ttl
-            items.popleft()
-            count -= 1
-        if count:  # a push's own ttl ended before those of items pushed earlier
-            self._items = deque(item for item in items if id(item) not in ids)
+    def _discard(self, ids, count):  # its deque holds no Expiring (see the class docstring)
+        return {}
 
 
 class BatchQueue(FifoQueue):
@@ -715,6 +855,8 @@ class LifoQueue(FifoQueue):
 
     def _pop_oldest(self):
         if self._items:
+            if self._spans:
+                self._spend(1, left=True)
             return self._items.popleft()
         # Only items back from leases are left: they sit on top in pull order, so the
         # bottom of the stack is the one that would be pulled last.
@@ -759,9 +901,12 @@ class PriorityQueue(Queue):
         return [entry[2] for entry in heapq.nsmallest(count, self._heap)]
 
     def _discard(self, ids, count):
-        if count:
-            self._heap = [entry for entry in self._heap if id(entry[2]) not in ids]
-            heapq.heapify(self._heap)
+        if not count:
+            return {}
+        keys = {id(entry[2]): entry[:2] for entry in self._heap if id(entry[2]) in ids}
+        self._heap = [entry for entry in self._heap if id(entry[2]) not in ids]
+        heapq.heapify(self._heap)
+        return keys
 
 
 _CLASSES = {cls.kind: cls for cls in (FifoQueue, LifoQueue, PriorityQueue, BatchQueue)}

@@ -94,10 +94,12 @@ class Delay(NamedTuple):
 
 class Due(NamedTuple):
     """The delayed pushes of `queue` due at `now` (time.time()) or before went in, in
-    the order of their times (Queue.fall_due)."""
+    the order of their times (Queue.fall_due): entered[i] says if the i-th went in at
+    once (True) or waits in line, acknowledged (False)."""
 
     queue: str
     now: float
+    entered: list[bool]
 
 
 class Insert(NamedTuple):
@@ -176,12 +178,15 @@ class Reject(NamedTuple):
 
 class Move(NamedTuple):
     """The first `count` items of `queue` in pull order moved to queue `destination`: at
-    once (here=True: it is this shard's) or through the outbox."""
+    once (here=True: it is this shard's; entered: into it, or False: into its line,
+    acknowledged; they expire at `expires`, its ttl), or through the outbox."""
 
     queue: str
     destination: str
     count: int
     here: bool
+    entered: bool | None
+    expires: float | None
 
 
 # -- the outbox: items on their way to their queue on any shard ---------------------------
@@ -194,8 +199,8 @@ class Outbox(NamedTuple):
 
 
 class Resend(NamedTuple):
-    """Outbox entry `number` was refused (its queue moved, or was full): it goes again as
-    push number `sequence`."""
+    """Outbox entry `number`, the first, was refused (its queue moved, or was full): it
+    and every entry after it take push numbers from `sequence` on, in order."""
 
     number: int
     sequence: int

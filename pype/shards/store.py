@@ -70,6 +70,7 @@ from pype.shards.queues import (
     Queue,
     item_sizes,
     make_queue,
+    total_size,
 )
 from pype.shards.replication import EpochHistory
 
@@ -265,7 +266,7 @@ class QueueStore:
         return record.items
 
     def _replay_due(self, record: records.Due) -> list:
-        self._queues[record.queue].fall_due(record.now)
+        self._queues[record.queue].fall_due(record.now, record.entered)
         return []
 
     def _replay_extend(self, record: records.Extend) -> list:
@@ -274,7 +275,8 @@ class QueueStore:
 
     def _replay_move(self, record: records.Move) -> list:
         queue = self._queues[record.queue]
-        return self._apply_move(record.queue, queue, record.destination, record.count, record.here)
+        return self._apply_move(record.queue, queue, record.destination, record.count,
+                                record.here, record.entered, record.expires)
 
     def _replay_insert(self, record: records.Insert) -> list:
         self._queues[record.queue].insert(record.items, record.priority, record.nbytes,
@@ -290,7 +292,7 @@ class QueueStore:
     def _replay_admit(self, record: records.Admit) -> list:
         queue = self._queues[record.queue]
         ticket = queue.parked.popleft()
-        queue.insert(ticket.items, ticket.priority, ticket.nbytes)
+        queue.insert(ticket.items, ticket.priority, ticket.nbytes, ticket.expires)
         return ticket.items
 
     def _replay_take(self, record: records.Take) -> list:
@@ -320,8 +322,7 @@ class QueueStore:
         return []
 
     def _replay_resend(self, record: records.Resend) -> list:
-        self._outbox_numbers = record.sequence
-        self.outbox[record.number] = self.outbox[record.number]._replace(sequence=record.sequence)
+        self._renumber_all(record.sequence)
         return []
 
     def _replay_delivered(self, record: records.Delivered) -> list:
@@ -504,7 +505,10 @@ class QueueStore:
         """The DeadLetters among the first `batch_size` items of queue `name` (-1: all),
         in pull order; none for a queue that does not exist."""
         queue = self._queues.get(name)
-        return [] if queue is None else queue.peek_letters(batch_size)
+        if queue is None:
+            return []
+        self._expire(name, queue)
+        return queue.peek_letters(batch_size)
 
     def describe(self, name: str) -> dict | None:
         """The options of queue `name` as a dict, or None if it does not exist."""
@@ -521,6 +525,7 @@ class QueueStore:
         queue = self._queues.get(name)
         if queue is None:
             raise QueueNotFoundError(f"queue {name!r} does not exist")
+        self._expire(name, queue)
         bound = f" of {queue.options.maxsize}" if queue.options.maxsize else ""
         items = self._repr.repr(queue.peek(-1))
         leased = f", {len(queue.leases)} leased" if queue.leases else ""
@@ -768,8 +773,10 @@ class QueueStore:
             if not self._serves(name, index):
                 continue
             queue = self._queues[name]
-            queue.fall_due(now)
-            self._log(records.Due(name, now))
+            before = queue.nbytes
+            entered = queue.fall_due(now)
+            self._nbytes += queue.nbytes - before  # those that wait in line are not counted
+            self._log(records.Due(name, now, entered))
             self._await_due(name, queue)
             changed.append(name)
         return changed
@@ -1016,22 +1023,27 @@ class QueueStore:
             if target.options.overflow == "reject" and (target.parked or not target.fits(count, nbytes)):
                 raise QueueFullError(f"queue {destination!r} has no room for {count} items; "
                                      f"none moved")
+            expires = (self._expiry([target], None) or [None])[0]  # pushed anew: its ttl
+            entered = target.options.overflow == "drop_oldest" or (
+                not target.parked and target.fits(count, nbytes))
         else:
             self._open_outbox()
-        self._log(records.Move(name, destination, count, here))
-        self._apply_move(name, queue, destination, count, here)
+            expires = entered = None
+        self._log(records.Move(name, destination, count, here, entered, expires))
+        self._apply_move(name, queue, destination, count, here, entered, expires)
         self._admit_parked(name, queue)
         return count
 
-    def _apply_move(self, name: str, queue: Queue, destination: str, count: int,
-                    here: bool) -> list:
+    def _apply_move(self, name: str, queue: Queue, destination: str, count: int, here: bool,
+                    entered: bool | None, expires: float | None) -> list:
         before = queue.nbytes
         items = queue.take(count)
         self._nbytes += queue.nbytes - before
         if here:
             target = self._queues[destination]
             before = target.nbytes
-            target.put(items, 0 if target.kind == "priority" else None)
+            target.enter_or_wait(items, 0 if target.kind == "priority" else None,
+                                 total_size(items), expires, entered)
             self._nbytes += target.nbytes - before
         else:
             self._to_outbox(destination, items)
@@ -1041,12 +1053,12 @@ class QueueStore:
 
     def outgoing(self) -> tuple[Outgoing, tuple[int, int, int]] | None:
         """The outbox's first entry and the producer numbers of its push (producer id,
-        sequence, floor), or None if the outbox is empty."""
+        sequence, floor: its own, the lowest of the entries, which are numbered in
+        order), or None if the outbox is empty."""
         if not self.outbox:
             return None
         entry = next(iter(self.outbox.values()))
-        floor = min(waiting.sequence for waiting in self.outbox.values())
-        return entry, (self.outbox_producer, entry.sequence, floor)
+        return entry, (self.outbox_producer, entry.sequence, entry.sequence)
 
     def delivered(self, number: int) -> None:
         """Outbox entry `number` reached its queue: forget it."""
@@ -1054,17 +1066,24 @@ class QueueStore:
             self._log(records.Delivered(number))
 
     def renumber(self, number: int) -> None:
-        """Outbox entry `number` was refused (its queue moved or was full): its next push
-        takes a new number, which the refusal did not answer."""
+        """Outbox entry `number`, the first, was refused (its queue moved or was full):
+        it and every entry after it (none was sent yet) take new numbers, in order, above
+        every number the target answered, so that however often it is refused, the
+        target never takes a waiting entry's number for one it answered before. The
+        entries go again once this change is committed (outgoing())."""
         if number in self.outbox:
-            self._outbox_numbers += 1
-            self.outbox[number] = self.outbox[number]._replace(sequence=self._outbox_numbers)
-            self._log(records.Resend(number, self._outbox_numbers))
+            self._log(records.Resend(number, self._outbox_numbers + 1))
+            self._renumber_all(self._outbox_numbers + 1)
+
+    def _renumber_all(self, first: int) -> None:
+        for sequence, (key, entry) in enumerate(list(self.outbox.items()), first):
+            self.outbox[key] = entry._replace(sequence=sequence, position=self.position)
+        self._outbox_numbers = first + len(self.outbox) - 1
 
     def _expire(self, name: str, queue: Queue, now: float | None = None) -> bool:
         """Give up the items of `queue` whose time to live ended (and log it); True if
         there were any."""
-        if not queue._expiries:
+        if not queue.may_expire:
             return False
         now = self.wall_clock() if now is None else now
         expiry = queue.next_expiry()
@@ -1084,7 +1103,7 @@ class QueueStore:
         (the queues a resize gave away are left to their new shard, as in fall_due)."""
         now = self.wall_clock() if now is None else now
         return [name for name, queue in list(self._queues.items())
-                if queue._expiries and self._serves(name, index) and self._expire(name, queue, now)]
+                if queue.may_expire and self._serves(name, index) and self._expire(name, queue, now)]
 
     def expire_leases(self, now: float | None = None, index: int | None = None) -> list[str]:
         """Return the items of every lease past its deadline to its queue (or give them up:
@@ -1126,6 +1145,8 @@ class QueueStore:
     def can_pull(self, name: str, batch_size: int | None) -> bool:
         """True if queue `name` holds a full pull of batch_size items."""
         queue = self._queues.get(name)
+        if queue is not None:
+            self._expire(name, queue)
         return queue is not None and queue.can_pull(batch_size)
 
     def can_push(self, name: str) -> bool:
