@@ -248,3 +248,30 @@ def test_items_taken_leave_no_expiry_entries_behind(kind):
         store.pull("q", 1)
     queue = store._queues["q"]
     assert len(queue._expiries) + len(queue._span_expiries) < 200
+
+
+def test_an_entry_too_large_for_its_queue_goes_item_by_item_and_an_item_that_never_fits_is_dropped(
+        tmp_path):
+    source = QueueStore(QueueOptions(), journal=Journal(tmp_path, "never"))
+    source.restore()
+    target = QueueStore(QueueOptions())
+    source.add("q", QueueOptions(dead_letter="dead"))
+    target.add("dead", QueueOptions(maxsize=2, max_bytes=1000))
+    source.push(("q",), [1, "x" * 2000, 3])
+    source.settle("q", lease_all(source, "q"), "reject")  # one entry of 3: can never fit
+    entry, producer = source.outgoing()
+    with pytest.raises(ValueError, match="never fit"):
+        target.push(("dead",), entry.items, producer=producer)
+    source.never_fits(entry.number, "3 items can never fit")
+    assert [len(entry.items) for entry in source.outbox.values()] == [1, 1, 1]
+    for _ in range(3):
+        entry, producer = source.outgoing()
+        try:
+            target.push(("dead",), entry.items, producer=producer)
+            source.delivered(entry.number)
+        except ValueError as error:  # the 2,000-byte item, alone
+            source.never_fits(entry.number, str(error))
+    assert source.outgoing() is None and source.stats()["undeliverable"] == 1
+    assert target.pull("dead", -1) == [1, 3]
+    restored, written = restored_copy(tmp_path, source)
+    assert restored[2:] == written[2:]

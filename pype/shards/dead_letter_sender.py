@@ -9,7 +9,10 @@ failover to a backup that holds the same outbox. Then it tells the engine
 delivered(). A refusal (the queue moved, is full, or is the head of a partitioned
 queue) is a definite answer, kept by the target for that number: the entry takes a
 new number (renumber) and goes again, later. A failure that leaves the outcome open
-(a lost connection, a shard that restarts) sends the same number again.
+(a lost connection, a shard that restarts) sends the same number again. An entry
+that can never fit its queue (a ValueError: the queue's maxsize or max_bytes is
+smaller) is split into one-item entries; one item that can never fit is dropped,
+counted (stats: undeliverable) and logged.
 
 Entries go in order, one at a time: dead letters are rare, and a queue's dead
 letters keep their order.
@@ -78,7 +81,10 @@ class DeadLetterSender:
             except Exception as error:  # noqa: BLE001 - sent again; the shard serves on
                 if refused(error):
                     with self._engine.lock:
-                        self._engine.renumber(entry.number)
+                        if type(error) is ValueError:  # too large for its queue, ever
+                            self._engine.never_fits(entry.number, str(error))
+                        else:
+                            self._engine.renumber(entry.number)
                 if time.monotonic() - warned > WARN_EVERY:
                     warned = time.monotonic()
                     logger.warning("pype shard %d: %d items for queue %r wait in its "

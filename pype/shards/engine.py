@@ -491,6 +491,11 @@ class ShardEngine:
         if type(self.replication) is not BackupLog:
             self.store.renumber(number)
 
+    def never_fits(self, number: int, reason: str) -> None:
+        """Outbox entry `number` can never fit its queue: see QueueStore.never_fits."""
+        if type(self.replication) is not BackupLog:
+            self.store.never_fits(number, reason)
+
     def change_replicas(self, replicas: ReplicaSet) -> None:
         """The router recorded `replicas`: send the replies this commits."""
         for release in self.replication.change_replicas(replicas):

@@ -85,7 +85,8 @@ _CODES: dict[type, int] = {
     records.Import: 11, records.Arrived: 12, records.Export: 13, records.Release: 14,
     records.Lead: 15, records.Refuse: 16, records.Reject: 17, records.Outbox: 18,
     records.Resend: 19, records.Delivered: 20, records.Expire: 21, records.Delay: 22,
-    records.Due: 23, records.Extend: 24, records.Move: 25}
+    records.Due: 23, records.Extend: 24, records.Move: 25, records.Split: 26,
+    records.Undeliverable: 27}
 _TYPES: dict[int, type] = {code: kind for kind, code in _CODES.items()}
 
 # Format 1's name for each record type: its records were (name, *fields).

@@ -212,6 +212,23 @@ class Delivered(NamedTuple):
     number: int
 
 
+class Split(NamedTuple):
+    """Outbox entry `number` can never fit its queue whole: each of its items becomes an
+    entry of its own, in its place, and every entry takes push numbers from `sequence`
+    on, in order."""
+
+    number: int
+    sequence: int
+
+
+class Undeliverable(NamedTuple):
+    """Outbox entry `number`, of one item, can never fit its queue (`reason`): it is
+    dropped, counted and logged."""
+
+    number: int
+    reason: str
+
+
 # -- moving queues between shards (pype.router's resize) ----------------------------------
 
 class Expect(NamedTuple):
@@ -262,8 +279,8 @@ class Lead(NamedTuple):
 
 
 RECORD_TYPES = (Add, Remove, Pin, Push, Refuse, Delay, Due, Insert, Admit, Take, Lease, Settle,
-                Extend, Reject, Expire, Move, Outbox, Resend, Delivered, Expect, Import, Arrived,
-                Export, Release, Lead)
+                Extend, Reject, Expire, Move, Outbox, Resend, Delivered, Split, Undeliverable,
+                Expect, Import, Arrived, Export, Release, Lead)
 Record = (Add | Remove | Pin | Push | Refuse | Delay | Due | Insert | Admit | Take | Lease | Settle
-          | Extend | Reject | Expire | Move | Outbox | Resend | Delivered | Expect | Import
-          | Arrived | Export | Release | Lead)
+          | Extend | Reject | Expire | Move | Outbox | Resend | Delivered | Split
+          | Undeliverable | Expect | Import | Arrived | Export | Release | Lead)

@@ -139,6 +139,7 @@ class QueueStore:
         self.outbox: dict[int, Outgoing] = {}       # number -> dead letters to send
         self.outbox_producer: int | None = None     # logged (records.Outbox) before first use
         self._outbox_numbers = 0                    # the last entry or push number issued
+        self._undeliverable = 0                     # outbox items that could never fit
         self._retired: Counter = Counter()          # counters of removed queues
         # Resharding (pype.router's resize): the topology that decides which names are
         # this shard's once it gave queues away, (shards, hash seed, epoch); and while
@@ -191,6 +192,7 @@ class QueueStore:
         self.position = state.get("position", 0)
         self.history = EpochHistory(list(state.get("history", ())))
         self.outbox_producer, self._outbox_numbers, self.outbox = state.get("outbox", (None, 0, {}))
+        self._undeliverable = state.get("undeliverable", 0)
         self._dues = []
         for name, queue in self._queues.items():
             self._await_due(name, queue)
@@ -278,6 +280,15 @@ class QueueStore:
         return self._apply_move(record.queue, queue, record.destination, record.count,
                                 record.here, record.entered, record.expires)
 
+    def _replay_split(self, record: records.Split) -> list:
+        self._split(record.number, record.sequence)
+        return []
+
+    def _replay_undeliverable(self, record: records.Undeliverable) -> list:
+        items = self.outbox[record.number].items
+        self._drop_undeliverable(record.number, record.reason)
+        return items
+
     def _replay_insert(self, record: records.Insert) -> list:
         self._queues[record.queue].insert(record.items, record.priority, record.nbytes,
                                           record.expires)
@@ -358,7 +369,8 @@ class QueueStore:
         records.Take: _replay_take, records.Lease: _replay_lease, records.Settle: _replay_settle,
         records.Reject: _replay_reject, records.Expire: _replay_expire,
         records.Delay: _replay_delay, records.Due: _replay_due, records.Extend: _replay_extend,
-        records.Move: _replay_move,
+        records.Move: _replay_move, records.Split: _replay_split,
+        records.Undeliverable: _replay_undeliverable,
         records.Outbox: _replay_outbox,
         records.Resend: _replay_resend, records.Delivered: _replay_delivered,
         records.Expect: _replay_expect, records.Import: _replay_import,
@@ -401,7 +413,8 @@ class QueueStore:
                 "next_lease_id": self._next_lease_id, "producers": self._producers,
                 "owner": self.owner, "expecting": self.expecting,
                 "position": self.position, "history": list(self.history.starts),
-                "outbox": (self.outbox_producer, self._outbox_numbers, self.outbox)}
+                "outbox": (self.outbox_producer, self._outbox_numbers, self.outbox),
+                "undeliverable": self._undeliverable}
 
     def _compact(self) -> None:
         """Make the whole state the journal's next snapshot (see Journal.compact)."""
@@ -550,6 +563,7 @@ class QueueStore:
                 "bytes": self._nbytes, "memory_budget": self.memory_budget,
                 **totals, "discarded": self._retired["discarded"],
                 "outbox": sum(len(entry.items) for entry in self.outbox.values()),
+                "undeliverable": self._undeliverable,
                 "per_queue": queues}
 
     # -- moving queues between shards (resize) ------------------------------------------
@@ -1074,6 +1088,39 @@ class QueueStore:
         if number in self.outbox:
             self._log(records.Resend(number, self._outbox_numbers + 1))
             self._renumber_all(self._outbox_numbers + 1)
+
+    def never_fits(self, number: int, reason: str) -> None:
+        """Outbox entry `number` was refused as one that can never fit its queue (`reason`,
+        a ValueError: the queue's maxsize or max_bytes is smaller): split it into entries
+        of one item each; an entry of one item is dropped, counted and logged."""
+        entry = self.outbox.get(number)
+        if entry is None:
+            return
+        if len(entry.items) > 1:
+            self._log(records.Split(number, self._outbox_numbers + 1))
+            self._split(number, self._outbox_numbers + 1)
+        else:
+            self._log(records.Undeliverable(number, reason))
+            self._drop_undeliverable(number, reason)
+
+    def _split(self, number: int, sequence: int) -> None:
+        entries = []
+        for key, entry in self.outbox.items():
+            if key != number:
+                entries.append((key, entry))
+                continue
+            for item in entry.items:  # keyed above every number: never one issued before
+                key = sequence + len(self.outbox) + len(entries)
+                entries.append((key, entry._replace(number=key, items=[item])))
+        self.outbox = dict(entries)
+        self._renumber_all(sequence)
+        self._outbox_numbers = max(self._outbox_numbers, max(self.outbox))
+
+    def _drop_undeliverable(self, number: int, reason: str) -> None:
+        entry = self.outbox.pop(number)
+        self._undeliverable += 1
+        logger.error("pype: an item for queue %r can never fit it and is dropped: %s",
+                     entry.queue, reason)
 
     def _renumber_all(self, first: int) -> None:
         for sequence, (key, entry) in enumerate(list(self.outbox.items()), first):
