@@ -271,8 +271,8 @@ def retriable(request: tuple) -> bool:
     Yes for pushes that carry a producer sequence number (the shard applies each
     once), leasing and peeking pulls (an unanswered lease expires and its items
     come back), requests that change nothing, and add(exist_ok=True). Not for a
-    plain pull (its items would be gone unseen), ack/nack, remove, add, or a
-    blocking push: those raise ShardRestartedError.
+    plain pull (its items would be gone unseen), ack/nack, remove, add, move (its
+    items would move twice), or a blocking push: those raise ShardRestartedError.
     """
     kind = type(request)
     if kind is Push:
@@ -281,7 +281,7 @@ def retriable(request: tuple) -> bool:
         return request.ack or not request.remove
     if kind is Add:
         return request.exist_ok
-    return kind not in (Settle, Remove, AwaitPush)
+    return kind not in (Settle, Remove, AwaitPush, Move)
 
 
 def wait_of(request: tuple) -> float | None:

@@ -275,3 +275,13 @@ def test_an_entry_too_large_for_its_queue_goes_item_by_item_and_an_item_that_nev
     assert target.pull("dead", -1) == [1, 3]
     restored, written = restored_copy(tmp_path, source)
     assert restored[2:] == written[2:]
+
+
+def test_a_move_is_never_sent_again_on_its_own_after_a_lost_reply():
+    """A pipeline resends what a restarted shard may have applied only if that is safe:
+    a move applied twice would move twice the items."""
+    from pype import protocol
+
+    assert not protocol.retriable(protocol.Move("src", "dst", 5))
+    assert protocol.retriable(protocol.DeadLetters("dead"))
+    assert not protocol.retriable(protocol.Settle("q", [1], "extend", 10.0))
