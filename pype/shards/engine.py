@@ -15,7 +15,14 @@ holds its place in line in each full queue (a pype.shards.queues.ParkedPush); th
 engine parks it as a _ParkedPush until the store's push_outcome() settles it. Whatever changes a queue wakes the requests
 parked on it, in the order they parked; expire(now) answers a parked request whose
 deadline passed with what its timeout means (a partial batch, False,
-QueueTimeoutError). Time comes from the store's clock, which a test may drive.
+QueueTimeoutError), and lets in the delayed pushes that fell due: next_deadline()
+includes the first due push, so the loop sleeps until then. Time comes from the
+store's clocks, which a test may drive.
+
+The clock-driven changes of an item's life (leases running out, expiry, delayed
+pushes) are made by the primary (or the one copy) alone, and journaled; the items
+its queues give up wait in the store's outbox, whose sender (the shard's) asks the
+engine for the next committed entry (outgoing) and reports it delivered or refused.
 
 Read-your-writes across the two paths. Ray runs one caller's calls to the
 actor's main thread in order, but not in order with its calls to the waiting
