@@ -80,6 +80,8 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
         pingpong["redis"] = lambda: w.ping_pong("redis", echo, n(400), port=port)
         bulk["redis"] = lambda: w.bulk("redis", n(1_000_000), port=port)
         frames["redis (raw bytes)"] = lambda: w.frames("redis", n(60), port=port)
+        capacity["redis, 4 processes, pipelines of 64 LPUSH"] = lambda: w.redis_capacity(
+            port, per_process=n(20_000))
     clip = str(video_demo.synthetic_clip(Path(tempfile.mkdtemp(prefix="pype-bench-")) / "clip.avi",
                                          n(90), size=(1920, 1080)))
     video = {"opencv decode only": lambda: w.video("opencv decode only", clip),

@@ -636,6 +636,44 @@ def pipelined_producer(server, queue, count, window):
     return count
 
 
+@ray.remote(num_cpus=0)
+def redis_pipelined_producer(port, queue, count, window):
+    """One-item LPUSHes to a redis-server, `window` of them per pipeline: Redis's way of keeping
+    `window` requests in flight from one connection."""
+    import redis
+
+    client = redis.Redis(port=port)
+    client.lpush("capacity-ready", 1)
+    client.brpop(f"{queue}-go")
+    for first in range(0, count, window):
+        pipe = client.pipeline(transaction=False)
+        for i in range(first, min(first + window, count)):
+            pipe.lpush(queue, i)
+        pipe.execute()
+    return count
+
+
+def redis_capacity(port: int, processes: int = 4, per_process: int = 20_000, window: int = 64) -> dict:
+    """One redis-server under the load of `capacity`: `processes` processes, each sending
+    pipelines of `window` one-item LPUSHes."""
+    import redis
+
+    client = redis.Redis(port=port)
+    names = [f"capacity-{p}" for p in range(processes)]
+    client.delete("capacity-ready", *names)
+    done = [redis_pipelined_producer.remote(port, name, per_process, window) for name in names]
+    for _ in range(processes):
+        client.brpop("capacity-ready")
+    started = time.perf_counter()
+    for name in names:
+        client.lpush(f"{name}-go", 1)
+    done = ray.get(done)
+    seconds = time.perf_counter() - started
+    assert sum(done) == sum(client.llen(name) for name in names) == processes * per_process
+    client.delete(*names)
+    return {"items_per_s": processes * per_process / seconds}
+
+
 def capacity(processes: int = 4, per_process: int = 20_000, window: int = 64) -> dict:
     """Pipelined one-item native pushes from `processes` processes into one shard."""
     server = pype.Server.remote(shards=1)
