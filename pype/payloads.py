@@ -101,6 +101,9 @@ def _by_reference(item: Any) -> Any:
     return item
 
 
+_PLAIN = frozenset((int, float, bool, str, bytes, type(None)))  # never hold a ByReference
+
+
 def resolved(items: list) -> list:
     """`items` with every ByReference replaced by its item, fetched from the object store.
 
@@ -108,7 +111,8 @@ def resolved(items: list) -> list:
     ObjectRef pickled outside Ray's own calls would be pinned until its owner
     dies. For arrays the fetch is a zero-copy view of the object store's memory.
     """
-    if not any(issubclass(kind, (ByReference, dict, tuple)) for kind in set(map(type, items))):
+    kinds = set(map(type, items))
+    if kinds <= _PLAIN or not any(issubclass(kind, (ByReference, dict, tuple)) for kind in kinds):
         return items
     return [_resolve(item, 0) for item in items]
 

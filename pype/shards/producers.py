@@ -89,8 +89,8 @@ class Producers:
         without its traceback, which would hold the refused items."""
         if producer is None:
             return
-        producer_id, sequence, *rest = producer
-        floor = rest[0] if rest else sequence
+        producer_id, sequence = producer[0], producer[1]
+        floor = producer[2] if len(producer) > 2 else sequence
         seen = self._seen.get(producer_id)
         if seen is None:
             seen = self._seen[producer_id] = ProducerAnswers(floor)

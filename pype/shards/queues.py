@@ -78,6 +78,8 @@ def item_size(item: Any, depth: int = 0) -> int:
 
 def item_sizes(items: list) -> list[int]:
     """[item_size(item) for item in items], at C speed when every item is a flat value."""
+    if len(items) == 1:  # the common one-item push, kept short
+        return [item_size(items[0])]
     kinds = set(map(type, items))
     if len(kinds) == 1 and (kind := next(iter(kinds))) in _FLAT:
         # Flat values are not tracked by the garbage collector: __sizeof__ is getsizeof.

@@ -384,7 +384,8 @@ class QueueStore:
         self.position += 1
         # A replicated primary syncs its journal on the side, while its backups sync
         # theirs (Replicator); the reply waits for both (PrimaryLog.synced).
-        self._write(record, sync=self.replicate is None)
+        if self._journal is not None:
+            self._write(record, sync=self.replicate is None)
         if self.replicate is not None:
             self.replicate(self.position, record)
 
@@ -680,25 +681,27 @@ class QueueStore:
             return self._delay(names, queues, items, priority, nbytes, producer, delay, expires)
         if block:
             return self._offer(names, queues, items, priority, nbytes, timeout, expires)
-        full, entered = [], []
-        for name, queue, expiry in zip(names, queues, expires or [None] * len(names), strict=True):
+        full, entered, took = [], [], []
+        for position, queue in enumerate(queues):
             before = queue.nbytes
             try:
-                entered.append(queue.put(items, priority, nbytes, expiry))
+                entered.append(queue.put(items, priority, nbytes,
+                                         None if expires is None else expires[position]))
             except QueueFullError as error:
-                full.append(f"{name!r} {error}")
-                entered.append(None)
+                full.append(f"{names[position]!r} {error}")
                 continue
+            took.append(position)
             self._nbytes += queue.nbytes - before
-        took = [index for index, now in enumerate(entered) if now is not None]
         if took:
             self._producers.note(producer, APPLIED)
-            self._log(records.Push(tuple(names[i] for i in took), [entered[i] for i in took],
-                                   items, priority, nbytes, producer,
-                                   None if expires is None else [expires[i] for i in took]))
+            logged, logged_expires = names, expires
+            if full:  # the queues that took them
+                logged = tuple(names[i] for i in took)
+                logged_expires = None if expires is None else [expires[i] for i in took]
+            self._log(records.Push(logged, entered, items, priority, nbytes, producer,
+                                   logged_expires))
         if full:
-            others = len(names) - len(full)
-            rest = f"; the other {others} queues of this push took it" if len(names) > 1 else ""
+            rest = f"; the other {len(took)} queues of this push took it" if len(names) > 1 else ""
             raise QueueFullError(f"queue {'; queue '.join(full)}{rest}")
         return len(items) * len(names)
 
@@ -728,8 +731,7 @@ class QueueStore:
     def _check_limits(self, items: list, copies: int) -> int:
         """Return the bytes of `items`; raise if one is too large or the budget is spent."""
         sizes = item_sizes(items)
-        largest = max(sizes, default=0)
-        if self.max_item_bytes and largest > self.max_item_bytes:
+        if self.max_item_bytes and (largest := max(sizes, default=0)) > self.max_item_bytes:
             raise ValueError(f"an item of {largest:,} bytes is larger than the shard's "
                              f"max_item_bytes of {self.max_item_bytes:,}")
         nbytes = sum(sizes)
@@ -798,8 +800,12 @@ class QueueStore:
     def _expiry(self, queues: list[Queue], ttl: float | None) -> list[float | None] | None:
         """When a push's items expire in each of `queues` (time.time()): `ttl` seconds
         from now, or the queue's ttl if shorter; None if they never do in any."""
-        if ttl is None and all(queue.options.ttl is None for queue in queues):
-            return None  # the common case: no clock read
+        if ttl is None:
+            for queue in queues:
+                if queue.options.ttl is not None:
+                    break
+            else:
+                return None  # the common case: no clock read
         now = self.wall_clock()
         lives = [[life for life in (ttl, queue.options.ttl) if life is not None] for queue in queues]
         return [now + min(life) if life else None for life in lives]
