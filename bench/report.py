@@ -20,6 +20,9 @@ def check_targets(results: dict, original_seed_chain: float) -> list[dict]:
     rows = [
         ("chain native one item per call / redis LPUSH+BRPOP",
          ratio(chain("pype native, one item per call"), chain("redis, LPUSH/BRPOP")), ">=", 1.5),
+        ("chain native push_pull / redis LPUSH+BRPOP pipelined (one round trip per stage each)",
+         ratio(chain("pype native, one item per call, push_pull"), chain("redis, LPUSH+BRPOP pipelined")),
+         ">=", 1.5),
         ("chain native one item per call / .remote() one item per call",
          ratio(chain("pype native, one item per call"), chain("pype .remote(), one item per call")),
          ">=", 10),

@@ -50,6 +50,7 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
         "pype .remote(), one item per call": lambda: w.pype_chain(server, n(600), "single"),
         "pype .remote(), batched": lambda: w.pype_chain(server, n(300_000), "batched"),
         "pype native, one item per call": lambda: w.pype_chain(server, n(5000), "native single"),
+        "pype native, one item per call, push_pull": lambda: w.pype_chain(server, n(5000), "native push_pull"),
         "pype native, batched": lambda: w.pype_chain(server, n(1_000_000), "native batched"),
         "pype native, consume/producer": lambda: w.pype_chain(server, n(200_000), "helpers"),
         "ray.util.queue": lambda: w.ray_queue_chain(n(150)),
@@ -76,6 +77,8 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
                 lambda: w.capacity(per_process=n(20_000))}
     if port is not None:
         chain["redis, LPUSH/BRPOP"] = lambda: w.redis_chain(port, n(3000), batched=False)
+        chain["redis, LPUSH+BRPOP pipelined"] = lambda: w.redis_chain(port, n(3000), batched=False,
+                                                                      pipelined=True)
         chain["redis, BLMPOP COUNT 1000"] = lambda: w.redis_chain(port, n(300_000), batched=True)
         pingpong["redis"] = lambda: w.ping_pong("redis", echo, n(400), port=port)
         bulk["redis"] = lambda: w.bulk("redis", n(1_000_000), port=port)

@@ -26,8 +26,12 @@ END = -1
 FRAME_SHAPE = (1080, 1920, 3)
 
 
-def _links(prefix: str) -> list[str]:
-    return [f"{prefix}-{uuid.uuid4().hex[:6]}-{i}" for i in range(STAGES + 1)]
+def _links(prefix: str, tagged: bool = False) -> list[str]:
+    """The chain's queue names; tagged: with one hash tag, so that they live on one shard."""
+    tag = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    if tagged:
+        tag = f"{{{tag}}}"
+    return [f"{tag}-{i}" for i in range(STAGES + 1)]
 
 
 class Arrivals:
@@ -90,7 +94,7 @@ def pype_source(server, queue, items, mode):
         for first in range(0, items, 1000):
             server.push.remote(list(range(first, min(first + 1000, items))), queue, expand=True)
         server.push.remote(END, queue)
-    elif mode == "native single":
+    elif mode in ("native single", "native push_pull"):
         for i in range(items):
             server.push(i, queue)
         server.push(END, queue)
@@ -125,6 +129,11 @@ def pype_stage(server, source, output, mode):
             server.push(item, output)
             if item == END:
                 return
+    elif mode == "native push_pull":  # its push and its next pull in one round trip
+        item = server.pull(source, block=True)[0]
+        while item != END:
+            item = server.push_pull(item, output, source, block=True)[0]
+        server.push(END, output)
     elif mode == "native batched":
         while True:
             items = server.pull(source, batch_size=-1, block=True)
@@ -143,9 +152,10 @@ def pype_stage(server, source, output, mode):
 @warmed
 def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
     """mode: single (one item per call), batched (all available per call), each through
-    .remote() or natively ("native single", "native batched"), or helpers (consume and
-    producer, native)."""
-    links = _links(f"chain-{mode}")
+    .remote() or natively ("native single", "native batched"); "native push_pull" (one item
+    per call, a stage's push and next pull in one request: the queues share a hash tag);
+    or helpers (consume and producer, native)."""
+    links = _links(f"chain-{mode}", tagged=mode == "native push_pull")
     arrivals = Arrivals()
     pype_source.remote(server, links[0], items, mode)
     for source, output in itertools.pairwise(links):
@@ -159,7 +169,7 @@ def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
                 received += 1
                 arrivals.add(1)
     else:
-        size = 1 if mode.endswith("single") else -1
+        size = 1 if mode.endswith(("single", "push_pull")) else -1
         while True:
             if mode.startswith("native"):
                 batch = server.pull(links[-1], batch_size=size, block=True)
@@ -242,10 +252,19 @@ def ray_queue_chain(items: int) -> dict:
 # -- chain: Redis lists ----------------------------------------------------------------------
 
 @ray.remote(num_cpus=0)
-def redis_stage(port, source, output, batched):
+def redis_stage(port, source, output, batched, pipelined=False):
     import redis
 
     client = redis.Redis(port=port)
+    if pipelined:  # LPUSH and the next BRPOP in one round trip
+        _, item = client.brpop([source])
+        while item != b"-1":
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(output, item)
+            pipe.brpop([source])
+            _, (_, item) = pipe.execute()
+        client.lpush(output, item)
+        return
     while True:
         if batched:
             _, items = client.blmpop(0, 1, source, direction="RIGHT", count=1000)
@@ -260,14 +279,15 @@ def redis_stage(port, source, output, batched):
 
 
 @warmed
-def redis_chain(port: int, items: int, batched: bool) -> dict:
+def redis_chain(port: int, items: int, batched: bool, pipelined: bool = False) -> dict:
+    """pipelined: each stage sends its LPUSH and its next BRPOP in one round trip."""
     import redis
 
     client = redis.Redis(port=port)
     links = _links("redis")
     arrivals = Arrivals()
     for source, output in itertools.pairwise(links):
-        redis_stage.remote(port, source, output, batched)
+        redis_stage.remote(port, source, output, batched, pipelined)
     if batched:
         for first in range(0, items, 1000):
             client.lpush(links[0], *range(first, min(first + 1000, items)))

@@ -338,6 +338,27 @@ class Server:
 
     pull = _Operation(_pull_native, _pull_remote)
 
+    def push_pull(self, data: Any, queue: str, source: str, expand: bool = False,
+                  batch_size: int | None = None, block: bool | None = None,
+                  timeout: float | None = None, ack: bool = False) -> list:
+        """Push `data` to `queue`, then pull from `source`, in one round trip: a stage's
+        step (native only). Returns what pull(source, batch_size, block, timeout,
+        ack=ack) returns.
+
+        Both calls keep their guarantees: the push is numbered like any native push
+        (applied once, in order), the pull leases with ack=True. When both queues live
+        on one shard (give them one hash tag: "{stage}.in", "{stage}.out") they travel
+        as one request; otherwise as two, written together and awaited together. A
+        push that fails raises its error (QueueFullError, ...) with `error.pulled`: the
+        items the pull took, [] on one shard, where the pull does not run then. An error
+        of the pull (ShardRestartedError, ...) means the push was applied.
+        """
+        if not isinstance(queue, str):
+            raise TypeError(f"push_pull pushes to one queue (a str), got {queue!r}")
+        push = self._push_request(data, queue, expand, False, None, None, None, None, None)
+        _, pull = self._pull_request(source, batch_size, block, timeout, True, ack)
+        return self.routes.push_pull(push, pull)
+
     def _kind(self, index: int, queue: str) -> str | None:
         """The kind of `queue`, asked of its shard once (None while it does not exist)."""
         kind = self._kinds.get(queue)

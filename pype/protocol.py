@@ -94,6 +94,26 @@ class Pull(NamedTuple):
     must_exist: bool = False
 
 
+class PushPull(NamedTuple):
+    """A stage's step, as one request: run `push`, then `pull` (both of one shard's
+    queues). A push that fails answers its error, and the pull does not run; a pull
+    that fails after the push was applied answers PullFailed. After a restart the
+    client sends the push again alone (numbered, it is applied once) and the pull
+    only if it is retriable. The answer is the pull's."""
+
+    push: Push
+    pull: Pull
+
+
+class PullFailed(PypeError):
+    """The pull of a PushPull failed (`error`) after its push was applied. Clients
+    unwrap it: a user sees `error`, or the pull sent again where a redirect says."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
 class Settle(NamedTuple):
     """End leases of `queue`: outcome "ack" (done), "nack" (return the items; with a
     `delay`, when it ends) or "reject" (give them up: a nack with requeue=False;
@@ -258,11 +278,30 @@ class Moved(Redirect):
 
 # -- what requests mean to a client that sends them -------------------------------------
 
+def push_of(request: tuple) -> Push | None:
+    """The push `request` makes: itself, a PushPull's push part, or None."""
+    kind = type(request)
+    if kind is Push:
+        return request
+    if kind is PushPull:
+        return request.push
+    return None
+
+
 def takes_a_sequence(request: tuple) -> bool:
     """Does `request` get its sender's producer id and next sequence number? A push that
-    does not wait does: the shard applies each sequence number once, so the push may be
-    sent again after a restart. (A blocking push may wait in line; it is not resent.)"""
-    return type(request) is Push and not request.block and request.producer is None
+    does not wait does (alone or in a PushPull): the shard applies each sequence number
+    once, so the push may be sent again after a restart. (A blocking push may wait in
+    line; it is not resent.)"""
+    push = push_of(request)
+    return push is not None and not push.block and push.producer is None
+
+
+def numbered(request: tuple, producer: tuple[int, int, int]) -> tuple:
+    """`request` with its push numbered `producer` (see takes_a_sequence)."""
+    if type(request) is PushPull:
+        return PushPull(with_field(request.push, "producer", producer), request.pull)
+    return with_field(request, "producer", producer)
 
 
 def retriable(request: tuple) -> bool:
@@ -279,6 +318,8 @@ def retriable(request: tuple) -> bool:
         return request.producer is not None
     if kind is Pull:
         return request.ack or not request.remove
+    if kind is PushPull:  # else the push goes again alone (pype.transport.Pipeline)
+        return retriable(request.push) and retriable(request.pull)
     if kind is Add:
         return request.exist_ok
     return kind not in (Settle, Remove, AwaitPush, Move)
@@ -288,6 +329,8 @@ def wait_of(request: tuple) -> float | None:
     """Seconds `request` may wait in the shard before it is answered (None: no limit);
     the client waits that long, and its request_timeout more, for the answer."""
     kind = type(request)
+    if kind is PushPull:
+        request, kind = request.pull, Pull
     if kind is Pull:
         return 0.0 if request.block is False else request.timeout
     if kind is Push:
@@ -309,7 +352,7 @@ def with_field(request: tuple, field: str, value: Any) -> tuple:
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
                  Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate,
-                 DeadLetters, Move)
+                 DeadLetters, Move, PushPull)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fields)}
               for kind in REQUEST_TYPES}
@@ -317,7 +360,10 @@ _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fiel
 
 def encode_request(request_id: int, caller: tuple[str, int], request: tuple) -> list:
     """Frames of one request (see the module docstring)."""
-    return dumps((request_id, caller, _CODES[type(request)], tuple(request)))
+    kind = type(request)
+    if kind is PushPull:  # its parts as plain tuples too
+        return dumps((request_id, caller, _CODES[kind], (tuple(request.push), tuple(request.pull))))
+    return dumps((request_id, caller, _CODES[kind], tuple(request)))
 
 
 def decode_request(frames: list) -> tuple[int, tuple[str, int], tuple]:
@@ -327,9 +373,16 @@ def decode_request(frames: list) -> tuple[int, tuple[str, int], tuple]:
     """
     request_id, caller, code, fields = loads(frames)
     kind = REQUEST_TYPES[code]
+    if kind is PushPull:
+        push, pull = fields
+        return request_id, caller, PushPull(_typed(Push, push), _typed(Pull, pull))
+    return request_id, caller, _typed(kind, fields)
+
+
+def _typed(kind: type, fields: tuple) -> tuple:
     if len(fields) != len(kind._fields):
         raise ValueError(f"{kind.__name__} has {len(kind._fields)} fields, not {len(fields)}")
-    return request_id, caller, tuple.__new__(kind, fields)
+    return tuple.__new__(kind, fields)
 
 
 def request_id_of(frames: list) -> int | None:

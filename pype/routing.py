@@ -417,6 +417,66 @@ class Routes:
             raise RedirectLimitError(f"pype: the layout of queues {names} kept changing")
         return accepted
 
+    def push_pull(self, push: Push, pull: protocol.Pull) -> list:
+        """Push, then pull, as a stage does; the pull's answer. One PushPull request when
+        both queues are plain and live on one shard (hash tags place them so); else the
+        two requests, sent together, each to its shard; one after the other for a
+        partitioned queue. A push that fails raises its error with `pulled`, the items
+        the pull took ([] where it did not run). A pull that fails after the push was
+        applied raises its own error."""
+        queue, source = push.queues[0], pull.queue
+        pipeline = self.pipeline()
+        for _ in range(MAX_REDIRECTS):
+            index = self.shard_of(queue)
+            if (self._layouts.get(queue) is not None or self._layouts.get(source) is not None
+                    or self.shard_of(source) != index):
+                return self._push_and_pull(push, pull, pipeline)
+            ticket = pipeline.send(index, self.after(index), protocol.PushPull(push, pull))
+            try:
+                return pipeline.result(ticket, protocol.wait_of(pull))
+            except protocol.PullFailed as failed:  # the push was applied
+                if not isinstance(failed.error, Redirect):
+                    raise failed.error from None
+                self.follow(failed.error)
+                return self.run(pull)
+            except Redirect as redirect:  # nothing was applied: place both again
+                self.follow(redirect)
+            except Exception as error:
+                error.pulled = []
+                raise
+        raise RedirectLimitError(f"pype: push_pull to {queue!r} from {source!r}: the queues kept moving")
+
+    def _push_and_pull(self, push: Push, pull: protocol.Pull, pipeline: Pipeline) -> list:
+        """push_pull for queues on two shards, or partitioned ones."""
+        queue, source = push.queues[0], pull.queue
+        if self._layouts.get(queue) is not None or self._layouts.get(source) is not None:
+            try:
+                self.push_to(push)
+            except Exception as error:
+                error.pulled = []
+                raise
+            return self.run(pull)
+        push_index, pull_index = self.shard_of(queue), self.shard_of(source)
+        pushed = pipeline.send(push_index, self.after(push_index), push)
+        pulled = pipeline.send(pull_index, self.after(pull_index), pull)
+        failure = None
+        try:
+            self.result(pushed, push, 0.0, pipeline)  # follows Moved
+        except Exception as error:  # noqa: BLE001 - raised once the pull answered
+            failure = error
+        try:
+            items = self.result(pulled, pull, protocol.wait_of(pull), pipeline)
+        except Redirect as redirect:  # partitioned: not pulled
+            self.follow(redirect)
+            items = self.run(pull)
+        if isinstance(failure, Redirect):  # partitioned: not pushed
+            self.follow(failure)
+            self.push_to(push)
+        elif failure is not None:
+            failure.pulled = items
+            raise failure
+        return items
+
     def _native_pushes(self, push: Push, names: tuple[str, ...], pins: dict[str, Layout]):
         """(queue names, shard, Push) of `push` to `names`: one per shard for plain queues,
         one per partition (which must exist: a stale layout then shows) for partitioned."""

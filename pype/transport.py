@@ -370,14 +370,14 @@ class Pipeline:
         self._in_flight: dict[int, dict[int, list]] = {}  # shard -> ticket -> [request_id, caller, request]
         self._failures: dict[int, Exception] = {}  # ticket -> why it failed in a reconnect
         self._answered: dict[int, tuple] = {}  # ticket -> its reply, kept through a reconnect
+        self._pull_lost: set[int] = set()  # PushPulls whose push alone was sent again
 
     def send(self, index: int, caller: tuple, request: tuple) -> tuple[int, int]:
         in_flight = self._in_flight.setdefault(index, {})
         if protocol.takes_a_sequence(request):
             sequence = self._sequences.get(index, 0) + 1
             self._sequences[index] = sequence
-            request = protocol.with_field(request, "producer",
-                                          (self._producer, sequence, _floor(in_flight, sequence)))
+            request = protocol.numbered(request, (self._producer, sequence, _floor(in_flight, sequence)))
         ticket = next(self._tickets)
         entry = [0, caller, request]
         in_flight[ticket] = entry
@@ -407,6 +407,7 @@ class Pipeline:
                     raise value
                 return value
             if entry is None:  # failed in a reconnect
+                self._pull_lost.discard(number)
                 raise self._failures.pop(number)
             try:
                 reply = self._connections[index].receive(entry[0], limit)
@@ -431,7 +432,13 @@ class Pipeline:
                     continue
             del in_flight[number]
             if status == protocol.ERROR:
+                self._pull_lost.discard(number)
                 raise value
+            if number in self._pull_lost:
+                self._pull_lost.remove(number)
+                raise ShardRestartedError(
+                    f"shard {index} restarted while this push_pull was in flight: its push was "
+                    f"applied (once), its pull may or may not have taken items")
             return value
 
     def _replaced(self, index: int) -> bool:
@@ -479,6 +486,7 @@ class Pipeline:
         entry = self._in_flight.get(index, {}).pop(number, None)
         self._failures.pop(number, None)
         self._answered.pop(number, None)
+        self._pull_lost.discard(number)
         connection = self._connections.get(index)
         if entry is not None and connection is not None:
             connection.discard(entry[0])
@@ -508,8 +516,16 @@ class Pipeline:
         ShardUnavailableError that says the shard did not come back."""
         in_flight = self._in_flight.get(index, {})
         self._keep_answers(index, in_flight)
-        unsafe = {ticket: type(entry[2]).__name__.lower() for ticket, entry in in_flight.items()
-                  if ticket != unsent and not protocol.retriable(entry[2])}
+        unsafe = {}
+        for ticket, entry in in_flight.items():
+            if ticket == unsent or protocol.retriable(entry[2]):
+                continue
+            push = protocol.push_of(entry[2])
+            if push is not None and type(entry[2]) is not protocol.Push and protocol.retriable(push):
+                entry[2] = push  # a PushPull: its push goes again alone, its pull is lost
+                self._pull_lost.add(ticket)
+            else:
+                unsafe[ticket] = type(entry[2]).__name__.lower()
         for ticket in unsafe:
             del in_flight[ticket]
         unavailable = self._send_again(index, in_flight)
@@ -579,8 +595,9 @@ def _floor(in_flight: dict, sequence: int) -> int:
     sent, so the first one's), or `sequence` if there are none: the shard may forget
     the answers below it (pype.shards.producers), which will not be sent again."""
     for _, _, request in in_flight.values():
-        if type(request) is protocol.Push and request.producer is not None:
-            return request.producer[1]
+        push = protocol.push_of(request)
+        if push is not None and push.producer is not None:
+            return push.producer[1]
     return sequence
 
 

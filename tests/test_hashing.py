@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from pype.hashing import jump_hash, shard_for
+from pype.hashing import jump_hash, placed_by, shard_for
+from pype.partitions import partition_name
 
 NAMES = [f"queue-{i}" for i in range(1000)]
 
@@ -37,3 +38,19 @@ def test_jump_hash_known_values_and_bounds():
     assert all(0 <= jump_hash(k, 10) < 10 for k in range(1000))
     with pytest.raises(ValueError):
         jump_hash(1, 0)
+
+
+def test_a_hash_tag_places_names_together_as_in_redis_cluster():
+    assert placed_by("{video}.frames") == placed_by("{video}.boxes") == "video"
+    assert all(shard_for(f"{{stage}}-{i}", 8) == shard_for("{stage}-0", 8) for i in range(100))
+    # Redis Cluster's rule: the first "{", the next "}", something between them
+    assert placed_by("a{b}c{d}") == "b"
+    assert placed_by("{}x{y}") == "{}x{y}"  # an empty first tag: the whole name
+    assert placed_by("a{b") == "a{b" and placed_by("a}b{") == "a}b{" and placed_by("plain") == "plain"
+    assert placed_by("{x}}") == "x"
+
+
+def test_the_partitions_of_a_tagged_queue_still_spread():
+    names = [partition_name("{t}q", j) for j in range(64)]
+    assert all(placed_by(name) == name for name in names)
+    assert len({shard_for(name, 4) for name in names}) == 4

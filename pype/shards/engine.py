@@ -83,7 +83,9 @@ from pype.protocol import (
     Moved,
     Names,
     Pull,
+    PullFailed,
     Push,
+    PushPull,
     Release,
     Remove,
     Render,
@@ -133,6 +135,8 @@ def _queue_names(request) -> tuple[str, ...]:
         return request.queues
     if kind in _ONE_QUEUE:
         return (request.queue,)
+    if kind is PushPull:
+        return (*request.push.queues, request.pull.queue)
     return ()
 
 
@@ -272,7 +276,8 @@ class ShardEngine:
         self.new_records = threading.Condition(self.lock)  # a primary logged a record
         self.outbox_filled = threading.Condition(self.lock)  # dead letters wait to be sent
         self._handlers = {
-            Push: self._push, Pull: self._pull, Settle: self._settle, AwaitPush: self._await_push,
+            Push: self._push, Pull: self._pull, PushPull: self._push_pull, Settle: self._settle,
+            AwaitPush: self._await_push,
             CanPull: self._can_pull, CanPush: self._can_push, Add: self._add, Remove: self._remove,
             Length: self._length,
             Describe: lambda _, r, __: self.store.describe(r.queue),
@@ -520,13 +525,16 @@ class ShardEngine:
         names = _queue_names(request)
         if type(request) is Push and self.store.answered(request.producer):
             return False  # a push sent again: _push gives its first answer, wherever it went
+        pushed_before = type(request) is PushPull and self.store.answered(request.push.producer)
+        if pushed_before:  # sent again whole (its pull is retriable): only its pull may move
+            names = (request.pull.queue,)
         for name in names:
             epoch = self.store.belongs_elsewhere(name, self.index)
             if epoch is not None:
                 moved = Moved(name, epoch, names)
                 if type(request) is Push:
                     self.store.refuse(request.producer, moved)
-                reply(protocol.ERROR, moved)
+                reply(protocol.ERROR, PullFailed(moved) if pushed_before else moved)
                 return True
         if any(self.store.on_its_way(name, self.index) for name in names):
             self._held.append((request, caller_id, may_wait, reply))
@@ -640,6 +648,15 @@ class ShardEngine:
             if may_wait:
                 return self._await_push(caller_id, AwaitPush(result), True)
         return result
+
+    def _push_pull(self, caller_id, request: PushPull, may_wait: bool):
+        if request.push.block:
+            raise ValueError("the push of a push_pull never waits for room (block=True does not apply)")
+        self._push(caller_id, request.push, False)  # its error is the answer: nothing else ran
+        try:
+            return self._pull(caller_id, request.pull, may_wait)
+        except Exception as error:  # noqa: BLE001 - the push stays applied: say so
+            raise PullFailed(error) from None
 
     def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
         outcome = self.store.push_outcome(request.pending, self.clock())
