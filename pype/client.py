@@ -338,9 +338,9 @@ class Server:
 
     pull = _Operation(_pull_native, _pull_remote)
 
-    def push_pull(self, data: Any, queue: str, source: str, expand: bool = False,
-                  batch_size: int | None = None, block: bool | None = None,
-                  timeout: float | None = None, ack: bool = False) -> list:
+    def _push_pull_native(self, data: Any, queue: str, source: str, expand: bool = False,
+                          batch_size: int | None = None, block: bool | None = None,
+                          timeout: float | None = None, ack: bool = False) -> list:
         """Push `data` to `queue`, then pull from `source`, in one round trip: a stage's
         step (native only). Returns what pull(source, batch_size, block, timeout,
         ack=ack) returns.
@@ -349,15 +349,23 @@ class Server:
         (applied once, in order), the pull leases with ack=True. When both queues live
         on one shard (give them one hash tag: "{stage}.in", "{stage}.out") they travel
         as one request; otherwise as two, written together and awaited together. A
-        push that fails raises its error (QueueFullError, ...) with `error.pulled`: the
-        items the pull took, [] on one shard, where the pull does not run then. An error
-        of the pull (ShardRestartedError, ...) means the push was applied.
+        push that was refused (QueueFullError, ...) raises its error with
+        `error.pulled`: the items the pull took, [] on one shard, where the pull does
+        not run then. Any other error means that the push was applied, or, like
+        ShardRestartedError for a push alone, may have been. There is no
+        push_pull.remote(): through Ray, a push and a pull are two calls.
         """
         if not isinstance(queue, str):
             raise TypeError(f"push_pull pushes to one queue (a str), got {queue!r}")
         push = self._push_request(data, queue, expand, False, None, None, None, None, None)
         _, pull = self._pull_request(source, batch_size, block, timeout, True, ack)
         return self.routes.push_pull(push, pull)
+
+    def _push_pull_remote(self, *args, **kwargs) -> ray.ObjectRef:
+        raise TypeError("push_pull is native only (server.push_pull(...)); through Ray, push "
+                        "with server.push.remote(...) and pull with server.pull.remote(...)")
+
+    push_pull = _Operation(_push_pull_native, _push_pull_remote)
 
     def _kind(self, index: int, queue: str) -> str | None:
         """The kind of `queue`, asked of its shard once (None while it does not exist)."""

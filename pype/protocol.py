@@ -97,9 +97,9 @@ class Pull(NamedTuple):
 class PushPull(NamedTuple):
     """A stage's step, as one request: run `push`, then `pull` (both of one shard's
     queues). A push that fails answers its error, and the pull does not run; a pull
-    that fails after the push was applied answers PullFailed. After a restart the
-    client sends the push again alone (numbered, it is applied once) and the pull
-    only if it is retriable. The answer is the pull's."""
+    that fails after the push was applied (now, or later while it waited) answers
+    PullFailed. After a restart the client sends it again whole if its pull leases
+    (retriable), else its numbered push alone (applied once). The answer is the pull's."""
 
     push: Push
     pull: Pull

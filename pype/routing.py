@@ -38,7 +38,13 @@ from typing import Any
 import ray
 
 from pype import partitioned, protocol
-from pype.errors import QueueNotFoundError, RedirectLimitError, ShardUnavailableError
+from pype.errors import (
+    NotPrimaryError,
+    QueueNotFoundError,
+    RedirectLimitError,
+    ShardRestartedError,
+    ShardUnavailableError,
+)
 from pype.hashing import shard_for
 from pype.partitions import Layout, Partitioned
 from pype.protocol import Add, Length, Moved, Push, Redirect
@@ -50,6 +56,8 @@ logger = logging.getLogger("pype")
 PULLS, PUSHES = "pulls", "pushes"  # the shard's groups of threads for `.remote()` calls that wait
 MAX_REMEMBERED = 100_000  # queue names whose shard (or layout) a Routes remembers
 MAX_REDIRECTS = 3  # redirects a request follows before RedirectLimitError
+# Errors after which a push may have been applied (its answer never came back).
+_UNCERTAIN = (ShardRestartedError, ShardUnavailableError, NotPrimaryError)
 RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
 TOPOLOGY_CHECK = 1.0  # seconds between a `.remote()` caller's looks for a newer topology
 
@@ -421,9 +429,10 @@ class Routes:
         """Push, then pull, as a stage does; the pull's answer. One PushPull request when
         both queues are plain and live on one shard (hash tags place them so); else the
         two requests, sent together, each to its shard; one after the other for a
-        partitioned queue. A push that fails raises its error with `pulled`, the items
-        the pull took ([] where it did not run). A pull that fails after the push was
-        applied raises its own error."""
+        partitioned queue. A push that was refused (not applied) raises its error with
+        `pulled`, the items the pull took ([] where it did not run). Any other error
+        means that the push was applied, or may have been (ShardRestartedError,
+        ShardUnavailableError: as for a push alone)."""
         queue, source = push.queues[0], pull.queue
         pipeline = self.pipeline()
         for _ in range(MAX_REDIRECTS):
@@ -441,7 +450,9 @@ class Routes:
                 return self.run(pull)
             except Redirect as redirect:  # nothing was applied: place both again
                 self.follow(redirect)
-            except Exception as error:
+            except _UNCERTAIN:
+                raise
+            except Exception as error:  # the shard refused the push: the pull did not run
                 error.pulled = []
                 raise
         raise RedirectLimitError(f"pype: push_pull to {queue!r} from {source!r}: the queues kept moving")
@@ -450,11 +461,7 @@ class Routes:
         """push_pull for queues on two shards, or partitioned ones."""
         queue, source = push.queues[0], pull.queue
         if self._layouts.get(queue) is not None or self._layouts.get(source) is not None:
-            try:
-                self.push_to(push)
-            except Exception as error:
-                error.pulled = []
-                raise
+            self._push_then(push, [])
             return self.run(pull)
         push_index, pull_index = self.shard_of(queue), self.shard_of(source)
         pushed = pipeline.send(push_index, self.after(push_index), push)
@@ -465,17 +472,34 @@ class Routes:
         except Exception as error:  # noqa: BLE001 - raised once the pull answered
             failure = error
         try:
-            items = self.result(pulled, pull, protocol.wait_of(pull), pipeline)
-        except Redirect as redirect:  # partitioned: not pulled
-            self.follow(redirect)
-            items = self.run(pull)
+            try:
+                items = self.result(pulled, pull, protocol.wait_of(pull), pipeline)
+            except Redirect as redirect:  # partitioned: not pulled
+                self.follow(redirect)
+                items = self.run(pull)
+        except Exception as pull_failure:
+            if failure is None or isinstance(failure, _UNCERTAIN):
+                raise
+            failure.pulled = []  # refused, and the pull took nothing it could hand over
+            raise failure from pull_failure
         if isinstance(failure, Redirect):  # partitioned: not pushed
             self.follow(failure)
-            self.push_to(push)
+            self._push_then(push, items)
         elif failure is not None:
-            failure.pulled = items
+            if not isinstance(failure, _UNCERTAIN):
+                failure.pulled = items
             raise failure
         return items
+
+    def _push_then(self, push: Push, pulled: list) -> None:
+        """push_to(push), whose refusal carries `pulled`: what the pull took (or will)."""
+        try:
+            self.push_to(push)
+        except _UNCERTAIN:
+            raise
+        except Exception as error:
+            error.pulled = pulled
+            raise
 
     def _native_pushes(self, push: Push, names: tuple[str, ...], pins: dict[str, Layout]):
         """(queue names, shard, Push) of `push` to `names`: one per shard for plain queues,

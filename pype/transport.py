@@ -402,10 +402,7 @@ class Pipeline:
         while True:
             entry = in_flight.get(number)
             if entry is None and number in self._answered:  # answered before a reconnect
-                status, value = self._answered.pop(number)
-                if status == protocol.ERROR:
-                    raise value
-                return value
+                return self._outcome(index, number, *self._answered.pop(number))
             if entry is None:  # failed in a reconnect
                 self._pull_lost.discard(number)
                 raise self._failures.pop(number)
@@ -423,6 +420,7 @@ class Pipeline:
                 error = unreachable(index, self._timeout, "no answer")
                 self._fail_all(index, error)
                 del self._failures[number]
+                self._pull_lost.discard(number)
                 raise error
             status, value = reply
             if status == protocol.ERROR and type(value) is NotPrimaryError:
@@ -431,15 +429,20 @@ class Pipeline:
                     self._reconnect(index)
                     continue
             del in_flight[number]
-            if status == protocol.ERROR:
-                self._pull_lost.discard(number)
-                raise value
-            if number in self._pull_lost:
-                self._pull_lost.remove(number)
-                raise ShardRestartedError(
-                    f"shard {index} restarted while this push_pull was in flight: its push was "
-                    f"applied (once), its pull may or may not have taken items")
-            return value
+            return self._outcome(index, number, status, value)
+
+    def _outcome(self, index: int, number: int, status: int, value: object) -> object:
+        """A request's answer, or its error raised; a PushPull whose push alone was sent
+        again (after a reconnect) has its push's answer: its pull's fate is unknown."""
+        lost = number in self._pull_lost
+        self._pull_lost.discard(number)
+        if status == protocol.ERROR:
+            raise value
+        if lost:
+            raise ShardRestartedError(
+                f"shard {index} restarted or failed over while this push_pull was in flight: "
+                f"its push was applied (once), its pull may or may not have taken items")
+        return value
 
     def _replaced(self, index: int) -> bool:
         """Does shard `index` have another primary than the one connected (which did not

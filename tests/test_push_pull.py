@@ -6,6 +6,7 @@ queues, bad input and a shard killed while one is in flight.
 """
 
 import itertools
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,9 +17,9 @@ from pype import protocol
 from pype.errors import QueueFullError
 from pype.options import QueueOptions
 from pype.partitions import Partitioned
-from pype.protocol import Add, Pull, PullFailed, Push, PushPull
+from pype.protocol import Add, Export, Moved, Pull, PullFailed, Push, PushPull
 from tests.events import until
-from tests.test_engine import run
+from tests.test_engine import named, run
 from tests.test_reliability import durable, kill_shard, until_restarted
 
 # -- the request in a shard's engine (no Ray) ------------------------------------------------
@@ -71,6 +72,34 @@ def test_a_pull_that_fails_after_the_push_says_the_push_was_applied(engine):
         run(engine, PushPull(Push(("out",), ["a"]), Pull("parted", 1))).result()
     assert isinstance(failed.value.error, Partitioned)
     assert run(engine, Pull("out", -1)).result() == ["a"]
+
+
+def test_a_waiting_pull_whose_queue_moves_says_its_push_was_applied(engine):
+    """A resize that takes the queues away ends the waiting pull with Moved: wrapped, so
+    that the client sends the pull alone to the new shard, not the push again."""
+    source, output = named(2, 5, 1), named(2, 5, 1, avoid=named(2, 5, 1))
+    run(engine, Add(source, QueueOptions()))
+    waiting = run(engine, PushPull(Push((output,), ["a"], producer=(7, 1, 1)), Pull(source, 1, True)))
+    exported = run(engine, Export(shards=2, seed=5, epoch=1)).result()
+    assert output in exported  # the push went along with its queue
+    with pytest.raises(PullFailed) as failed:
+        waiting.result()
+    assert isinstance(failed.value.error, Moved)
+
+
+def test_a_refused_push_sent_again_where_its_pull_queue_moved_is_not_taken_for_applied(engine):
+    """A leasing PushPull may be sent again whole after a restart. If its push had been
+    refused, the answer is a bare Moved (nothing applied: the client sends both again),
+    never PullFailed (the push applied: the client would send the pull alone)."""
+    full, source = named(2, 5, 0), named(2, 5, 1)
+    run(engine, Add(full, QueueOptions(maxsize=1)))
+    run(engine, Push((full,), ["in"]))
+    request = PushPull(Push((full,), ["refused"], producer=(7, 1, 1)), Pull(source, 1, ack=True))
+    with pytest.raises(QueueFullError):
+        run(engine, request).result()
+    run(engine, Export(shards=2, seed=5, epoch=1)).result()  # the pull's queue moves away
+    with pytest.raises(Moved):
+        run(engine, request).result()
 
 
 def test_the_push_of_a_push_pull_never_waits(engine):
@@ -156,6 +185,22 @@ def test_a_refused_push_across_two_shards_hands_over_what_the_pull_took(server, 
     assert server.pull(full, -1) == ["first"]
 
 
+def test_a_push_refused_after_its_redirect_hands_over_what_the_pull_took(server, names):
+    """Across two shards, a push to a partitioned queue that this handle did not know was
+    partitioned is redirected while the pull runs; pushed again to its partition, it is
+    refused: the error carries the pulled items."""
+    parted = names("parted")
+    source = next(name for name in (names(f"s{i}") for i in range(40))
+                  if server.shard_of(name) != server.shard_of(parted))
+    server.add(parted, partitions=2, maxsize=1)
+    ray.get(server.push.remote("fills this process's partition", parted))
+    server.push("taken", source)
+    unaware = pickle.loads(pickle.dumps(server))  # a handle that knows no layouts yet
+    with pytest.raises(QueueFullError) as refused:
+        unaware.push_pull("refused", parted, source)
+    assert refused.value.pulled == ["taken"]
+
+
 def test_a_refused_push_on_one_shard_pulls_nothing(server, names):
     tag = names("full")
     full, source = f"{{{tag}}}.out", f"{{{tag}}}.in"
@@ -182,6 +227,8 @@ def test_bad_input_is_refused_before_anything_is_sent(server, names):
     q = names()
     with pytest.raises(TypeError, match="one queue"):
         server.push_pull(1, [q, q], q)
+    with pytest.raises(TypeError, match="native only"):
+        server.push_pull.remote(1, q, q)
     with pytest.raises(ValueError):
         server.push_pull(1, q, q, batch_size=0)
     with pytest.raises(ValueError):

@@ -188,12 +188,23 @@ class _Parked:
 
 
 class _ParkedPull(_Parked):
-    __slots__ = ("ack", "must_exist", "name", "remove", "size")
+    """after_push: the pull of a PushPull, whose push was applied: an error that ends it
+    (its queue moved or was removed) is a PullFailed, so that the client does not send
+    the push again. A NotPrimaryError stays bare: the client's pipeline sends the
+    numbered push again alone (pype.transport)."""
+
+    __slots__ = ("ack", "after_push", "must_exist", "name", "remove", "size")
 
     def __init__(self, deadline, name, size, remove, ack, must_exist):
         super().__init__((name,), deadline)
         self.name, self.size, self.remove, self.ack = name, size, remove, ack
         self.must_exist = must_exist
+        self.after_push = False
+
+    def finish(self, status: int, value: Any) -> None:
+        if self.after_push and status == protocol.ERROR and type(value) is not NotPrimaryError:
+            value = PullFailed(value)
+        super().finish(status, value)
 
     def poll(self, engine: ShardEngine, late: bool) -> bool:
         if not (late or engine.store.pull_ready(self.name, self.size)):
@@ -525,8 +536,8 @@ class ShardEngine:
         names = _queue_names(request)
         if type(request) is Push and self.store.answered(request.producer):
             return False  # a push sent again: _push gives its first answer, wherever it went
-        pushed_before = type(request) is PushPull and self.store.answered(request.push.producer)
-        if pushed_before:  # sent again whole (its pull is retriable): only its pull may move
+        pushed_before = type(request) is PushPull and self.store.applied(request.push.producer)
+        if pushed_before:  # sent again whole (its pull leases): where its pull goes is all that is left
             names = (request.pull.queue,)
         for name in names:
             epoch = self.store.belongs_elsewhere(name, self.index)
@@ -654,9 +665,12 @@ class ShardEngine:
             raise ValueError("the push of a push_pull never waits for room (block=True does not apply)")
         self._push(caller_id, request.push, False)  # its error is the answer: nothing else ran
         try:
-            return self._pull(caller_id, request.pull, may_wait)
+            pulled = self._pull(caller_id, request.pull, may_wait)
         except Exception as error:  # noqa: BLE001 - the push stays applied: say so
             raise PullFailed(error) from None
+        if type(pulled) is _ParkedPull:
+            pulled.after_push = True
+        return pulled
 
     def _await_push(self, caller_id, request: AwaitPush, may_wait: bool):
         outcome = self.store.push_outcome(request.pending, self.clock())

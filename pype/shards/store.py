@@ -709,6 +709,10 @@ class QueueStore:
         """Was the push numbered `producer` answered before (applied or refused)?"""
         return self._producers.first_answer(producer) is not None
 
+    def applied(self, producer: tuple | None) -> bool:
+        """Was the push numbered `producer` applied before?"""
+        return self._producers.first_answer(producer) is APPLIED
+
     def answer_again(self, producer: tuple | None, count: int) -> int | None:
         """The answer the push numbered `producer` got when it first came, if it came
         before: `count` (the items it put in) if it was applied; its refusal is raised
