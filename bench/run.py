@@ -53,6 +53,8 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
         "pype native, one item per call, push_pull": lambda: w.pype_chain(server, n(5000), "native push_pull"),
         "pype native, batched": lambda: w.pype_chain(server, n(1_000_000), "native batched"),
         "pype native, consume/producer": lambda: w.pype_chain(server, n(200_000), "helpers"),
+        "pype native, consume/producer, whole batches":
+            lambda: w.pype_chain(server, n(200_000), "helpers batches"),
         "ray.util.queue": lambda: w.ray_queue_chain(n(150)),
     }
     pingpong = {

@@ -140,6 +140,12 @@ def pype_stage(server, source, output, mode):
             server.push(items, output, expand=True)
             if items[-1] == END:
                 return
+    elif mode == "helpers batches":  # each pull's batch handed over whole
+        with server.producer(output) as out, server.consume(source) as stream:
+            for batch in stream.batches():
+                out.extend(batch)
+                if batch[-1] == END:
+                    break
     else:
         with server.producer(output) as out, \
                 server.consume(source) as items:
@@ -154,14 +160,15 @@ def pype_chain(server: pype.Server, items: int, mode: str) -> dict:
     """mode: single (one item per call), batched (all available per call), each through
     .remote() or natively ("native single", "native batched"); "native push_pull" (one item
     per call, a stage's push and next pull in one request: the queues share a hash tag);
-    or helpers (consume and producer, native)."""
+    or helpers (consume and producer, native; "helpers batches": the stages hand each
+    batch over whole)."""
     links = _links(f"chain-{mode}", tagged=mode == "native push_pull")
     arrivals = Arrivals()
     pype_source.remote(server, links[0], items, mode)
     for source, output in itertools.pairwise(links):
         pype_stage.remote(server, source, output, mode)
     received = 0
-    if mode == "helpers":
+    if mode.startswith("helpers"):
         with server.consume(links[-1]) as stream:
             for item in stream:
                 if item == END:

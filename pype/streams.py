@@ -24,10 +24,11 @@ what is left and waits for every answer.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Self
 
 from pype.protocol import MAX_UNANSWERED_PUSHES, Moved, Pull, Push
@@ -42,7 +43,7 @@ logger = logging.getLogger("pype")
 PULL_WAIT = 1.0  # seconds one pull of a Consumer waits in the shard
 
 
-class Consumer(Iterator):
+class Consumer(Iterable):
     """Iterates over the items of one queue, pulling them in batches.
 
     Each pull waits in the shard for at least one item and takes everything there
@@ -63,7 +64,7 @@ class Consumer(Iterator):
         self._queue = queue
         self._timeout = timeout
         self._idle = 0.0
-        self._buffer: deque = deque()
+        self._batch: Iterator = iter(())  # the batch being yielded: what it holds, it did not yet
         self._next: tuple | None = self._pull()
         self._closed = False
 
@@ -78,26 +79,51 @@ class Consumer(Iterator):
             return self._server.pull(self._queue, request.batch_size, request.block, request.timeout)
         return self._routes.result(self._next, self._request, self._wait, self._pipeline)
 
+    def __iter__(self) -> Iterator:
+        """The items, a batch at a time handed to Python's own iteration (no call per item)."""
+        while True:
+            yield from self._batch
+            if not self._next_batch():
+                return
+
     def __next__(self) -> Any:
-        while not self._buffer:
-            if self._next is None:
+        while True:
+            for item in self._batch:
+                return item
+            if not self._next_batch():
                 raise StopIteration
+
+    def batches(self) -> Iterator[list]:
+        """The items as the pulls bring them: one list per pull (none empty), for code
+        that hands a batch over whole (Producer.extend)."""
+        while True:
+            batch = list(self._batch)
+            self._batch = iter(())
+            if batch:
+                yield batch
+            if not self._next_batch():
+                return
+
+    def _next_batch(self) -> bool:
+        """Wait for the prefetched pull and make it the batch to yield; False at the end."""
+        while self._next is not None:
             items = self._result()
             self._idle = 0.0 if items else self._idle + self._wait
             if self._timeout is not None and self._idle >= self._timeout:
                 self._next = None
-                raise StopIteration
+                return False
             self._next = self._pull()  # prefetch: on its way while this batch is consumed
-            self._buffer.extend(items)
-        return self._buffer.popleft()
+            if items:
+                self._batch = iter(items)
+                return True
+        return False
 
     def close(self) -> list:
         """Stop; return the items taken from the queue but not yielded, in order."""
         if self._closed:
             return []
         self._closed = True
-        left = list(self._buffer)
-        self._buffer.clear()
+        left = list(self._batch)
         if self._next is not None and not self._partitioned:
             left += self._routes.result(self._next, self._request, self._wait, self._pipeline)
         self._next = None
@@ -112,9 +138,10 @@ class Consumer(Iterator):
 
     def __del__(self) -> None:
         # no calls here: the process may be shutting down
-        if not self._closed and (self._buffer or self._next is not None):
+        if not self._closed and self._next is not None:
             logger.warning("consume(%r) was dropped unclosed: %d items taken but not yielded, "
-                           "and a prefetched batch, are discarded", self._queue, len(self._buffer))
+                           "and a prefetched batch, are discarded", self._queue,
+                           operator.length_hint(self._batch))
 
     def _warn_if_left(self, left: list) -> None:
         if left:
@@ -206,8 +233,10 @@ class Producer:
     waited `linger` seconds (a background thread sees to that), on flush(), and on
     close(). Batches keep the order of push() calls. At most `window` batches are
     unanswered at a time (a PushWindow). block=True makes every batch a blocking
-    push (see Server.push). The linger thread and the caller's thread take turns on
-    the Producer's socket under its lock.
+    push (see Server.push). push() only appends to a deque (no lock: a lock per item
+    cost as much as the rest of the push); whoever sends, the caller's thread or the
+    linger thread, takes items from its front under the Producer's lock, so batches
+    leave in order and the two threads take turns on the socket.
     """
 
     def __init__(self, server: Server, queue: str, batch_size: int = 1000,
@@ -222,10 +251,11 @@ class Producer:
         self._linger = linger
         self._pushes = PushWindow(server.routes, queue, window, block, self._answered)
         self._lock = threading.Lock()
-        self._items: list = []
+        self._items: deque = deque()
         self._first_at = 0.0
         self._accepted = 0
         self._failure: Exception | None = None
+        self._closing = False
         self._closed = threading.Event()
         self._timer = threading.Thread(target=self._flush_when_stale, daemon=True,
                                        name=f"pype-producer-{queue}")
@@ -233,15 +263,33 @@ class Producer:
 
     def push(self, item: Any) -> None:
         """Add `item` to the current batch (sent at once if that fills it)."""
-        with self._lock:
-            if self._closed.is_set():
-                raise RuntimeError("push() on a closed Producer")
-            self._raise_failure()
-            if not self._items:
-                self._first_at = time.monotonic()
-            self._items.append(item)
-            if len(self._items) >= self._batch_size:
+        if self._failure is not None or self._closing:
+            self._refuse()
+        items = self._items
+        items.append(item)
+        if len(items) >= self._batch_size:
+            with self._lock:
                 self._send()
+        elif len(items) == 1:
+            self._first_at = time.monotonic()
+
+    def extend(self, items: list) -> None:
+        """push() each of `items`, handed over whole (one call for a batch)."""
+        if self._failure is not None or self._closing:
+            self._refuse()
+        was_empty = not self._items
+        self._items.extend(items)
+        if len(self._items) >= self._batch_size:
+            with self._lock:
+                self._send()
+        elif was_empty and items:
+            self._first_at = time.monotonic()
+
+    def _refuse(self) -> None:
+        if self._closing:
+            raise RuntimeError("push() on a closed Producer")
+        with self._lock:
+            self._raise_failure()
 
     def flush(self) -> None:
         """Send the current batch now."""
@@ -254,11 +302,13 @@ class Producer:
 
         Raises the first error a batch met (QueueFullError, ...).
         """
+        self._closing = True
         with self._lock:
             self._send()
             self._closed.set()
         self._timer.join()
         with self._lock:
+            self._send()  # what another thread's push() added as it closed
             self._pushes.drain()
             self._pushes.close()
             self._raise_failure()
@@ -271,10 +321,10 @@ class Producer:
         self.close()
 
     def _send(self) -> None:
-        """Send the current batch (lock held)."""
-        if self._items:
-            self._pushes.send(self._items)
-            self._items = []
+        """Send what push() added, in batches of batch_size at most (lock held)."""
+        items, popleft = self._items, self._items.popleft
+        while items:
+            self._pushes.send([popleft() for _ in range(min(len(items), self._batch_size))])
 
     def _answered(self, items: list, accepted: int, error: Exception | None) -> None:
         self._accepted += accepted

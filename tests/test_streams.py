@@ -73,6 +73,32 @@ def test_consumer_hands_back_what_it_took_but_did_not_yield(server, names, caplo
     assert "took 2 items it never yielded" in caplog.text
 
 
+def test_a_for_loop_that_breaks_out_leaves_the_rest_to_close(server, names):
+    q = names()
+    ray.get(server.push.remote(list(range(10)), q, expand=True))
+    consumer = server.consume(q, batch_size=4, timeout=1)
+    for item in consumer:
+        if item == 1:
+            break
+    assert next(consumer) == 2  # the loop and next() share one position
+    assert consumer.close() == [3, 4, 5, 6, 7]
+    assert ray.get(server.pull.remote(q, batch_size=-1)) == [8, 9]
+
+
+def test_batches_handed_over_whole_keep_order_and_count(server, names):
+    source, output = names("in"), names("out")
+    ray.get(server.push.remote(list(range(2500)), source, expand=True))
+    with server.producer(output, batch_size=1000, linger=10) as out:
+        consumer = server.consume(source, batch_size=700, timeout=0.5)
+        batches = list(consumer.batches())
+        for batch in batches:
+            out.extend(batch)
+        out.push("last")
+    assert [len(batch) for batch in batches] == [700, 700, 700, 400]
+    assert consumer.close() == []
+    assert ray.get(server.pull.remote(output, batch_size=-1)) == list(range(2500)) + ["last"]
+
+
 def test_consume_rejects_bad_arguments(server):
     with pytest.raises(TypeError):
         server.consume(5)
