@@ -80,10 +80,15 @@ class Consumer(Iterable):
         return self._routes.result(self._next, self._request, self._wait, self._pipeline)
 
     def __iter__(self) -> Iterator:
-        """The items, a batch at a time handed to Python's own iteration (no call per item)."""
+        """The items, a batch at a time handed to Python's own iteration (no call per item).
+
+        Every iterator over the Consumer, and next(), share one position: each goes on
+        with the batch the others left (self._batch), and only the one that finds it
+        empty pulls the next."""
         while True:
-            yield from self._batch
-            if not self._next_batch():
+            batch = self._batch
+            yield from batch
+            if self._batch is batch and not self._next_batch():
                 return
 
     def __next__(self) -> Any:
@@ -97,11 +102,10 @@ class Consumer(Iterable):
         """The items as the pulls bring them: one list per pull (none empty), for code
         that hands a batch over whole (Producer.extend)."""
         while True:
-            batch = list(self._batch)
-            self._batch = iter(())
-            if batch:
-                yield batch
-            if not self._next_batch():
+            rest = list(self._batch)  # what the batch still holds (next() may have begun it)
+            if rest:
+                yield rest
+            elif not self._next_batch():
                 return
 
     def _next_batch(self) -> bool:
@@ -173,6 +177,7 @@ class PushWindow:
         self._pipeline = pipeline or routes.new_pipeline()
         self._index, self._target = routes.push_target(queue)
         self._sent: deque[tuple] = deque()  # (ticket, request), oldest first
+        self.sent = 0  # pushes sent so far
 
     def send(self, items: list) -> None:
         """Push `items` (one push); answer the oldest beyond the window."""
@@ -194,6 +199,7 @@ class PushWindow:
         # a push must not reach the new shard before those in flight to the old one.
         ticket = self._pipeline.send(self._index, self._routes.after(self._index), request)
         self._sent.append((ticket, request))
+        self.sent += 1
 
     def _answer_oldest(self) -> None:
         ticket, request = self._sent.popleft()
@@ -236,7 +242,9 @@ class Producer:
     push (see Server.push). push() only appends to a deque (no lock: a lock per item
     cost as much as the rest of the push); whoever sends, the caller's thread or the
     linger thread, takes items from its front under the Producer's lock, so batches
-    leave in order and the two threads take turns on the socket.
+    leave in order and the two threads take turns on the socket. One thread pushes and
+    closes (the linger thread aside): a push() racing close() on another thread may
+    be left unsent.
     """
 
     def __init__(self, server: Server, queue: str, batch_size: int = 1000,
@@ -269,7 +277,7 @@ class Producer:
         items.append(item)
         if len(items) >= self._batch_size:
             with self._lock:
-                self._send()
+                self._send(whole_batches=True)
         elif len(items) == 1:
             self._first_at = time.monotonic()
 
@@ -281,8 +289,8 @@ class Producer:
         self._items.extend(items)
         if len(self._items) >= self._batch_size:
             with self._lock:
-                self._send()
-        elif was_empty and items:
+                self._send(whole_batches=True)
+        elif was_empty and self._items:
             self._first_at = time.monotonic()
 
     def _refuse(self) -> None:
@@ -308,7 +316,7 @@ class Producer:
             self._closed.set()
         self._timer.join()
         with self._lock:
-            self._send()  # what another thread's push() added as it closed
+            self._send()  # what a push() added while the linger thread sent
             self._pushes.drain()
             self._pushes.close()
             self._raise_failure()
@@ -320,11 +328,20 @@ class Producer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _send(self) -> None:
-        """Send what push() added, in batches of batch_size at most (lock held)."""
-        items, popleft = self._items, self._items.popleft
-        while items:
-            self._pushes.send([popleft() for _ in range(min(len(items), self._batch_size))])
+    def _send(self, whole_batches: bool = False) -> None:
+        """Send what push() added, in batches of batch_size at most (lock held); with
+        whole_batches, leave a last batch that is not full. A batch that could not be
+        sent (an item that cannot be pickled) goes back to the front; its error is raised."""
+        items, popleft, size = self._items, self._items.popleft, self._batch_size
+        while len(items) >= (size if whole_batches else 1):
+            batch = [popleft() for _ in range(min(len(items), size))]
+            sent = self._pushes.sent
+            try:
+                self._pushes.send(batch)
+            except BaseException:
+                if self._pushes.sent == sent:
+                    items.extendleft(reversed(batch))
+                raise
 
     def _answered(self, items: list, accepted: int, error: Exception | None) -> None:
         self._accepted += accepted
@@ -340,4 +357,8 @@ class Producer:
         while not self._closed.wait(self._linger):
             with self._lock:
                 if self._items and time.monotonic() - self._first_at >= self._linger:
-                    self._send()
+                    try:
+                        self._send()
+                    except Exception as error:  # noqa: BLE001 - raised by the next push()
+                        if self._failure is None:
+                            self._failure = error

@@ -85,6 +85,34 @@ def test_a_for_loop_that_breaks_out_leaves_the_rest_to_close(server, names):
     assert ray.get(server.pull.remote(q, batch_size=-1)) == [8, 9]
 
 
+def test_loops_next_and_batches_over_one_consumer_share_one_position(server, names):
+    q = names()
+    ray.get(server.push.remote(list(range(12)), q, expand=True))
+    consumer = server.consume(q, batch_size=3, timeout=0.5)
+    seen = []
+    for item in consumer:  # next() inside the loop takes the item after
+        seen += [item, next(consumer)]
+        if len(seen) == 6:
+            break
+    batches = consumer.batches()
+    seen += next(batches)  # the rest of the batch next() began, then whole ones
+    seen.append(next(consumer))
+    seen += [a + b * 100 for a, b in zip(consumer, consumer, strict=False)]
+    assert seen[:9] == list(range(9)), seen
+    assert seen[9:] == [9, 10 + 11 * 100] and consumer.close() == []
+
+
+def test_an_item_that_cannot_be_sent_is_raised_and_nothing_after_it_is_lost(server, names):
+    q = names()
+    producer = server.producer(q, batch_size=2, linger=0.05)
+    producer.push("first")
+    with pytest.raises(Exception, match="pickle"):
+        producer.push(lambda: "cannot be pickled")  # fills the batch: sent at once
+    with pytest.raises(Exception, match="pickle"):
+        producer.close()  # still at the front: never skipped
+    assert ray.get(server.queue_len.remote(q)) == 0
+
+
 def test_batches_handed_over_whole_keep_order_and_count(server, names):
     source, output = names("in"), names("out")
     ray.get(server.push.remote(list(range(2500)), source, expand=True))
