@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import ray
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -69,6 +69,18 @@ class ApiMachine(RuleBasedStateMachine):
         model = self.models.get(name)  # a pull does not create a queue
         expected = [] if model is None else model.take(batch_size or model.options.pull_size)
         assert self.call("pull", native)(self.queue(name), batch_size) == expected
+
+    @rule(name=names, source=names, item=items, batch_size=batch_sizes)
+    def push_pull(self, name, source, item, batch_size):
+        """The push, then the pull, as the model says, on one shard or two (names fall
+        where the hash puts them)."""
+        model = self.model(name)
+        assume(model.options.kind != "priority")  # push_pull has no priority
+        model.insert([item], None)
+        pulled = self.models.get(source)
+        expected = [] if pulled is None else pulled.take(batch_size or pulled.options.pull_size)
+        got = self.server.push_pull(item, self.queue(name), self.queue(source), batch_size=batch_size)
+        assert got == expected
 
     @rule(name=names, batch_size=st.sampled_from([1, 3, -1]),
           outcome=st.sampled_from(["ack", "nack", "reject"]), native=st.booleans())
