@@ -5,10 +5,11 @@ into temporary git worktrees, and runs in turns, each in a process of its own wi
 that tree first on sys.path (so its driver and its Ray workers import that tree's
 pype):
 - the client micro-benchmark: 100,000 native one-item pushes from one process to
-  a one-shard server, microseconds per call (bench/client_micro.py), `--micro` runs
-  of each version, alternating;
-- `pype bench --only chain ping-pong capacity --rounds 1`, `--rounds` runs of each
-  version, alternating which goes first.
+  a one-shard server, microseconds per call (bench/client_micro.py), and the shard's
+  CPU per one-item push and pull (bench/shard_micro.py), `--micro` runs of each
+  version, alternating;
+- `pype bench --only chain ping-pong capacity --rounds 1` (`--only` names other
+  workloads), `--rounds` runs of each version, alternating which goes first.
 Reports medians and spreads (min-max) per row and the ratio after/before, to
 bench/results/compare-<date>.json and .md (or --out).
 """
@@ -68,11 +69,19 @@ def micro(tree: Path, calls: int) -> float:
     return outcome["us_per_call"]
 
 
-def bench_rows(tree: Path) -> dict[str, float]:
+def shard_micro(tree: Path) -> dict[str, float]:
+    """The loop thread's CPU microseconds per one-item push and pull, `tree`'s shard."""
+    outcome = json.loads(run_in(tree, "-m", "bench.shard_micro").strip().splitlines()[-1])
+    if not outcome["pype"].startswith(str(tree)):
+        raise RuntimeError(f"the run in {tree} imported {outcome['pype']}")
+    return {"shard micro-benchmark: CPU per one-item push (us)": outcome["push_us"],
+            "shard micro-benchmark: CPU per one-item pull (us)": outcome["pull_us"]}
+
+
+def bench_rows(tree: Path, workloads: list[str]) -> dict[str, float]:
     """workload: system -> its main figure, from one round of `tree`'s own bench."""
     with tempfile.TemporaryDirectory(prefix="pype-compare-") as out:
-        run_in(tree, "-m", "bench", "--only", "chain", "ping-pong", "capacity", "--rounds", "1",
-               "--out", out)
+        run_in(tree, "-m", "bench", "--only", *workloads, "--rounds", "1", "--out", out)
         results = json.loads((Path(out) / "latest.json").read_text())
     rows = {}
     for workload, systems in results["workloads"].items():
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", type=int, default=5, help="micro-benchmark runs of each (5)")
     parser.add_argument("--rounds", type=int, default=3, help="bench runs of each (3)")
     parser.add_argument("--calls", type=int, default=100_000, help="pushes per micro run")
+    parser.add_argument("--only", nargs="+", default=["chain", "ping-pong", "capacity"],
+                        help="the bench's workloads (chain ping-pong capacity)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="pype-compare-trees-"))
@@ -128,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.micro):
             for version in (("before", "after") if run % 2 == 0 else ("after", "before")):
                 samples[version].setdefault(key, []).append(micro(trees[version], args.calls))
+                for row, value in shard_micro(trees[version]).items():
+                    samples[version].setdefault(row, []).append(value)
                 print(version, key, samples[version][key][-1], flush=True)
         for run in range(args.rounds):
             for version in (("before", "after") if run % 2 == 0 else ("after", "before")):
-                for row, value in bench_rows(trees[version]).items():
+                for row, value in bench_rows(trees[version], args.only).items():
                     samples[version].setdefault(row, []).append(value)
                 print(version, "bench round", run + 1, "done", flush=True)
     finally:
