@@ -17,7 +17,9 @@ Everything that talks to shards routes through a Routes: the Server handle
   and push_to() follow redirects for requests in general, result() follows Moved
   for a request already in flight; each follows MAX_REDIRECTS in a row at most and
   then raises RedirectLimitError. Streams, partitioned watches and the shard catch
-  Moved where they must resend a window of requests in order, and call follow().
+  Moved where they must resend a window of requests in order, and call follow();
+  push_pull() does too, because a redirect there may come after its push was applied
+  (protocol.PullFailed), and then only its pull is sent again.
 
 A shard that cannot be reached makes the client fetch the topology again: if a newer
 one names another shard, the requests go there (see locate() and native()); the
