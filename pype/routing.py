@@ -60,6 +60,10 @@ MAX_REMEMBERED = 100_000  # queue names whose shard (or layout) a Routes remembe
 MAX_REDIRECTS = 3  # redirects a request follows before RedirectLimitError
 # Errors after which a push may have been applied (its answer never came back).
 _UNCERTAIN = (ShardRestartedError, ShardUnavailableError, NotPrimaryError)
+
+
+class _NotSent(ShardUnavailableError):
+    """push_pull found a shard unreachable before it sent anything to it."""
 RESTART_POLL = 0.1  # seconds between asks for the address of a shard Ray is restarting
 TOPOLOGY_CHECK = 1.0  # seconds between a `.remote()` caller's looks for a newer topology
 
@@ -112,6 +116,12 @@ class Routes:
             self.adopt(ray.get(self.router.topology.remote(), timeout=timeout))
         except ray.exceptions.GetTimeoutError:
             return False
+        return self.topology.epoch > epoch
+
+    def newer_topology_since(self, epoch: int) -> bool:
+        """Is there a topology newer than `epoch`, asked of the router now or adopted since
+        (locate() adopts one when it finds a shard gone)?"""
+        self.fetch_topology()
         return self.topology.epoch > epoch
 
     def refresh(self, epoch: int) -> None:
@@ -316,7 +326,7 @@ class Routes:
         sought again in the router's topology."""
         wait, pipeline = protocol.wait_of(request), self.pipeline()
         for _ in range(MAX_REDIRECTS):
-            sent = False
+            sent, epoch = False, self.topology.epoch
             try:
                 ticket = self.send(request, pipeline, index)
                 sent = True
@@ -326,7 +336,7 @@ class Routes:
                 # to resend (a plain pull that ran before its queue moved took items).
                 queue = getattr(request, "queue", None)
                 if (queue is None or (sent and not protocol.retriable(request))
-                        or not self.fetch_topology() or self.shard_of(queue) == index):
+                        or not self.newer_topology_since(epoch) or self.shard_of(queue) == index):
                     raise
                 index = self.shard_of(queue)
         raise RedirectLimitError(f"{type(request).__name__}: the topology kept changing")
@@ -395,10 +405,19 @@ class Routes:
         names, on_behalf = push.queues, push.on_behalf
         wait = push.timeout if push.block else 0.0
         for _ in range(MAX_REDIRECTS + 1):
-            sent = []
+            sent, unsent, epoch = [], (), self.topology.epoch
             for targets, index, request in self._native_pushes(push, names, pins):
-                sent.append((targets, request, pipeline.send(index, self.after(index), request)))
+                try:
+                    sent.append((targets, request, pipeline.send(index, self.after(index), request)))
+                except ShardUnavailableError as error:  # never sent: did a shrink remove its shard?
+                    unsent += targets
+                    unreachable = error
             names = ()
+            if unsent:
+                if not self.newer_topology_since(epoch):
+                    failure = failure or unreachable
+                else:
+                    names += unsent
             for targets, request, ticket in sent:
                 try:
                     accepted += pipeline.result(ticket, wait)
@@ -438,11 +457,16 @@ class Routes:
         queue, source = push.queues[0], pull.queue
         pipeline = self.pipeline()
         for _ in range(MAX_REDIRECTS):
-            index = self.shard_of(queue)
-            if (self._layouts.get(queue) is not None or self._layouts.get(source) is not None
-                    or self.shard_of(source) != index):
-                return self._push_and_pull(push, pull, pipeline)
-            ticket = pipeline.send(index, self.after(index), protocol.PushPull(push, pull))
+            index, epoch = self.shard_of(queue), self.topology.epoch
+            try:
+                if (self._layouts.get(queue) is not None or self._layouts.get(source) is not None
+                        or self.shard_of(source) != index):
+                    return self._push_and_pull(push, pull, pipeline)
+                ticket = self._send_first(pipeline, index, protocol.PushPull(push, pull))
+            except _NotSent as not_sent:  # a shard a resize removed? Placed again by a newer topology
+                if not self.newer_topology_since(epoch):
+                    raise ShardUnavailableError(*not_sent.args) from None
+                continue
             try:
                 return pipeline.result(ticket, protocol.wait_of(pull))
             except protocol.PullFailed as failed:  # the push was applied
@@ -466,8 +490,11 @@ class Routes:
             self._push_then(push, [])
             return self.run(pull)
         push_index, pull_index = self.shard_of(queue), self.shard_of(source)
-        pushed = pipeline.send(push_index, self.after(push_index), push)
-        pulled = pipeline.send(pull_index, self.after(pull_index), pull)
+        pushed = self._send_first(pipeline, push_index, push)
+        try:
+            pulled = pipeline.send(pull_index, self.after(pull_index), pull)
+        except ShardUnavailableError:  # not sent: once the push answered, sent where it now goes
+            pulled = None
         failure = None
         try:
             self.result(pushed, push, 0.0, pipeline)  # follows Moved
@@ -475,7 +502,10 @@ class Routes:
             failure = error
         try:
             try:
-                items = self.result(pulled, pull, protocol.wait_of(pull), pipeline)
+                if pulled is None:
+                    items = self.run(pull)
+                else:
+                    items = self.result(pulled, pull, protocol.wait_of(pull), pipeline)
             except Redirect as redirect:  # partitioned: not pulled
                 self.follow(redirect)
                 items = self.run(pull)
@@ -492,6 +522,13 @@ class Routes:
                 failure.pulled = items
             raise failure
         return items
+
+    def _send_first(self, pipeline: Pipeline, index: int, request: tuple) -> tuple[int, int]:
+        """Send push_pull's first request; _NotSent if the shard cannot be reached."""
+        try:
+            return pipeline.send(index, self.after(index), request)
+        except ShardUnavailableError as unavailable:
+            raise _NotSent(*unavailable.args) from None
 
     def _push_then(self, push: Push, pulled: list) -> None:
         """push_to(push), whose refusal carries `pulled`: what the pull took (or will)."""

@@ -9,6 +9,7 @@ import itertools
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import ray
 
@@ -234,6 +235,34 @@ def test_bad_input_is_refused_before_anything_is_sent(server, names):
     with pytest.raises(ValueError):
         server.push_pull(1, q, q, timeout=-1)
     assert server.queue_len(q) == 0
+
+
+@ray.remote(num_cpus=0)
+class Stage:
+    """Holds a handle from before the resizes, and the connections it made."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def step(self, item, queue, source):
+        return self.server.push_pull(item, queue, source)
+
+
+def test_a_handle_from_before_resizes_follows_them(fresh_server, names):
+    server = fresh_server(shards=2)
+    stage = Stage.remote(server)
+    pairs = [(f"{{{names(f't{i}')}}}.out", f"{{{names(f't{i}')}}}.in") for i in range(3)]
+    pairs += [(names(f"out{i}"), names(f"in{i}")) for i in range(3)]
+    for shards in (2, 4, 1, 3):
+        if shards != 2:
+            removed = [shard["pid"] for shard in ray.get(server.stats.remote())["shards"][shards:]]
+            server.resize(shards)
+            until(lambda pids=removed: not any(psutil.pid_exists(pid) for pid in pids),
+                  "the shards a shrink removed to stop")
+        for queue, source in pairs:  # the stage's handle still routes by an older topology
+            server.push(("in", shards), source)
+            assert ray.get(stage.step.remote(("out", shards), queue, source)) == [("in", shards)]
+            assert server.pull(queue, -1) == [("out", shards)]
 
 
 def test_a_shard_killed_while_the_pull_waits_applies_the_push_once(fresh_server, names, tmp_path):

@@ -5,6 +5,7 @@ import signal
 import threading
 from collections import Counter
 
+import psutil
 import pytest
 import ray
 
@@ -128,13 +129,18 @@ class LongLived:
 
 
 def test_old_handles_are_redirected_without_a_restart(fresh_server, names):
+    """Also once the shards a shrink removed have stopped: a call to one of them is sent
+    where a newer topology places it."""
     server = fresh_server(shards=2)
     holder = LongLived.remote(server)
     queues = [names(f"q{i}") for i in range(8)]
     for q in queues:
         assert ray.get(holder.round_trip.remote(q, 0)) == [0, 0]
     for shards in (4, 1, 3):
+        removed = [shard["pid"] for shard in ray.get(server.stats.remote())["shards"][shards:]]
         server.resize(shards)
+        until(lambda pids=removed: not any(psutil.pid_exists(pid) for pid in pids),
+              "the shards a shrink removed to stop")
         for q in queues:  # the actor's handle still routes by the first topology
             assert ray.get(holder.round_trip.remote(q, shards)) == [shards, shards]
 
