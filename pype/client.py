@@ -268,8 +268,9 @@ class Server:
         pushed then (the push is accepted now; see docs/item-life.md).
         server.push.remote(...) does the same through Ray
         and returns a reference to the count; large items (numpy arrays, bytes)
-        then travel by reference through Ray's object store (see pype.payloads),
-        natively by value.
+        then travel by reference through Ray's object store (see pype.payloads);
+        natively, numpy arrays of 256 KiB or more cross a node through shared memory
+        (pype.segments) and other nodes by value.
         """
         return self.routes.push_to(self._push_request(data, queues, expand, block, timeout,
                                                       priority, key, ttl, delay))

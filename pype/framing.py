@@ -7,12 +7,19 @@ shard and the clients of its node) a message is a header, the number of frames
 and their lengths, then the frames: stream_message() makes it, send_stream()
 writes it with one sendmsg, and a StreamReader cuts the bytes read in large
 chunks back into messages, so that many small messages cost one system call.
+
+On a stream socket a frame may also be a SegmentSlice: bytes that lie in a shared
+memory segment (pype.segments), sent as a small descriptor with the segment's file
+descriptor beside it (SCM_RIGHTS), so that a large buffer crosses without a copy.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+from collections import deque
+from typing import NamedTuple
 
 import zmq
 
@@ -43,16 +50,49 @@ def send_frames(socket: zmq.Socket, frames: list, identity: bytes | None = None)
 _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
 _ONE_FRAME = struct.Struct("<IQ")
+_SEGMENT = struct.Struct("<QQQ")  # a SegmentSlice's descriptor: segment, offset, nbytes
+_IN_SEGMENT = 1 << 63  # a frame length with this bit set: the frame is a descriptor
 CHUNK = 1 << 18  # bytes a stream reader asks the kernel for at once
+# File descriptors one write may carry (the kernel takes up to 253): a writer lends no
+# more segments than that at once, and a reader makes room for that many.
+MAX_FDS_PER_WRITE = 64
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_WRITE * 4)
+
+
+class SegmentSlice(NamedTuple):
+    """A frame whose bytes lie in a shared memory segment: `nbytes` from `offset` of the
+    memfd `fd`. `segment` names it for the sender (whose number it is): the receiver
+    says by it when it no longer needs the bytes. Received, fd is the receiver's own
+    copy of the descriptor, which it must close."""
+
+    segment: int
+    offset: int
+    nbytes: int
+    fd: int
 
 
 def stream_message(frames: list) -> list:
-    """A message for a stream socket: a header (frame count, each frame's length), the frames."""
+    """A message for a stream socket: a header (frame count, each frame's length), the frames.
+
+    A SegmentSlice frame travels as its descriptor; its fd must go in the same write
+    or an earlier one (send_stream's `fds`, in the order of the frames)."""
     if len(frames) == 1:  # the common case, kept short: one pickle, no large buffers
         return [_ONE_FRAME.pack(1, len(frames[0])), frames[0]]
-    lengths = [memoryview(frame).nbytes for frame in frames]
-    header = _COUNT.pack(len(frames)) + b"".join(_LENGTH.pack(length) for length in lengths)
-    return [header, *frames]
+    parts, lengths = [], []
+    for frame in frames:
+        if type(frame) is SegmentSlice:
+            frame = _SEGMENT.pack(frame.segment, frame.offset, frame.nbytes)
+            lengths.append(_SEGMENT.size | _IN_SEGMENT)
+        else:
+            lengths.append(memoryview(frame).nbytes)
+        parts.append(frame)
+    header = _COUNT.pack(len(parts)) + b"".join(_LENGTH.pack(length) for length in lengths)
+    return [header, *parts]
+
+
+def segment_descriptors(frames: list) -> list[int]:
+    """The fds of the SegmentSlice frames among `frames`, in order."""
+    return [frame.fd for frame in frames if type(frame) is SegmentSlice]
 
 
 class StreamReader:
@@ -61,12 +101,25 @@ class StreamReader:
     It reads in chunks of CHUNK bytes, so that many small messages cost one system
     call. A message larger than that gets one buffer of its own that the kernel
     fills directly, and its frames are views into it (no copy after the kernel's).
+    File descriptors that come beside the bytes wait in order for the SegmentSlice
+    frames they belong to; close() closes those nobody took.
     """
 
     def __init__(self):
         self._chunk = bytearray(CHUNK)
         self._start = self._end = 0  # unparsed bytes: self._chunk[start:end]
         self._large: tuple | None = None  # (lengths, body, bytes filled) of a large message
+        self._fds: deque[int] = deque()  # received, not yet in a SegmentSlice
+
+    def _receive(self, sock: socket.socket, into: memoryview) -> int:
+        got, ancillary, flags, _ = sock.recvmsg_into([into], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self._fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) // 4 * 4]))
+        if flags & socket.MSG_CTRUNC:
+            raise ValueError("file descriptors sent beside a message were lost (MSG_CTRUNC: "
+                             "this process may have too many files open)")
+        return got
 
     def read(self, sock: socket.socket) -> list[list] | None:
         """Read once from `sock` (blocking or not); return the messages now complete.
@@ -76,26 +129,42 @@ class StreamReader:
         """
         if self._large is not None:
             lengths, body, filled = self._large
-            got = sock.recv_into(memoryview(body)[filled:])
+            got = self._receive(sock, memoryview(body)[filled:])
             if not got:
                 return None
             if filled + got < len(body):
                 self._large = (lengths, body, filled + got)
                 return []
             self._large = None
-            return [_split(memoryview(body), lengths)]
+            return [self._split(memoryview(body), lengths)]
         if self._start and self._end == len(self._chunk):  # full: move the rest to the front
             rest = self._chunk[self._start:self._end]
             self._chunk[:len(rest)] = rest
             self._start, self._end = 0, len(rest)
-        got = sock.recv_into(memoryview(self._chunk)[self._end:])
+        got = self._receive(sock, memoryview(self._chunk)[self._end:])
         if not got:
             return None
         self._end += got
         return self._parse()
 
+    def close(self) -> None:
+        """Close the descriptors received that no message claimed."""
+        while self._fds:
+            os.close(self._fds.popleft())
+
     def _parse(self) -> list[list]:
-        messages, chunk = [], self._chunk
+        messages: list[list] = []
+        try:
+            return self._parse_into(messages)
+        except ValueError:  # not a Pype peer: close what it sent beside the bytes
+            for frames in messages:
+                for frame in frames:
+                    if type(frame) is SegmentSlice:
+                        os.close(frame.fd)
+            raise
+
+    def _parse_into(self, messages: list[list]) -> list[list]:
+        chunk = self._chunk
         while self._end - self._start >= _ONE_FRAME.size:
             count, length = _ONE_FRAME.unpack_from(chunk, self._start)
             if count == 1:  # the common case, kept short: one pickle
@@ -111,12 +180,12 @@ class StreamReader:
                 break
             lengths = [_LENGTH.unpack_from(chunk, self._start + _COUNT.size + i * _LENGTH.size)[0]
                        for i in range(count)]
-            size = sum(lengths)
+            size = sum(length & ~_IN_SEGMENT for length in lengths)
             body_start = self._start + header
             available = self._end - body_start
             if available >= size:
                 body = bytes(memoryview(chunk)[body_start:body_start + size])  # the chunk is reused
-                messages.append(_split(memoryview(body), lengths))
+                messages.append(self._split(memoryview(body), lengths))
                 self._start = body_start + size
             elif header + size > CHUNK:  # larger than a chunk: a buffer of its own
                 body = bytearray(size)
@@ -131,21 +200,37 @@ class StreamReader:
         return messages
 
 
-def _split(body: memoryview, lengths: list[int]) -> list[memoryview]:
-    frames, offset = [], 0
-    for length in lengths:
-        frames.append(body[offset:offset + length])
-        offset += length
-    return frames
+    def _split(self, body: memoryview, lengths: list[int]) -> list:
+        frames, offset = [], 0
+        for length in lengths:
+            if length & _IN_SEGMENT:
+                length &= ~_IN_SEGMENT
+                if length != _SEGMENT.size or not self._fds:
+                    raise ValueError("a shared memory frame without its descriptor: "
+                                     "not a Pype peer")
+                segment, start, nbytes = _SEGMENT.unpack(body[offset:offset + length])
+                frames.append(SegmentSlice(segment, start, nbytes, self._fds.popleft()))
+            else:
+                frames.append(body[offset:offset + length])
+            offset += length
+        return frames
 
 
-def send_stream(sock: socket.socket, message: list) -> list | None:
+def send_stream(sock: socket.socket, message: list, fds: list[int] | None = None) -> list | None:
     """Write `message` (stream_message frames) to `sock`; return what is left (non-blocking
-    socket, kernel buffer full) or None when all was written. Raises OSError if the peer left."""
+    socket, kernel buffer full) or None when all was written. Raises OSError if the peer left.
+
+    `fds` (at most MAX_FDS_PER_WRITE) go beside the first bytes written, and the list
+    is emptied then: a caller keeps it while a partly sent message waits."""
     views = message
     while views:
         try:
-            sent = sock.sendmsg(views)
+            if fds:
+                sent = sock.sendmsg(views, [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             struct.pack(f"{len(fds)}i", *fds))])
+                fds.clear()
+            else:
+                sent = sock.sendmsg(views)
         except BlockingIOError:
             return [memoryview(part).cast("B") for part in views]
         if sent == sum(len(part) if type(part) is bytes else memoryview(part).nbytes

@@ -245,6 +245,27 @@ class Release(NamedTuple):
     """The queues this shard exported arrived where they belong: drop them here."""
 
 
+# -- shared memory (pype.segments; on a shard's Unix socket only) ----------------------------
+
+class SegmentsReleased(NamedTuple):
+    """The client's arrays of these shard segments are gone (pype.segments.attach).
+
+    A notice about the connection, for the shard's loop, not its engine: it is sent
+    with request id NOTICE and gets no answer."""
+
+    segments: tuple[int, ...]
+
+
+class SegmentsFreed(NamedTuple):
+    """The answer, with request id NOTICE, that the shard sends unasked: these
+    segments of the client's pool carry nothing the shard or a consumer still uses."""
+
+    segments: tuple[int, ...]
+
+
+NOTICE = 0  # the request id of the notices above (a connection numbers its requests from 1)
+
+
 # -- replication (pype.shards.replication; shard to shard) ---------------------------------
 
 class Replicate(NamedTuple):
@@ -352,7 +373,7 @@ def with_field(request: tuple, field: str, value: Any) -> tuple:
 
 REQUEST_TYPES = (Push, Pull, Settle, AwaitPush, CanPull, CanPush, Add, Remove, Length, Describe,
                  Render, Names, Stats, Expect, Export, Import, Arrived, Release, Replicate,
-                 DeadLetters, Move, PushPull)
+                 DeadLetters, Move, PushPull, SegmentsReleased)
 _CODES = {kind: code for code, kind in enumerate(REQUEST_TYPES)}
 _POSITIONS = {kind: {field: position for position, field in enumerate(kind._fields)}
               for kind in REQUEST_TYPES}

@@ -9,10 +9,10 @@ cannot (FileNotFoundError, VideoSourceError, ValueError), and returns the actor'
 handle while a thread inside it reads frames and pushes them. At the end of a
 file (without loop) every output queue receives one pype.EndOfStream item.
 
-Frames travel by value over the native data path (pype.transport): each frame
-goes to each output queue's shard without a copy in Python (pickle protocol 5
-out-of-band buffers), and the shard holds it until a consumer pulls it, so frames
-in the queues outlive the video actor. The actor lives as long as its handle or
+Frames travel over the native data path (pype.transport): to a shard on the
+actor's node in shared memory (pype.segments: one copy, into a segment the shard
+and the consumers map), to other nodes by value. The shard holds each frame until
+a consumer pulls it, so frames in the queues outlive the video actor. The actor lives as long as its handle or
 the Server handle it streams into lives in the process that made it.
 """
 

@@ -51,7 +51,7 @@ def stream_frames(server, queue, count):
     frame = np.zeros((1080, 1920, 3), np.uint8)
     for i in range(count):
         frame[0, 0, 0] = i % 256
-        server.push(frame, queue)  # natively, by value; the queue's line holds it back
+        server.push(frame, queue)  # natively, in shared memory; the queue's line holds it back
     return count
 
 

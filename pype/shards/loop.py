@@ -7,6 +7,8 @@ engine's lock, with a reply function that writes the answer back to the peer it
 came from: over the Unix socket, or over the ZeroMQ socket, which only this thread
 may use (an answer made on a Ray thread goes through an outbox and the eventfd).
 Between events it sleeps until the engine's next deadline or housekeeping tick.
+Large buffers that the Unix peers send in shared memory segments are held,
+lent on and given back by pype.shards.segments; this loop moves the notices.
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ from typing import Any
 import zmq
 
 from pype import protocol
-from pype.framing import EVENTS, POLLIN, receive_frames, send_frames, stream_message
+from pype.framing import (
+    EVENTS,
+    MAX_FDS_PER_WRITE,
+    POLLIN,
+    receive_frames,
+    send_frames,
+    stream_message,
+)
 from pype.payloads import resolved
 from pype.shards.engine import Reply, ShardEngine
 from pype.shards.listeners import ShardSockets, UnixPeer
+from pype.shards.segments import SharedSegments
 
 logger = logging.getLogger("pype")
 
@@ -100,6 +110,7 @@ class ShardLoop:
         self._sources: dict[int, object] = {}  # file descriptor -> _WAKEUP, _ACCEPT, _TCP or a peer
         self._tcp_unread = True  # look at the ZeroMQ socket's EVENTS before sleeping
         self._stopping = False
+        self.segments = SharedSegments(wake=self._wake_for_segments)
         self._thread = threading.Thread(target=self._run, name=f"pype-shard-{engine.index}",
                                         daemon=True)
         engine.new_deadline = self._wake_for_a_deadline
@@ -115,6 +126,10 @@ class ShardLoop:
         alone may use the ZeroMQ socket)."""
         self._tcp_outbox.append((identity, frames))
         os.eventfd_write(self._wakeup, 1)
+
+    def _wake_for_segments(self) -> None:
+        if not self.on_loop_thread():  # a segment to free: its producer waits to hear of it
+            os.eventfd_write(self._wakeup, 1)
 
     def _wake_for_a_deadline(self) -> None:
         if not self.on_loop_thread():  # the loop sleeps until its old deadline: wake it
@@ -177,6 +192,8 @@ class ShardLoop:
                     self._serve_unix(source)
         if self._tcp_unread:
             self._serve_tcp()
+        if self.segments.has_news:
+            self._send_segment_notices()
         now = self.engine.clock()
         self.engine.expire(now)
         if now >= next_housekeeping:
@@ -241,20 +258,39 @@ class ShardLoop:
         peer.corked = True  # the answers to this read's requests leave in one write
         reply_to = functools.partial(_UnixReply, self, peer)
         for frames in messages:
+            if len(frames) > 1:
+                try:
+                    frames = self.segments.received(peer, frames)
+                except ValueError as error:
+                    self._refuse(frames, reply_to, error)
+                    continue
             request = self._decode(frames, reply_to)
-            if request is not None:
-                request_id, (caller_id, after), request = request
+            if request is None:
+                continue
+            request_id, (caller_id, after), request = request
+            if type(request) is protocol.SegmentsReleased:
+                self.segments.released(peer, request.segments)
+            else:
                 self.engine.dispatch(request, caller_id, after, True, reply_to(request_id))
         peer.corked = False
         self._flush(peer)
 
     def send_to(self, peer: UnixPeer, frames: list) -> None:
-        """Send an answer to a Unix peer; what the kernel cannot take now goes when it can."""
+        """Send an answer to a Unix peer; what the kernel cannot take now goes when it can.
+        Its buffers that lie in shared memory segments go as segments."""
         if peer.closed:
             return  # it left: nobody to tell
+        if len(frames) > 1:
+            frames, fds = self.segments.lend(peer, frames, MAX_FDS_PER_WRITE - len(peer.outgoing_fds))
+            peer.outgoing_fds.extend(fds)
         peer.outgoing.extend(stream_message(frames))
         if not peer.corked:
             self._flush(peer)
+
+    def _send_segment_notices(self) -> None:
+        for peer, numbers in self.segments.collect().items():
+            self.send_to(peer, protocol.dumps((protocol.NOTICE, protocol.RESULT,
+                                               protocol.SegmentsFreed(tuple(numbers)))))
 
     def _flush(self, peer: UnixPeer) -> None:
         """Write what waits for `peer`; watch for room in its socket while some still waits."""
@@ -278,6 +314,9 @@ class ShardLoop:
             self._epoll.unregister(fd)
             del self._sources[fd]
             peer.socket.close()
+            peer.reader.close()
+            peer.outgoing, peer.outgoing_fds = [], []  # answers to nobody: let their items go
+            self.segments.left(peer)
 
     def _decode(self, frames: list, reply_to: Callable[[int], Reply]) -> tuple | None:
         """(request_id, caller, request) of a native message, or None if it cannot be read.
@@ -291,13 +330,17 @@ class ShardLoop:
         try:
             return protocol.decode_request(frames)
         except Exception as error:  # noqa: BLE001 - a malformed message from an admitted peer
-            request_id = protocol.request_id_of(frames)
-            if request_id is None:
-                logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
-            else:
-                reply_to(request_id)(protocol.ERROR, TypeError(
-                    f"the shard could not read this request ({error!r}); its items must be "
-                    f"importable in the shard's process (define their classes in a module, "
-                    f"not in the driver's __main__)"))
+            self._refuse(frames, reply_to, TypeError(
+                f"the shard could not read this request ({error!r}); its items must be "
+                f"importable in the shard's process (define their classes in a module, "
+                f"not in the driver's __main__)"))
             return None
+
+    def _refuse(self, frames: list, reply_to: Callable[[int], Reply], error: Exception) -> None:
+        """Answer a request the shard cannot run with `error`, if its id can be read."""
+        request_id = protocol.request_id_of(frames)
+        if request_id is None:
+            logger.warning("pype shard %d: dropped a malformed message: %r", self.index, error)
+        else:
+            reply_to(request_id)(protocol.ERROR, error)
 

@@ -368,7 +368,7 @@ class Shard:
     def stats(self) -> dict:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return {"shard": self._index, "pid": os.getpid(), **self._node, "peak_rss_mb": peak_rss_mb,
-                "rss_mb": _resident_mb(),
+                "rss_mb": _resident_mb(), "shared_segments": len(self._loop.segments),
                 "restarted": self._restarted, "address": self.data_address(),
                 **self._engine.submit(Stats(), "", may_wait=False)}
 
