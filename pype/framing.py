@@ -9,8 +9,13 @@ writes it with one sendmsg, and a StreamReader cuts the bytes read in large
 chunks back into messages, so that many small messages cost one system call.
 
 On a stream socket a frame may also be a SegmentSlice: bytes that lie in a shared
-memory segment (pype.segments), sent as a small descriptor with the segment's file
-descriptor beside it (SCM_RIGHTS), so that a large buffer crosses without a copy.
+memory segment (pype.segments), sent as a small descriptor, so that a large buffer
+crosses without a copy. The segment's file descriptor goes first, on the
+connection's descriptor channel: a SOCK_SEQPACKET socket pair whose one end the
+client sends beside its first bytes (SCM_RIGHTS). Why a channel of its own: a
+stream socket read with recvmsg (as descriptors need) costs about 8 us more per
+round trip on the development VM than one read with recv_into, and bytes read
+with recv_into lose any descriptors that came with them.
 """
 
 from __future__ import annotations
@@ -53,10 +58,29 @@ _ONE_FRAME = struct.Struct("<IQ")
 _SEGMENT = struct.Struct("<QQQ")  # a SegmentSlice's descriptor: segment, offset, nbytes
 _IN_SEGMENT = 1 << 63  # a frame length with this bit set: the frame is a descriptor
 CHUNK = 1 << 18  # bytes a stream reader asks the kernel for at once
-# File descriptors one write may carry (the kernel takes up to 253): a writer lends no
-# more segments than that at once, and a reader makes room for that many.
+# File descriptors one record of a descriptor channel carries (the kernel takes up to
+# 253): a message lends no more segments than that, and a reader makes room for that many.
 MAX_FDS_PER_WRITE = 64
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_WRITE * 4)
+
+
+def descriptor_channel() -> tuple[socket.socket, socket.socket]:
+    """(this side's end, the end to send the peer) of a new descriptor channel."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send_descriptors(channel: socket.socket, fds: list[int]) -> None:
+    """Send `fds` (at most MAX_FDS_PER_WRITE) as one record of `channel`. Raises
+    BlockingIOError if a non-blocking channel is full, OSError if the peer left."""
+    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+
+
+def _received_fds(ancillary: list) -> list[int]:
+    fds = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) // 4 * 4]))
+    return fds
 
 
 class SegmentSlice(NamedTuple):
@@ -74,8 +98,8 @@ class SegmentSlice(NamedTuple):
 def stream_message(frames: list) -> list:
     """A message for a stream socket: a header (frame count, each frame's length), the frames.
 
-    A SegmentSlice frame travels as its descriptor; its fd must go in the same write
-    or an earlier one (send_stream's `fds`, in the order of the frames)."""
+    A SegmentSlice frame travels as its descriptor; its fd must go on the descriptor
+    channel before the message (send_descriptors, in the order of the frames)."""
     if len(frames) == 1:  # the common case, kept short: one pickle, no large buffers
         return [_ONE_FRAME.pack(1, len(frames[0])), frames[0]]
     parts, lengths = [], []
@@ -101,25 +125,45 @@ class StreamReader:
     It reads in chunks of CHUNK bytes, so that many small messages cost one system
     call. A message larger than that gets one buffer of its own that the kernel
     fills directly, and its frames are views into it (no copy after the kernel's).
-    File descriptors that come beside the bytes wait in order for the SegmentSlice
-    frames they belong to; close() closes those nobody took.
+    A SegmentSlice frame takes the next file descriptor of the descriptor channel,
+    `channel`; a reader made without one (a shard's, for a new peer) reads with
+    recvmsg until the peer's first bytes bring the channel's end. close() closes the
+    channel and the descriptors that no frame took.
     """
 
-    def __init__(self):
+    def __init__(self, channel: socket.socket | None = None):
         self._chunk = bytearray(CHUNK)
         self._start = self._end = 0  # unparsed bytes: self._chunk[start:end]
         self._large: tuple | None = None  # (lengths, body, bytes filled) of a large message
-        self._fds: deque[int] = deque()  # received, not yet in a SegmentSlice
+        self.channel = channel
+        self._fds: deque[int] = deque()  # from the channel, not yet in a SegmentSlice
 
     def _receive(self, sock: socket.socket, into: memoryview) -> int:
-        got, ancillary, flags, _ = sock.recvmsg_into([into], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                self._fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) // 4 * 4]))
-        if flags & socket.MSG_CTRUNC:
-            raise ValueError("file descriptors sent beside a message were lost (MSG_CTRUNC: "
-                             "this process may have too many files open)")
+        if self.channel is not None:
+            return sock.recv_into(into)
+        got, ancillary, _, _ = sock.recvmsg_into([into], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+        fds = _received_fds(ancillary)
+        if fds:  # the peer's descriptor channel, beside its first bytes
+            self.channel = socket.socket(fileno=fds[0])
+            self.channel.setblocking(False)
+            for extra in fds[1:]:
+                os.close(extra)
         return got
+
+    def _next_fd(self) -> int:
+        if not self._fds and self.channel is not None:
+            try:
+                _, ancillary, flags, _ = self.channel.recvmsg(
+                    1, _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, OSError):
+                ancillary, flags = [], 0
+            self._fds.extend(_received_fds(ancillary))
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("file descriptors of shared memory segments were lost "
+                                 "(MSG_CTRUNC: this process may have too many files open)")
+        if not self._fds:
+            raise ValueError("a shared memory frame without its descriptor: not a Pype peer")
+        return self._fds.popleft()
 
     def read(self, sock: socket.socket) -> list[list] | None:
         """Read once from `sock` (blocking or not); return the messages now complete.
@@ -148,9 +192,11 @@ class StreamReader:
         return self._parse()
 
     def close(self) -> None:
-        """Close the descriptors received that no message claimed."""
+        """Close the descriptor channel and the descriptors that no frame took."""
         while self._fds:
             os.close(self._fds.popleft())
+        if self.channel is not None:
+            self.channel.close()
 
     def _parse(self) -> list[list]:
         messages: list[list] = []
@@ -205,11 +251,10 @@ class StreamReader:
         for length in lengths:
             if length & _IN_SEGMENT:
                 length &= ~_IN_SEGMENT
-                if length != _SEGMENT.size or not self._fds:
-                    raise ValueError("a shared memory frame without its descriptor: "
-                                     "not a Pype peer")
+                if length != _SEGMENT.size:
+                    raise ValueError("a shared memory frame of the wrong size: not a Pype peer")
                 segment, start, nbytes = _SEGMENT.unpack(body[offset:offset + length])
-                frames.append(SegmentSlice(segment, start, nbytes, self._fds.popleft()))
+                frames.append(SegmentSlice(segment, start, nbytes, self._next_fd()))
             else:
                 frames.append(body[offset:offset + length])
             offset += length
@@ -220,8 +265,8 @@ def send_stream(sock: socket.socket, message: list, fds: list[int] | None = None
     """Write `message` (stream_message frames) to `sock`; return what is left (non-blocking
     socket, kernel buffer full) or None when all was written. Raises OSError if the peer left.
 
-    `fds` (at most MAX_FDS_PER_WRITE) go beside the first bytes written, and the list
-    is emptied then: a caller keeps it while a partly sent message waits."""
+    `fds` go beside the first bytes written (a client's first message: its descriptor
+    channel's end), and the list is emptied then."""
     views = message
     while views:
         try:

@@ -3,8 +3,9 @@
 Over a shard's Unix socket (pype.transport.UnixConnection) a buffer of SHARED_MIN
 bytes or more (a numpy array, out of band: pype.protocol.dumps) does not go
 through the socket. The sender copies it into a segment of its pool, a memfd
-that it keeps mapped, and the message carries a small descriptor with the
-segment's file descriptor beside it (pype.framing.SegmentSlice, SCM_RIGHTS). That
+that it keeps mapped, and the message carries a small descriptor
+(pype.framing.SegmentSlice); the segment's file descriptor goes ahead on the
+connection's descriptor channel (SCM_RIGHTS). That
 copy is the only one: the shard maps the segment and keeps the item as a view of
 it (pype.shards.segments), and a consumer on the node that pulls the item gets
 the descriptor and the file descriptor in turn, maps the segment, and reads the

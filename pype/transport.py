@@ -46,8 +46,10 @@ from pype.framing import (
     EVENTS,
     POLLIN,
     StreamReader,
+    descriptor_channel,
     receive_frames,
     segment_descriptors,
+    send_descriptors,
     send_frames,
     send_stream,
     stream_message,
@@ -179,7 +181,8 @@ class UnixConnection(Connection):
         except OSError as error:  # that incarnation is gone
             self.socket.close()
             raise Disconnected(f"{address.unix}: {error}") from None
-        self._reader = StreamReader()
+        self._channel, self._channel_end = descriptor_channel()  # the end goes with the 1st write
+        self._reader = StreamReader(self._channel)
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, object]] = {}
         self._discarded: set[int] = set()
@@ -193,15 +196,20 @@ class UnixConnection(Connection):
             raise Disconnected(self.endpoint)
         request_id = next(self._ids)
         frames = protocol.encode_request(request_id, caller, request)
-        fds = None
-        if len(frames) > 1:
-            frames = self.pool.place(frames)
-            fds = segment_descriptors(frames)
-        message = stream_message(frames)
-        if self._borrowed.released:
-            message = self._release_notice() + message
+        message = self._release_notice() if self._borrowed.released else []
         try:
-            send_stream(self.socket, message, fds)
+            if len(frames) > 1:
+                frames = self.pool.place(frames)
+                fds = segment_descriptors(frames)
+                if fds:
+                    send_descriptors(self._channel, fds)
+            message += stream_message(frames)
+            if self._channel_end is None:
+                send_stream(self.socket, message)
+            else:
+                send_stream(self.socket, message, [self._channel_end.fileno()])
+                self._channel_end.close()
+                self._channel_end = None
         except OSError as error:
             self.broken = True
             raise Disconnected(f"{self.endpoint}: {error}") from None
@@ -277,6 +285,8 @@ class UnixConnection(Connection):
         """Close the connection. While this process still reads segments the shard lent
         it, the socket stays open, so that the shard keeps them as they are."""
         self._reader.close()
+        if self._channel_end is not None:
+            self._channel_end.close()
         self.pool.close()
         self._borrowed.close_when_unused()
 

@@ -18,7 +18,9 @@ from pype import protocol
 from pype.framing import (
     SegmentSlice,
     StreamReader,
+    descriptor_channel,
     segment_descriptors,
+    send_descriptors,
     send_stream,
     stream_message,
 )
@@ -53,16 +55,27 @@ def encoded(array: np.ndarray, request_id: int = 1) -> list:
     return protocol.encode_request(request_id, ("test", 0), protocol.Push(("q",), [array]))
 
 
+def connected() -> tuple:
+    """A client's end of a stream socket and of its descriptor channel, sent beside its
+    first bytes as a client does, and the shard's end with its reader."""
+    sender, receiver = socket.socketpair()
+    channel, channel_end = descriptor_channel()
+    send_stream(sender, stream_message([b"first"]), [channel_end.fileno()])
+    channel_end.close()
+    reader = StreamReader()
+    assert reader.read(receiver) == [[b"first"]] and reader.channel is not None
+    return sender, receiver, channel, reader
+
+
 # -- the pieces, without Ray ------------------------------------------------------------------
 
 def test_a_segment_crosses_a_socket_as_a_descriptor_with_its_file_descriptor():
     pool = SegmentPool()
     frames = pool.place(encoded(frame(3)))
     assert type(frames[1]) is SegmentSlice and frames[1].nbytes == frame(3).nbytes
-    sender, receiver = socket.socketpair()
-    fds = segment_descriptors(frames)
-    assert send_stream(sender, stream_message(frames), fds) is None and fds == []
-    reader = StreamReader()
+    sender, receiver, channel, reader = connected()
+    send_descriptors(channel, segment_descriptors(frames))
+    assert send_stream(sender, stream_message(frames)) is None
     (got,) = reader.read(receiver)
     assert type(got[1]) is SegmentSlice and got[1].fd not in (frames[1].fd, -1)
     borrowed = Borrowed(receiver)
@@ -75,25 +88,25 @@ def test_a_segment_crosses_a_socket_as_a_descriptor_with_its_file_descriptor():
 
 
 def test_descriptors_keep_their_order_through_partial_writes():
-    """A non-blocking writer whose socket fills sends a message's descriptors with its
-    first bytes and the rest later; the reader gives each frame its own segment."""
+    """A non-blocking writer whose socket fills writes the rest later; the reader gives
+    each segment frame the next descriptor of the channel, so its own segment."""
     pool = SegmentPool()
-    sender, receiver = socket.socketpair()
+    sender, receiver, channel, reader = connected()
     sender.setblocking(False)
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    outgoing, fds = [], []
+    outgoing = []
     for value in range(1, 4):  # each message: a segment, then 1 MB by value
         frames = pool.place(encoded(frame(value)))
         frames.append(memoryview(bytes([value]) * (1 << 20)))
+        send_descriptors(channel, segment_descriptors(frames))
         outgoing += stream_message(frames)
-        fds += segment_descriptors(frames)
-    reader, got = StreamReader(), []
-    outgoing = send_stream(sender, outgoing, fds)
-    assert outgoing and fds == []  # partly written; the descriptors went with the first bytes
+    got = []
+    outgoing = send_stream(sender, outgoing)
+    assert outgoing  # partly written
     while len(got) < 3:
         got += reader.read(receiver)
         if outgoing:
-            outgoing = send_stream(sender, outgoing, fds)
+            outgoing = send_stream(sender, outgoing)
     borrowed = Borrowed(receiver)
     for value, frames in enumerate(got, 1):
         _, _, push = protocol.decode_request(borrowed.attach(frames[:2]))
@@ -107,9 +120,10 @@ def test_a_closed_connection_keeps_its_socket_while_its_process_reads_a_segment(
     while an array still lives would let the producer write over that array."""
     pool = SegmentPool()
     frames = pool.place(encoded(frame(4)))
-    sender, receiver = socket.socketpair()
-    send_stream(sender, stream_message(frames), segment_descriptors(frames))
-    (got,) = StreamReader().read(receiver)
+    sender, receiver, channel, reader = connected()
+    send_descriptors(channel, segment_descriptors(frames))
+    send_stream(sender, stream_message(frames))
+    (got,) = reader.read(receiver)
     borrowed = Borrowed(receiver)
     _, _, push = protocol.decode_request(borrowed.attach(got))
     borrowed.close_when_unused()

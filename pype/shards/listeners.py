@@ -103,7 +103,6 @@ class UnixPeer:
         self.socket = sock
         self.reader = StreamReader()
         self.outgoing: list = []  # replies not written yet (kernel buffer full, or corked)
-        self.outgoing_fds: list[int] = []  # descriptors to go beside the first bytes of those
         self.corked = False  # answering a batch of requests: write the answers together
         self.watching_output = False  # the loop waits for room in the socket
         self.closed = False
@@ -111,7 +110,7 @@ class UnixPeer:
     def flush(self) -> bool:
         """Write what waits; return True if some still waits."""
         if self.outgoing:
-            self.outgoing = send_stream(self.socket, self.outgoing, self.outgoing_fds) or []
+            self.outgoing = send_stream(self.socket, self.outgoing) or []
         return bool(self.outgoing)
 
 

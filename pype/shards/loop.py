@@ -29,7 +29,9 @@ from pype.framing import (
     EVENTS,
     MAX_FDS_PER_WRITE,
     POLLIN,
+    SegmentSlice,
     receive_frames,
+    send_descriptors,
     send_frames,
     stream_message,
 )
@@ -280,12 +282,24 @@ class ShardLoop:
         Its buffers that lie in shared memory segments go as segments."""
         if peer.closed:
             return  # it left: nobody to tell
-        if len(frames) > 1:
-            frames, fds = self.segments.lend(peer, frames, MAX_FDS_PER_WRITE - len(peer.outgoing_fds))
-            peer.outgoing_fds.extend(fds)
+        if len(frames) > 1 and peer.reader.channel is not None:
+            frames = self._lend(peer, frames)
         peer.outgoing.extend(stream_message(frames))
         if not peer.corked:
             self._flush(peer)
+
+    def _lend(self, peer: UnixPeer, frames: list) -> list:
+        """`frames` with the buffers that lie in segments lent to `peer`, their
+        descriptors sent ahead on its channel; as they were if the channel is full."""
+        lent, fds = self.segments.lend(peer, frames, MAX_FDS_PER_WRITE)
+        if not fds:
+            return frames
+        try:
+            send_descriptors(peer.reader.channel, fds)
+        except OSError:  # full (the client reads slowly) or gone: by value, then
+            self.segments.released(peer, [f.segment for f in lent if type(f) is SegmentSlice])
+            return frames
+        return lent
 
     def _send_segment_notices(self) -> None:
         for peer, numbers in self.segments.collect().items():
@@ -315,7 +329,7 @@ class ShardLoop:
             del self._sources[fd]
             peer.socket.close()
             peer.reader.close()
-            peer.outgoing, peer.outgoing_fds = [], []  # answers to nobody: let their items go
+            peer.outgoing = []  # answers to nobody: let their items go
             self.segments.left(peer)
 
     def _decode(self, frames: list, reply_to: Callable[[int], Reply]) -> tuple | None:
