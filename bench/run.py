@@ -73,7 +73,7 @@ def plan(server, echo, port, durable_servers, quick: bool) -> dict[str, dict[str
         "cross-process floor (a task's ray.put, handed over by Ray)":
             lambda: w.frames("cross-process floor", n(60)),
         "pype .remote() (by reference)": lambda: w.frames("pype", n(60), server=server),
-        "pype native (by value)": lambda: w.frames("pype native", n(60), server=server),
+        "pype native (shared memory)": lambda: w.frames("pype native", n(60), server=server),
     }
     capacity = {"pype native, 4 processes, one-item pushes, 64 in flight each":
                 lambda: w.capacity(per_process=n(20_000))}
