@@ -69,10 +69,15 @@ def descriptor_channel() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send_descriptors(channel: socket.socket, fds: list[int]) -> None:
-    """Send `fds` (at most MAX_FDS_PER_WRITE) as one record of `channel`. Raises
-    BlockingIOError if a non-blocking channel is full, OSError if the peer left."""
-    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+def send_descriptors(channel: socket.socket, slices: list[SegmentSlice]) -> None:
+    """Send the fds of `slices` (at most MAX_FDS_PER_WRITE) as one record of `channel`,
+    with their segment numbers, which the reader checks against the messages' frames:
+    a record left without its message (a send interrupted between the two) is found,
+    not taken for the next message's. Raises BlockingIOError if a non-blocking channel
+    is full, OSError if the peer left."""
+    numbers = struct.pack(f"<{len(slices)}Q", *(frame.segment for frame in slices))
+    fds = struct.pack(f"{len(slices)}i", *(frame.fd for frame in slices))
+    channel.sendmsg([numbers], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
 def _received_fds(ancillary: list) -> list[int]:
@@ -114,9 +119,9 @@ def stream_message(frames: list) -> list:
     return [header, *parts]
 
 
-def segment_descriptors(frames: list) -> list[int]:
-    """The fds of the SegmentSlice frames among `frames`, in order."""
-    return [frame.fd for frame in frames if type(frame) is SegmentSlice]
+def segment_slices(frames: list) -> list[SegmentSlice]:
+    """The SegmentSlice frames among `frames`, in order."""
+    return [frame for frame in frames if type(frame) is SegmentSlice]
 
 
 class StreamReader:
@@ -136,7 +141,7 @@ class StreamReader:
         self._start = self._end = 0  # unparsed bytes: self._chunk[start:end]
         self._large: tuple | None = None  # (lengths, body, bytes filled) of a large message
         self.channel = channel
-        self._fds: deque[int] = deque()  # from the channel, not yet in a SegmentSlice
+        self._fds: deque[tuple[int, int]] = deque()  # (segment, fd) from the channel, unclaimed
 
     def _receive(self, sock: socket.socket, into: memoryview) -> int:
         if self.channel is not None:
@@ -144,26 +149,40 @@ class StreamReader:
         got, ancillary, _, _ = sock.recvmsg_into([into], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
         fds = _received_fds(ancillary)
         if fds:  # the peer's descriptor channel, beside its first bytes
-            self.channel = socket.socket(fileno=fds[0])
-            self.channel.setblocking(False)
             for extra in fds[1:]:
                 os.close(extra)
+            try:
+                self.channel = socket.socket(fileno=fds[0])
+            except OSError:
+                os.close(fds[0])
+                raise ValueError("a descriptor channel that is not a socket: not a Pype peer") \
+                    from None
+            self.channel.setblocking(False)
         return got
 
-    def _next_fd(self) -> int:
+    def _next_fd(self, segment: int) -> int:
+        """The fd of `segment`, the next on the channel."""
         if not self._fds and self.channel is not None:
             try:
-                _, ancillary, flags, _ = self.channel.recvmsg(
-                    1, _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, OSError):
-                ancillary, flags = [], 0
-            self._fds.extend(_received_fds(ancillary))
-            if flags & socket.MSG_CTRUNC:
+                numbers, ancillary, flags, _ = self.channel.recvmsg(
+                    MAX_FDS_PER_WRITE * 8, _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            except OSError:  # nothing there (BlockingIOError), or the channel is gone
+                numbers, ancillary, flags = b"", [], 0
+            fds = _received_fds(ancillary)
+            if flags & socket.MSG_CTRUNC or len(numbers) != 8 * len(fds):
+                for fd in fds:
+                    os.close(fd)
                 raise ValueError("file descriptors of shared memory segments were lost "
                                  "(MSG_CTRUNC: this process may have too many files open)")
+            self._fds.extend(zip(struct.unpack(f"<{len(fds)}Q", numbers), fds))
         if not self._fds:
             raise ValueError("a shared memory frame without its descriptor: not a Pype peer")
-        return self._fds.popleft()
+        number, fd = self._fds.popleft()
+        if number != segment:
+            os.close(fd)
+            raise ValueError(f"the descriptor channel is out of step (segment {number} came "
+                             f"for segment {segment}): the connection cannot go on")
+        return fd
 
     def read(self, sock: socket.socket) -> list[list] | None:
         """Read once from `sock` (blocking or not); return the messages now complete.
@@ -194,7 +213,7 @@ class StreamReader:
     def close(self) -> None:
         """Close the descriptor channel and the descriptors that no frame took."""
         while self._fds:
-            os.close(self._fds.popleft())
+            os.close(self._fds.popleft()[1])
         if self.channel is not None:
             self.channel.close()
 
@@ -254,7 +273,7 @@ class StreamReader:
                 if length != _SEGMENT.size:
                     raise ValueError("a shared memory frame of the wrong size: not a Pype peer")
                 segment, start, nbytes = _SEGMENT.unpack(body[offset:offset + length])
-                frames.append(SegmentSlice(segment, start, nbytes, self._next_fd()))
+                frames.append(SegmentSlice(segment, start, nbytes, self._next_fd(segment)))
             else:
                 frames.append(body[offset:offset + length])
             offset += length

@@ -48,7 +48,7 @@ from pype.framing import (
     StreamReader,
     descriptor_channel,
     receive_frames,
-    segment_descriptors,
+    segment_slices,
     send_descriptors,
     send_frames,
     send_stream,
@@ -200,9 +200,9 @@ class UnixConnection(Connection):
         try:
             if len(frames) > 1:
                 frames = self.pool.place(frames)
-                fds = segment_descriptors(frames)
-                if fds:
-                    send_descriptors(self._channel, fds)
+                slices = segment_slices(frames)
+                if slices:
+                    send_descriptors(self._channel, slices)
             message += stream_message(frames)
             if self._channel_end is None:
                 send_stream(self.socket, message)
@@ -213,6 +213,9 @@ class UnixConnection(Connection):
         except OSError as error:
             self.broken = True
             raise Disconnected(f"{self.endpoint}: {error}") from None
+        except BaseException:  # interrupted: a record or bytes may have gone without the rest
+            self.broken = True
+            raise
         return request_id
 
     def _release_notice(self) -> list:
@@ -230,7 +233,14 @@ class UnixConnection(Connection):
                     if request_id is not None:
                         self._keep(request_id, (protocol.ERROR, error))
                     continue
-            got_id, status, value = protocol.loads(frames)
+            try:
+                got_id, status, value = protocol.loads(frames)
+            except Exception as error:  # noqa: BLE001 - e.g. an item's class not importable here
+                request_id = protocol.request_id_of(frames)
+                if request_id is not None:
+                    self._keep(request_id, (protocol.ERROR, TypeError(
+                        f"this process could not read the shard's answer: {error!r}")))
+                continue
             if got_id == protocol.NOTICE:
                 if status == protocol.RESULT:
                     self.pool.freed(value.segments)

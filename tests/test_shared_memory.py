@@ -6,6 +6,7 @@ the kernel says each process holds (/proc/<pid>/fd and maps), also after a
 producer, a consumer or a shard is killed with SIGKILL.
 """
 
+import gc
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from pype.framing import (
     SegmentSlice,
     StreamReader,
     descriptor_channel,
-    segment_descriptors,
+    segment_slices,
     send_descriptors,
     send_stream,
     stream_message,
@@ -74,7 +75,7 @@ def test_a_segment_crosses_a_socket_as_a_descriptor_with_its_file_descriptor():
     frames = pool.place(encoded(frame(3)))
     assert type(frames[1]) is SegmentSlice and frames[1].nbytes == frame(3).nbytes
     sender, receiver, channel, reader = connected()
-    send_descriptors(channel, segment_descriptors(frames))
+    send_descriptors(channel, segment_slices(frames))
     assert send_stream(sender, stream_message(frames)) is None
     (got,) = reader.read(receiver)
     assert type(got[1]) is SegmentSlice and got[1].fd not in (frames[1].fd, -1)
@@ -98,7 +99,7 @@ def test_descriptors_keep_their_order_through_partial_writes():
     for value in range(1, 4):  # each message: a segment, then 1 MB by value
         frames = pool.place(encoded(frame(value)))
         frames.append(memoryview(bytes([value]) * (1 << 20)))
-        send_descriptors(channel, segment_descriptors(frames))
+        send_descriptors(channel, segment_slices(frames))
         outgoing += stream_message(frames)
     got = []
     outgoing = send_stream(sender, outgoing)
@@ -115,13 +116,30 @@ def test_descriptors_keep_their_order_through_partial_writes():
     pool.close()
 
 
+def test_a_record_left_without_its_message_is_found_not_taken_for_the_next():
+    """A send interrupted between its descriptor record and its message leaves a record
+    behind: the reader says the channel is out of step, rather than giving the next
+    message's frame another segment."""
+    pool = SegmentPool()
+    sender, receiver, channel, reader = connected()
+    orphan = pool.place(encoded(frame(1)))
+    send_descriptors(channel, segment_slices(orphan))  # ...and its message never goes
+    frames = pool.place(encoded(frame(2)))
+    send_descriptors(channel, segment_slices(frames))
+    send_stream(sender, stream_message(frames))
+    with pytest.raises(ValueError, match="out of step"):
+        reader.read(receiver)
+    reader.close()
+    pool.close()
+
+
 def test_a_closed_connection_keeps_its_socket_while_its_process_reads_a_segment():
     """The shard counts a connection as a reader until its socket closes: closing it
     while an array still lives would let the producer write over that array."""
     pool = SegmentPool()
     frames = pool.place(encoded(frame(4)))
     sender, receiver, channel, reader = connected()
-    send_descriptors(channel, segment_descriptors(frames))
+    send_descriptors(channel, segment_slices(frames))
     send_stream(sender, stream_message(frames))
     (got,) = reader.read(receiver)
     borrowed = Borrowed(receiver)
@@ -162,8 +180,8 @@ def test_a_shard_frees_a_segment_when_its_item_and_every_view_are_gone():
     del received, push
     assert np.array_equal(item, frame(5)) and len(shard) == 1
     answer = protocol.dumps((7, protocol.RESULT, [item]))
-    lent, fds = shard.lend(consumer, answer, room=8)
-    assert type(lent[1]) is SegmentSlice and fds == [lent[1].fd]
+    lent = shard.lend(consumer, answer, room=8)
+    assert type(lent[1]) is SegmentSlice and lent[1].segment == 1
     del item, answer
     assert shard.collect() == {}  # the shard's item is gone, the consumer still reads it
     assert len(shard) == 1
@@ -289,6 +307,7 @@ def test_a_killed_consumer_gives_its_segments_back_to_the_producer(fresh_server,
     q = names()
     for value in (20, 21, 22):
         server.push(frame(value), q)
+    gc.collect()  # other tests' connections, if any are left to collect, go now
     busy = here()
     consumer = Client.remote(server)
     assert ray.get(consumer.pull_and_hold.remote(q, 3)) == [20, 21, 22]

@@ -29,8 +29,8 @@ from pype.framing import (
     EVENTS,
     MAX_FDS_PER_WRITE,
     POLLIN,
-    SegmentSlice,
     receive_frames,
+    segment_slices,
     send_descriptors,
     send_frames,
     stream_message,
@@ -194,8 +194,6 @@ class ShardLoop:
                     self._serve_unix(source)
         if self._tcp_unread:
             self._serve_tcp()
-        if self.segments.has_news:
-            self._send_segment_notices()
         now = self.engine.clock()
         self.engine.expire(now)
         if now >= next_housekeeping:
@@ -203,6 +201,8 @@ class ShardLoop:
             self.engine.housekeep()
             if self._housekeeping is not None:
                 self._housekeeping(self.engine)
+        if self.segments.has_news:  # after expiry and housekeeping, which may drop items
+            self._send_segment_notices()
         return next_housekeeping
 
     def _send_tcp_outbox(self) -> None:
@@ -244,6 +244,9 @@ class ShardLoop:
             try:
                 sock, _ = self._sockets.unix.accept()
             except BlockingIOError:
+                return
+            except OSError as error:  # out of file descriptors: it waits in the backlog
+                logger.warning("pype shard %d: could not accept a client: %r", self.index, error)
                 return
             self._watch(sock.fileno(), UnixPeer(sock))
 
@@ -291,13 +294,14 @@ class ShardLoop:
     def _lend(self, peer: UnixPeer, frames: list) -> list:
         """`frames` with the buffers that lie in segments lent to `peer`, their
         descriptors sent ahead on its channel; as they were if the channel is full."""
-        lent, fds = self.segments.lend(peer, frames, MAX_FDS_PER_WRITE)
-        if not fds:
+        lent = self.segments.lend(peer, frames, MAX_FDS_PER_WRITE)
+        slices = segment_slices(lent)
+        if not slices:
             return frames
         try:
-            send_descriptors(peer.reader.channel, fds)
+            send_descriptors(peer.reader.channel, slices)
         except OSError:  # full (the client reads slowly) or gone: by value, then
-            self.segments.released(peer, [f.segment for f in lent if type(f) is SegmentSlice])
+            self.segments.released(peer, [frame.segment for frame in slices])
             return frames
         return lent
 

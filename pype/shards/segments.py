@@ -106,13 +106,13 @@ class SharedSegments:
             viewed.append(memoryview(mapping)[frame.offset:end])
         return viewed
 
-    def lend(self, client: object, frames: list, room: int) -> tuple[list, list[int]]:
-        """(frames, fds) of an answer to `client`: each large buffer that lies in a
-        segment as a SegmentSlice (at most `room` of them), whose fd goes beside it."""
-        lent, fds = [frames[0]], []
+    def lend(self, client: object, frames: list, room: int) -> list:
+        """`frames` of an answer to `client` with each large buffer that lies in a
+        segment as a SegmentSlice (at most `room` of them)."""
+        lent, count = [frames[0]], 0
         for buffer in frames[1:]:
             held = None
-            if len(fds) < room and self._held:
+            if count < room and self._held:
                 raw = buffer.raw()
                 if raw.nbytes >= SHARED_MIN:
                     address = _address(raw)
@@ -122,8 +122,8 @@ class SharedSegments:
                 continue
             held.views[client] = held.views.get(client, 0) + 1
             lent.append(SegmentSlice(held.number, address - held.start, raw.nbytes, held.fd))
-            fds.append(held.fd)
-        return lent, fds
+            count += 1
+        return lent
 
     def released(self, client: object, numbers) -> None:
         """`client` no longer reads these segments (its SegmentsReleased)."""
