@@ -6,6 +6,7 @@ the kernel says each process holds (/proc/<pid>/fd and maps), also after a
 producer, a consumer or a shard is killed with SIGKILL.
 """
 
+import contextlib
 import gc
 import os
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 
+import pype
 from pype import protocol
 from pype.framing import (
     SegmentSlice,
@@ -341,6 +343,10 @@ def test_a_killed_shard_leaves_what_a_consumer_read_intact(fresh_server, names):
     server.push(frame(30), q)
     (kept,) = server.pull(q)
     until_restarted(server, q, kill_shard(server, q))
+    # Without persistence the new shard may know that q was lost (if the router had
+    # learned its name): then the first call on q says so, once, and is not applied.
+    with contextlib.suppress(pype.ShardLostError):
+        assert server.pull(q) == []
     for value in (31, 32, 33):  # new segments: the dead shard's may still be read
         server.push(frame(value), q)
     assert [int(array[0, 0]) for array in server.pull(q, 3)] == [31, 32, 33]
